@@ -1,0 +1,21 @@
+"""dynconv: dynamic convolutions for PyTorch, exact, fast and drop-in for ``nn.Conv2d``."""
+
+from . import functional
+from .functional import mixture_conv2d, per_sample_conv2d
+from .layers import DynamicConv2d, DynamicConvBase, KernelBankConv
+from .temperature import dynamic_layers, get_temperature, set_temperature, temperatures
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DynamicConv2d",
+    "DynamicConvBase",
+    "KernelBankConv",
+    "dynamic_layers",
+    "functional",
+    "get_temperature",
+    "mixture_conv2d",
+    "per_sample_conv2d",
+    "set_temperature",
+    "temperatures",
+]

@@ -1,0 +1,6 @@
+"""The dynamic convolution layers."""
+
+from .base import DynamicConvBase, KernelBankConv
+from .dynamic import DynamicConv2d
+
+__all__ = ["DynamicConv2d", "DynamicConvBase", "KernelBankConv"]

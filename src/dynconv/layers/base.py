@@ -1,0 +1,250 @@
+"""What every dynamic layer shares: ``nn.Conv2d``'s arguments, input checks, padding modes and a
+temperature that is saved with the model.
+
+:class:`DynamicConvBase` is the base of every layer; :class:`KernelBankConv` adds the bank of K
+static kernels that DY-Conv, CondConv and ODConv mix per sample.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .._conv_args import (
+    PaddingArg,
+    check_channels,
+    check_padding_mode,
+    check_positive_float,
+    parse_geometry,
+)
+
+
+class DynamicConvBase(nn.Module):
+    """Base of the dynamic layers: the arguments and checks of ``nn.Conv2d``, plus a temperature.
+
+    The temperature is a buffer: it moves with the module, is saved in the state_dict, and a
+    state_dict without it (every reference checkpoint) still loads with ``strict=True``.
+    """
+
+    temperature: Tensor
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: PaddingArg = 0,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        padding_mode: str = "zeros",
+        temperature: float = 1.0,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        geometry = parse_geometry(kernel_size, stride, padding, dilation, groups)
+        self.in_channels, self.out_channels = check_channels(
+            in_channels, out_channels, geometry.groups
+        )
+        self.kernel_size = geometry.kernel_size
+        self.stride = geometry.stride
+        self.padding = geometry.padding
+        self.dilation = geometry.dilation
+        self.groups = geometry.groups
+        self.padding_mode = check_padding_mode(padding_mode)
+        self._geometry = geometry
+        temperature = check_positive_float(temperature, "temperature")
+        self.register_buffer(
+            "temperature", torch.tensor(temperature, dtype=torch.float32, device=device)
+        )
+        self._factory_kwargs = {"device": device, "dtype": dtype}
+
+    # -- temperature ---------------------------------------------------------------------------
+
+    def set_temperature(self, value: float) -> None:
+        """Set the softmax/sigmoid temperature of the attention (a float > 0)."""
+        self.temperature.fill_(check_positive_float(value, "temperature"))
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        # Reference checkpoints do not save the temperature: keep the current one.
+        state_dict.setdefault(prefix + "temperature", self.temperature.detach().clone())
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    # -- input and padding ---------------------------------------------------------------------
+
+    def _check_input(self, x: Tensor) -> tuple[Tensor, bool]:
+        """Return (x as [N, C, H, W], whether it came unbatched as [C, H, W])."""
+        name = type(self).__name__
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name} expects a torch.Tensor, got {type(x).__name__}")
+        if x.dim() not in (3, 4):
+            raise ValueError(
+                f"{name} expects input of shape [N, C, H, W] or [C, H, W], got shape "
+                f"{list(x.shape)}"
+            )
+        unbatched = x.dim() == 3
+        if unbatched:
+            x = x.unsqueeze(0)
+        if x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"{name} expects {self.in_channels} input channels, got input of shape "
+                f"{list(x.shape)} ({x.shape[1]} channels)"
+            )
+        if x.shape[0] == 0:
+            raise ValueError(f"{name} got an empty batch (input shape {list(x.shape)})")
+        h_out, w_out = self._geometry.output_size(x.shape[-2], x.shape[-1])
+        if h_out <= 0 or w_out <= 0:
+            raise ValueError(
+                f"{name}: input of spatial size {tuple(x.shape[-2:])} is too small for "
+                f"kernel_size={self.kernel_size}, dilation={self.dilation}, "
+                f"padding={self.padding} (the output would be {h_out}x{w_out})"
+            )
+        return x, unbatched
+
+    def _pad(self, x: Tensor) -> tuple[Tensor, Any]:
+        """Pad where the convolution cannot (a ``padding_mode`` other than zeros, or asymmetric
+        'same' padding); return (input, the padding left for the convolution)."""
+        symmetric = self._geometry.symmetric_padding
+        if self.padding_mode == "zeros" and symmetric is not None:
+            return x, symmetric
+        mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+        return F.pad(x, self._geometry.pads, mode=mode), 0
+
+    def _conv_kwargs(self, padding: Any) -> dict[str, Any]:
+        return {
+            "stride": self.stride,
+            "padding": padding,
+            "dilation": self.dilation,
+            "groups": self.groups,
+        }
+
+    # -- printing ------------------------------------------------------------------------------
+
+    def extra_repr(self) -> str:
+        s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}"
+        s += f", stride={self.stride}"
+        if self.padding not in ((0, 0), "valid"):
+            s += f", padding={self.padding!r}"
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        if self.padding_mode != "zeros":
+            s += f", padding_mode={self.padding_mode!r}"
+        s += f", temperature={self.temperature.item():g}"
+        return s
+
+
+class KernelBankConv(DynamicConvBase):
+    """A dynamic layer with a bank of K static kernels (and optionally K biases).
+
+    The bank is stored as one 4-D parameter ``weight`` [K * C_out, C_in/groups, kH, kW], so that
+    ``model.to(memory_format=torch.channels_last)`` works (a 5-D parameter makes it fail) and the
+    bank reaches a dense convolution as a free view. The state_dict shows it in the reference
+    layout [K, C_out, C_in/groups, kH, kW], and both layouts load. ``kernels`` is the 5-D view.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: PaddingArg = 0,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        temperature: float = 1.0,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+        *,
+        num_kernels: int,
+    ) -> None:
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+            padding_mode, temperature, device, dtype,
+        )
+        if isinstance(num_kernels, bool) or not isinstance(num_kernels, int) or num_kernels < 1:
+            raise ValueError(f"num_kernels must be an int >= 1, got {num_kernels!r}")
+        if not isinstance(bias, bool):
+            raise TypeError(f"bias must be a bool, got {bias!r}")
+        self.num_kernels = num_kernels
+        kh, kw = self.kernel_size
+        self.weight = nn.Parameter(
+            torch.empty(
+                num_kernels * out_channels, in_channels // self.groups, kh, kw,
+                **self._factory_kwargs,
+            )
+        )
+        if bias:
+            self.bias = nn.Parameter(
+                torch.empty(num_kernels, out_channels, **self._factory_kwargs)
+            )
+        else:
+            self.register_parameter("bias", None)
+
+    @property
+    def kernels(self) -> Tensor:
+        """The kernel bank in the reference layout [K, C_out, C_in/groups, kH, kW]."""
+        return self.weight.reshape(self.num_kernels, self.out_channels, *self.weight.shape[1:])
+
+    def reset_bank(self) -> None:
+        """Initialise every kernel (and bias) as ``nn.Conv2d`` initialises its one kernel."""
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            fan_in = self.weight[0].numel()
+            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def _reference_weight_shape(self) -> list[int]:
+        return [self.num_kernels, self.out_channels, *self.weight.shape[1:]]
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        key = prefix + "weight"
+        destination[key] = destination[key].reshape(self._reference_weight_shape())
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        key = prefix + "weight"
+        value = state_dict.get(key)
+        if isinstance(value, Tensor):
+            expected = self._reference_weight_shape()
+            if list(value.shape) == expected or (
+                value.dim() == 4 and list(value.shape) == list(self.weight.shape)
+            ):
+                state_dict[key] = value.reshape(self.weight.shape)
+            else:
+                error_msgs.append(
+                    f"size mismatch for {key}: the checkpoint holds {list(value.shape)}, this "
+                    f"layer expects [K, C_out, C_in/groups, kH, kW] = {expected}"
+                )
+                state_dict = {k: v for k, v in state_dict.items() if k != key}
+                missing: list[str] = []
+                super()._load_from_state_dict(
+                    state_dict, prefix, local_metadata, strict, missing, unexpected_keys,
+                    error_msgs,
+                )
+                missing_keys.extend(k for k in missing if k != key)
+                return
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        s += f", num_kernels={self.num_kernels}"
+        if self.bias is None:
+            s += ", bias=False"
+        return s

@@ -1,0 +1,125 @@
+"""``DynamicConv2d``: dynamic convolution (DY-Conv) and conditionally parameterised convolution
+(CondConv), K kernels mixed per sample by attention."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .._conv_args import PaddingArg, check_int, check_positive_float
+from ..functional import mixture_conv2d
+from .attention import ROUTINGS, KernelAttention, Routing, routing_weights
+from .base import KernelBankConv
+
+
+class DynamicConv2d(KernelBankConv):
+    """Dynamic convolution: ``y_n = (sum_k a_nk W_k) * x_n + sum_k a_nk b_k``.
+
+    The attention ``a`` [N, K] comes from the input: global average pool, 1x1 conv to
+    ``hidden_channels``, ReLU, 1x1 conv to K logits, then ``softmax(logits / temperature)``
+    (DY-Conv, Chen et al., CVPR 2020) or, with ``routing='sigmoid'``, an independent gate
+    ``sigmoid(logits / temperature)`` per kernel (CondConv, Yang et al., NeurIPS 2019).
+
+    Takes ``nn.Conv2d``'s arguments; the keyword-only ones are the layer's own.
+
+    Args:
+        num_kernels: K, the number of kernels. With K = 1 and softmax routing the layer is exactly
+            a static convolution (the attention is not computed).
+        reduction: hidden width of the attention as a fraction of ``in_channels``.
+        temperature: divides the attention logits; anneal it from high to 1 while training (see
+            :func:`dynconv.set_temperature`). Saved in the state_dict.
+        routing: ``'softmax'`` (DY-Conv) or ``'sigmoid'`` (CondConv).
+        hidden_channels: overrides the hidden width. The default follows the reference DY-Conv
+            code, ``int(in_channels * reduction)`` (K when ``in_channels == 3``), except that it
+            is never below 1 where the reference would build an empty layer. For the current
+            layout of the public repository use ``int(in_channels * reduction) + 1`` and
+            ``attention_bias=True``.
+        attention_bias: whether the second attention conv (``attention.fc2``) has a bias.
+
+    Parameters (state_dict layout of the reference code):
+        ``weight`` [K, C_out, C_in/groups, kH, kW] (stored 4-D, see :class:`KernelBankConv`),
+        ``bias`` [K, C_out], ``attention.fc1.weight`` [hidden, C_in, 1, 1],
+        ``attention.fc2.weight`` [K, hidden, 1, 1], and the buffer ``temperature``.
+
+    Shapes: input [N, C_in, H, W] or [C_in, H, W] -> output [N, C_out, H_out, W_out] (or
+    [C_out, H_out, W_out]), H_out and W_out as for ``nn.Conv2d``.
+
+    Differences from the reference code, on purpose: the temperature defaults to 1 and any value
+    > 0 is allowed (no ``temperature % 3 == 1`` assertion); the hidden width is at least 1; the
+    per-sample kernels are reshaped with C_in/groups channels (the reference used C_in, which
+    breaks grouped and depthwise layers).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: PaddingArg = 0,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+        *,
+        num_kernels: int = 4,
+        reduction: float = 0.25,
+        temperature: float = 1.0,
+        routing: Routing = "softmax",
+        hidden_channels: int | None = None,
+        attention_bias: bool = False,
+    ) -> None:
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+            padding_mode, temperature, device, dtype, num_kernels=num_kernels,
+        )
+        if routing not in ROUTINGS:
+            raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
+        self.reduction = check_positive_float(reduction, "reduction")
+        if hidden_channels is None:
+            hidden_channels = (
+                num_kernels if in_channels == 3 else max(1, int(in_channels * self.reduction))
+            )
+        check_int(hidden_channels, "hidden_channels")
+        self.routing = routing
+        self.attention = KernelAttention(
+            in_channels, hidden_channels, num_kernels, attention_bias, **self._factory_kwargs
+        )
+        self.reset_parameters()
+
+    @property
+    def is_static(self) -> bool:
+        """True when the layer is exactly a static convolution (one kernel, softmax routing)."""
+        return self.num_kernels == 1 and self.routing == "softmax"
+
+    def reset_parameters(self) -> None:
+        self.reset_bank()
+        self.attention.reset_parameters()
+
+    def kernel_attention(self, x: Tensor) -> Tensor:
+        """The mixing coefficients [N, K] for input [N, C_in, H, W]."""
+        return routing_weights(self.attention(x), self.temperature, self.routing)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x, unbatched = self._check_input(x)
+        xp, padding = self._pad(x)
+        if self.is_static:
+            bias = None if self.bias is None else self.bias[0]
+            out = F.conv2d(xp, self.weight, bias, **self._conv_kwargs(padding))
+        else:
+            coefficients = self.kernel_attention(x).to(self.weight.dtype)
+            out = mixture_conv2d(
+                xp, coefficients, self.kernels, self.bias, **self._conv_kwargs(padding)
+            )
+        return out.squeeze(0) if unbatched else out
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        if self.routing != "softmax":
+            s += f", routing={self.routing!r}"
+        return s

@@ -1,0 +1,42 @@
+"""Shared test helpers: compare outputs and gradients of two computations."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+TOL = {"rtol": 1e-10, "atol": 1e-10}
+
+
+def outputs_and_grads(
+    fn: Callable[[], Tensor], inputs: Sequence[Tensor], upstream: Tensor | None = None
+) -> tuple[Tensor, list[Tensor | None], Tensor]:
+    """Run ``fn``, backpropagate a fixed random upstream gradient, return (out, grads, upstream)."""
+    for t in inputs:
+        t.grad = None
+    out = fn()
+    if upstream is None:
+        upstream = torch.randn_like(out)
+    (out * upstream).sum().backward()
+    grads = [None if t.grad is None else t.grad.clone() for t in inputs]
+    for t in inputs:
+        t.grad = None
+    return out.detach(), grads, upstream
+
+
+def assert_same_outputs_and_grads(
+    fn: Callable[[], Tensor], reference: Callable[[], Tensor], inputs: Sequence[Tensor], **tol
+) -> None:
+    """Assert ``fn`` and ``reference`` agree on the output and on the gradient of every input."""
+    tol = {**TOL, **tol}
+    ref_out, ref_grads, upstream = outputs_and_grads(reference, inputs)
+    out, grads, _ = outputs_and_grads(fn, inputs, upstream)
+    torch.testing.assert_close(out, ref_out, **tol)
+    for i, (g, rg) in enumerate(zip(grads, ref_grads, strict=False)):
+        if g is None or rg is None:  # no gradient at all must mean a zero gradient
+            other = rg if g is None else g
+            assert other is None or not other.any(), f"input {i}: only one side has a gradient"
+            continue
+        torch.testing.assert_close(g, rg, **tol, msg=lambda m, i=i: f"input {i}: {m}")

@@ -1,0 +1,147 @@
+"""The core op against one F.conv2d per sample, every formulation forced in turn."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dynconv.functional import (
+    PER_SAMPLE_METHODS,
+    _choose_mixture_method,
+    mixture_conv2d,
+    per_sample_conv2d,
+)
+from dynconv.testing import reference_per_sample_conv2d
+
+from helpers import assert_same_outputs_and_grads
+from strategies import ConvConfig, conv_configs
+
+F64 = torch.float64
+
+
+def _tensors(cfg: ConvConfig, generator: torch.Generator, num_kernels: int | None = None):
+    n, c_in, c_out = cfg.batch, cfg.in_channels, cfg.out_channels
+    lead = (n,) if num_kernels is None else (num_kernels,)
+    x = torch.randn(n, c_in, cfg.height, cfg.width, dtype=F64, generator=generator)
+    w = torch.randn(*lead, c_out, c_in // cfg.groups, *cfg.kernel_size, dtype=F64,
+                    generator=generator)
+    b = torch.randn(*lead, c_out, dtype=F64, generator=generator) if cfg.bias else None
+    return [t.requires_grad_() if t is not None else None for t in (x, w, b)]
+
+
+def _methods(batch: int) -> list[str]:
+    return [m for m in PER_SAMPLE_METHODS if m != "direct" or batch == 1]
+
+
+@settings(max_examples=200)
+@given(cfg=conv_configs(padding_modes=("zeros",)), seed=st.integers(0, 2**31 - 1))
+def test_per_sample_conv2d_matches_reference(cfg: ConvConfig, seed: int) -> None:
+    x, w, b = _tensors(cfg, torch.Generator().manual_seed(seed))
+    inputs = [t for t in (x, w, b) if t is not None]
+    kw = cfg.conv_kwargs()
+    for method in _methods(cfg.batch):
+        assert_same_outputs_and_grads(
+            lambda m=method: per_sample_conv2d(x, w, b, **kw, method=m),
+            lambda: reference_per_sample_conv2d(x, w, b, **kw),
+            inputs,
+        )
+
+
+@settings(max_examples=200)
+@given(
+    cfg=conv_configs(padding_modes=("zeros",)),
+    num_kernels=st.integers(1, 4),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_mixture_conv2d_matches_reference(cfg: ConvConfig, num_kernels: int, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    x, bank, bias_bank = _tensors(cfg, gen, num_kernels)
+    coeffs = torch.randn(cfg.batch, num_kernels, dtype=F64, generator=gen).requires_grad_()
+    inputs = [t for t in (x, coeffs, bank, bias_bank) if t is not None]
+    kw = cfg.conv_kwargs()
+
+    def reference():
+        weight = torch.einsum("nk,koihw->noihw", coeffs, bank)
+        bias = None if bias_bank is None else coeffs @ bias_bank
+        return reference_per_sample_conv2d(x, weight, bias, **kw)
+
+    for method in ("auto", "aggregate", "mixout"):
+        assert_same_outputs_and_grads(
+            lambda m=method: mixture_conv2d(x, coeffs, bank, bias_bank, **kw, method=m),
+            reference,
+            inputs,
+        )
+
+
+def test_gradcheck_small_cases() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 5, 4, dtype=F64, generator=gen, requires_grad=True)
+    w = torch.randn(2, 6, 2, 3, 2, dtype=F64, generator=gen, requires_grad=True)
+    b = torch.randn(2, 6, dtype=F64, generator=gen, requires_grad=True)
+    for method in ("grouped", "loop", "unfold"):
+        assert torch.autograd.gradcheck(
+            lambda x, w, b, m=method: per_sample_conv2d(
+                x, w, b, stride=(1, 2), padding=1, dilation=(2, 1),
+                groups=2, method=m,
+            ),
+            (x, w, b),
+        )
+    coeffs = torch.randn(2, 3, dtype=F64, generator=gen, requires_grad=True)
+    bank = torch.randn(3, 6, 4, 3, 3, dtype=F64, generator=gen, requires_grad=True)
+    for method in ("aggregate", "mixout"):
+        assert torch.autograd.gradcheck(
+            lambda x, c, k, m=method: mixture_conv2d(x, c, k, padding="same", method=m),
+            (x, coeffs, bank),
+        )
+
+
+@pytest.mark.parametrize("method", ["auto", "grouped", "loop", "unfold"])
+def test_channels_last_inputs_and_weights(method: str) -> None:
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 8, 9, 7, generator=gen, dtype=F64)
+    w = torch.randn(3, 4, 8, 3, 3, generator=gen, dtype=F64)
+    expected = reference_per_sample_conv2d(x, w, None, padding=1)
+    x_cl = x.to(memory_format=torch.channels_last)
+    # A per-sample weight in channels_last strides (as it comes from a channels_last bank).
+    w_cl = w.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+    assert not w_cl.is_contiguous()
+    out = per_sample_conv2d(x_cl, w_cl, None, padding=1, method=method)
+    torch.testing.assert_close(out, expected)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_batch_one_uses_a_plain_convolution() -> None:
+    x = torch.randn(1, 3, 8, 8, dtype=F64)
+    w = torch.randn(1, 5, 3, 3, 3, dtype=F64)
+    torch.testing.assert_close(
+        per_sample_conv2d(x, w, padding=1), torch.nn.functional.conv2d(x, w[0], padding=1)
+    )
+
+
+def test_mixture_dispatch_rule() -> None:
+    from dynconv._conv_args import parse_geometry
+
+    def choose(n, c, size, groups=1, grad=False):
+        x = torch.zeros(n, c, size, size, requires_grad=grad)
+        bank = torch.zeros(4, c, c // groups, 3, 3)
+        return _choose_mixture_method(x, bank, parse_geometry(3, 1, 1, 1, groups))
+
+    assert choose(32, 512, 4) == "mixout"  # wide, tiny maps: the per-sample kernels are huge
+    assert choose(8, 16, 4, grad=True) == "mixout"  # training on tiny maps
+    assert choose(8, 16, 4) == "aggregate"
+    assert choose(32, 64, 32) == "aggregate"  # large maps: grouped is near nn.Conv2d
+    assert choose(32, 512, 4, groups=512) == "aggregate"  # depthwise
+    assert choose(1, 512, 4) == "aggregate"  # batch 1: one plain convolution
+
+
+def test_torch_compile_small_case() -> None:
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 4, 6, 6, generator=gen)
+    w = torch.randn(2, 4, 4, 3, 3, generator=gen)
+    compiled = torch.compile(per_sample_conv2d, backend="eager", fullgraph=True)
+    torch.testing.assert_close(
+        compiled(x, w, None, 1, 1), reference_per_sample_conv2d(x, w, None, 1, 1),
+        rtol=1e-4, atol=1e-4,
+    )
