@@ -145,3 +145,56 @@ def test_torch_compile_small_case() -> None:
         compiled(x, w, None, 1, 1), reference_per_sample_conv2d(x, w, None, 1, 1),
         rtol=1e-4, atol=1e-4,
     )
+
+
+@settings(max_examples=100)
+@given(
+    cfg=conv_configs(padding_modes=("zeros",)),
+    num_kernels=st.integers(1, 4),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_mixture_conv2d_with_spatial_weight_matches_reference(
+    cfg: ConvConfig, num_kernels: int, seed: int
+) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    x, bank, bias_bank = _tensors(cfg, gen, num_kernels)
+    coeffs = torch.randn(cfg.batch, num_kernels, dtype=F64, generator=gen).requires_grad_()
+    spatial = torch.randn(cfg.batch, *cfg.kernel_size, dtype=F64, generator=gen).requires_grad_()
+    inputs = [t for t in (x, coeffs, bank, bias_bank, spatial) if t is not None]
+    kw = cfg.conv_kwargs()
+
+    def reference():
+        weight = torch.einsum("nk,koihw->noihw", coeffs, bank) * spatial[:, None, None]
+        bias = None if bias_bank is None else coeffs @ bias_bank
+        return reference_per_sample_conv2d(x, weight, bias, **kw)
+
+    for method in ("auto", "aggregate", "mixout"):
+        assert_same_outputs_and_grads(
+            lambda m=method: mixture_conv2d(x, coeffs, bank, bias_bank, **kw, spatial=spatial,
+                                            method=m),
+            reference,
+            inputs,
+        )
+
+
+def test_gradcheck_mixture_with_spatial_weight() -> None:
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 4, 5, 4, dtype=F64, generator=gen, requires_grad=True)
+    coeffs = torch.randn(2, 3, dtype=F64, generator=gen, requires_grad=True)
+    bank = torch.randn(3, 6, 2, 3, 2, dtype=F64, generator=gen, requires_grad=True)
+    spatial = torch.randn(2, 3, 2, dtype=F64, generator=gen, requires_grad=True)
+    for method in ("aggregate", "mixout"):
+        assert torch.autograd.gradcheck(
+            lambda x, c, k, s, m=method: mixture_conv2d(
+                x, c, k, stride=(2, 1), padding=1, dilation=(1, 2), groups=2, spatial=s,
+                method=m,
+            ),
+            (x, coeffs, bank, spatial),
+        )
+
+
+def test_mixture_spatial_weight_errors() -> None:
+    x = torch.randn(2, 4, 8, 8)
+    bank = torch.randn(3, 6, 4, 3, 3)
+    with pytest.raises(ValueError, match=r"spatial must have shape \[N, kH, kW\] = \[2, 3, 3\]"):
+        mixture_conv2d(x, torch.randn(2, 3), bank, spatial=torch.randn(2, 9))

@@ -5,9 +5,10 @@ Every layer of dynconv ends in one of two calls:
 * :func:`per_sample_conv2d` convolves each sample with its own kernel
   (``x`` [N, C_in, H, W], ``weight`` [N, C_out, C_in/groups, kH, kW]).
 * :func:`mixture_conv2d` convolves each sample with a per-sample mixture of a shared kernel
-  bank, ``sum_k coefficients[n, k] * bank[k]``. It either assembles the per-sample kernels and
-  calls :func:`per_sample_conv2d`, or runs one dense convolution with all K kernels and mixes
-  the outputs, whichever the dispatch rule expects to be faster.
+  bank, ``sum_k coefficients[n, k] * bank[k]``, optionally weighted per kernel position
+  (ODConv's spatial attention). It either assembles the per-sample kernels and calls
+  :func:`per_sample_conv2d`, or runs one dense product with all K kernels and mixes the outputs,
+  whichever the dispatch rule expects to be faster.
 
 All formulations compute the same result (up to floating-point rounding); ``method`` forces one,
 which the tests do in turn.
@@ -226,6 +227,7 @@ def mixture_conv2d(
     dilation: int | Pair = 1,
     groups: int = 1,
     *,
+    spatial: Tensor | None = None,
     method: MixtureMethod = "auto",
     per_sample_method: PerSampleMethod = "auto",
 ) -> Tensor:
@@ -237,9 +239,13 @@ def mixture_conv2d(
         bank: the shared kernels [K, C_out, C_in/groups, kH, kW].
         bias_bank: the shared biases [K, C_out], or ``None``.
         stride, padding, dilation, groups: as in ``F.conv2d``.
+        spatial: a per-sample weight of each kernel position [N, kH, kW], or ``None``: sample n's
+            kernel becomes ``spatial[n] * sum_k coefficients[n, k] * bank[k]`` (broadcast over
+            C_out and C_in/groups; ODConv's spatial attention). The biases are not weighted.
         method: ``'auto'``, ``'aggregate'`` (assemble the N kernels with one matrix product, then
-            :func:`per_sample_conv2d`) or ``'mixout'`` (one dense convolution with K x C_out
-            outputs, then a per-sample weighted sum: K times the MACs, but dense).
+            :func:`per_sample_conv2d`) or ``'mixout'`` (one dense product with K x C_out
+            outputs, then a per-sample weighted sum: K times the MACs, but dense; with a
+            ``spatial`` weight the input is unfolded (im2col) and weighted per kernel position).
         per_sample_method: passed to :func:`per_sample_conv2d` by ``'aggregate'``.
 
     Returns:
@@ -259,6 +265,14 @@ def mixture_conv2d(
             f"bias_bank must have shape [K, C_out] = {[num_kernels, c_out]}, "
             f"got {_shape(bias_bank)}"
         )
+    kernel_size = list(bank.shape[-2:])
+    if spatial is not None and (
+        not isinstance(spatial, Tensor) or _shape(spatial) != [n, *kernel_size]
+    ):
+        got = _shape(spatial) if isinstance(spatial, Tensor) else type(spatial).__name__
+        raise ValueError(
+            f"spatial must have shape [N, kH, kW] = {[n, *kernel_size]} or be None, got {got}"
+        )
     if method not in MIXTURE_METHODS:
         raise ValueError(f"method must be one of {MIXTURE_METHODS}, got {method!r}")
     geometry = _check_conv(x, c_out, bank.shape[2], bank.shape[-2:], stride, padding, dilation,
@@ -268,12 +282,20 @@ def mixture_conv2d(
         method = _choose_mixture_method(x, bank, geometry)
     if method == "aggregate":
         weight = (coefficients @ bank.reshape(num_kernels, -1)).reshape(n, *bank.shape[1:])
+        if spatial is not None:
+            weight = weight * spatial.to(weight.dtype).reshape(n, 1, 1, *kernel_size)
         return per_sample_conv2d(
             x, weight, bias, stride, padding, dilation, groups, method=per_sample_method
         )
+    if spatial is not None and spatial[0].numel() == 1:  # a 1x1 kernel: one weight per sample
+        coefficients = coefficients * spatial.reshape(n, 1).to(coefficients.dtype)
+        spatial = None
     xp, pad = _prepare(x, geometry)
-    out = _mixout(xp, coefficients, bank, bias, geometry.stride, pad, geometry.dilation,
-                  geometry.groups)
+    args = (geometry.stride, pad, geometry.dilation, geometry.groups)
+    if spatial is None:
+        out = _mixout(xp, coefficients, bank, bias, *args)
+    else:
+        out = _mixout_unfold(xp, coefficients, bank, spatial, bias, *args)
     return _match_memory_format(out, x)
 
 
@@ -314,6 +336,41 @@ def _mixout(
     h_out, w_out = y.shape[-2:]
     y = y.reshape(n, groups, num_kernels, -1)  # [N, g, K, C_out/g * H_out * W_out]
     out = torch.matmul(coefficients.reshape(n, 1, 1, num_kernels).to(y.dtype), y)
+    out = out.reshape(n, c_out, h_out, w_out)
+    if bias is not None:
+        out = out + bias.reshape(n, c_out, 1, 1)
+    return out
+
+
+def _mixout_unfold(
+    x: Tensor,
+    coefficients: Tensor,
+    bank: Tensor,
+    spatial: Tensor,
+    bias: Tensor | None,
+    stride,
+    padding,
+    dilation,
+    groups: int,
+) -> Tensor:
+    """Mix-out with a per-sample weight of each kernel position: unfold the input (im2col),
+    weight the columns of kernel position p of sample n by ``spatial[n, p]``, multiply by all K
+    kernels at once (one matrix product per group over the whole batch), then mix over K."""
+    num_kernels, c_out, c_in_g, kh, kw = bank.shape
+    n, _, h, w = x.shape
+    taps, c_out_g = kh * kw, c_out // groups
+    h_out = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    w_out = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    pixels = h_out * w_out
+    cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)
+    cols = cols.reshape(n, groups, c_in_g, taps, pixels)
+    cols = cols * spatial.reshape(n, 1, 1, taps, 1).to(cols.dtype)
+    cols = cols.permute(1, 2, 3, 0, 4).reshape(groups, c_in_g * taps, n * pixels)
+    # [K, C_out, C_in/g, kH, kW] -> [g, K * C_out/g, C_in/g * kH * kW]: a free view when g = 1.
+    dense = bank.reshape(num_kernels, groups, c_out_g, c_in_g * taps).transpose(0, 1)
+    y = torch.matmul(dense.reshape(groups, num_kernels * c_out_g, c_in_g * taps), cols)
+    y = y.reshape(groups, num_kernels, c_out_g, n, pixels)
+    out = torch.einsum("nk,gkonp->ngop", coefficients.to(y.dtype), y)
     out = out.reshape(n, c_out, h_out, w_out)
     if bias is not None:
         out = out + bias.reshape(n, c_out, 1, 1)
