@@ -54,3 +54,67 @@ class SeedDynamicConv2d(nn.Module):
         out = F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation,
                        self.groups * n)
         return out.view(n, self.out_planes, out.size(-2), out.size(-1))
+
+
+class OfficialODAttention(nn.Module):
+    """The attention of the official ODConv code (OSVAI/ODConv ``modules/odconv.py``), rebuilt
+    from its layout: pool, ``fc`` (no bias), ``bn``, ReLU, then the four heads, each absent in
+    the official special cases. ``temperature`` is a plain attribute, as there."""
+
+    def __init__(self, in_planes, out_planes, kernel_size, groups=1, reduction=0.0625,
+                 kernel_num=4, min_channel=16):
+        super().__init__()
+        hidden = max(int(in_planes * reduction), min_channel)
+        self.kernel_size, self.temperature = kernel_size, 1.0
+        self.fc = nn.Conv2d(in_planes, hidden, 1, bias=False)
+        self.bn = nn.BatchNorm2d(hidden)
+        self.channel_fc = nn.Conv2d(hidden, in_planes, 1)
+        if not (in_planes == groups == out_planes):
+            self.filter_fc = nn.Conv2d(hidden, out_planes, 1)
+        if kernel_size != 1:
+            self.spatial_fc = nn.Conv2d(hidden, kernel_size * kernel_size, 1)
+        if kernel_num != 1:
+            self.kernel_fc = nn.Conv2d(hidden, kernel_num, 1)
+
+    def forward(self, x):
+        h = F.relu(self.bn(self.fc(F.adaptive_avg_pool2d(x, 1))))
+        n, k, t = x.shape[0], self.kernel_size, self.temperature
+        channel = torch.sigmoid(self.channel_fc(h).reshape(n, -1, 1, 1) / t)
+        filter_ = (torch.sigmoid(self.filter_fc(h).reshape(n, -1, 1, 1) / t)
+                   if hasattr(self, "filter_fc") else 1.0)
+        spatial = (torch.sigmoid(self.spatial_fc(h).reshape(n, 1, 1, 1, k, k) / t)
+                   if hasattr(self, "spatial_fc") else 1.0)
+        kernel = (F.softmax(self.kernel_fc(h).reshape(n, -1, 1, 1, 1, 1) / t, dim=1)
+                  if hasattr(self, "kernel_fc") else 1.0)
+        return channel, filter_, spatial, kernel
+
+
+class OfficialODConv2d(nn.Module):
+    """The official ``ODConv2d`` layout: ``weight`` [K, C_out, C_in/g, k, k] (5-D even for K = 1)
+    and ``attention``. Like the official code it builds the [N, K, C_out, C_in/g, k, k] tensor,
+    sums it over K and runs one grouped convolution with groups = g * N; a 1x1 layer with K = 1
+    is a plain convolution between the channel and filter attentions."""
+
+    def __init__(self, in_planes, out_planes, kernel_size, stride=1, padding=0, dilation=1,
+                 groups=1, reduction=0.0625, kernel_num=4):
+        super().__init__()
+        self.out_planes, self.kernel_size, self.groups = out_planes, kernel_size, groups
+        self.conv_args = (stride, padding, dilation)
+        self.attention = OfficialODAttention(in_planes, out_planes, kernel_size, groups,
+                                             reduction, kernel_num)
+        self.weight = nn.Parameter(
+            torch.randn(kernel_num, out_planes, in_planes // groups, kernel_size, kernel_size))
+
+    def update_temperature(self, temperature):
+        self.attention.temperature = temperature
+
+    def forward(self, x):
+        channel, filter_, spatial, kernel = self.attention(x)
+        x = x * channel
+        if self.kernel_size == 1 and self.weight.shape[0] == 1:
+            return F.conv2d(x, self.weight[0], None, *self.conv_args, self.groups) * filter_
+        n, _, h, w = x.shape
+        per_sample = (spatial * kernel * self.weight[None]).sum(dim=1)  # [N, C_out, C_in/g, k, k]
+        out = F.conv2d(x.reshape(1, -1, h, w), per_sample.reshape(-1, *per_sample.shape[2:]),
+                       None, *self.conv_args, self.groups * n)
+        return out.reshape(n, self.out_planes, *out.shape[-2:]) * filter_

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dynconv import DynamicConv2d, mixture_conv2d, per_sample_conv2d
+from dynconv import DynamicConv2d, ODConv2d, mixture_conv2d, per_sample_conv2d
 
 
 @pytest.mark.parametrize(
@@ -98,3 +98,49 @@ def test_mixture_conv2d_errors() -> None:
         mixture_conv2d(x, torch.randn(2, 3), bank, torch.randn(6))
     with pytest.raises(ValueError, match="method must be one of"):
         mixture_conv2d(x, torch.randn(2, 3), bank, method="loop")
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,message",
+    [
+        ({"in_channels": 6, "groups": 4}, ValueError,
+         r"in_channels \(6\) must be divisible by groups \(4\)"),
+        ({"kernel_size": (3, 0)}, ValueError, "kernel_size must be positive, got 0"),
+        ({"padding": "same", "stride": 2}, ValueError, "padding='same' is only supported"),
+        ({"num_kernels": 0}, ValueError, "num_kernels must be an int >= 1, got 0"),
+        ({"num_kernels": 2.0}, ValueError, "num_kernels must be an int >= 1, got 2.0"),
+        ({"reduction": -0.5}, ValueError, "reduction must be a finite number > 0, got -0.5"),
+        ({"reduction": None}, TypeError, "reduction must be a number"),
+        ({"min_channels": 0}, ValueError, "min_channels must be positive, got 0"),
+        ({"min_channels": 2.5}, TypeError, "min_channels must be an int, got 2.5"),
+        ({"temperature": 0.0}, ValueError, "temperature must be a finite number > 0"),
+        ({"attention_norm": "group"}, ValueError,
+         r"attention_norm must be one of \('batch', 'layer', 'none'\), got 'group'"),
+        ({"attention_norm": "layer", "min_channels": 1}, ValueError,
+         "attention_norm='layer' normalises over the attention's 1 hidden channel"),
+        ({"bias": 1}, TypeError, "bias must be a bool, got 1"),
+        ({"padding_mode": "mirror"}, ValueError, "padding_mode must be one of"),
+    ],
+)
+def test_odconv_bad_constructor_arguments(kwargs, error, message) -> None:
+    args = {"in_channels": 4, "out_channels": 4, "kernel_size": 3, **kwargs}
+    with pytest.raises(error, match=message):
+        ODConv2d(**args)
+
+
+@pytest.mark.parametrize(
+    "shape,message",
+    [
+        ((4, 8), r"expects input of shape \[N, C, H, W\] or \[C, H, W\], got shape \[4, 8\]"),
+        ((2, 3, 8, 8), r"expects 4 input channels, got input of shape \[2, 3, 8, 8\]"),
+        ((2, 4, 8, 1), r"too small for kernel_size=\(3, 3\).*output would be 6x-1"),
+        ((0, 4, 8, 8), "empty batch"),
+        ((1, 4, 8, 8), "batch of 1 in training mode.*attention_norm="),
+    ],
+)
+def test_odconv_bad_inputs_at_first_forward(shape, message) -> None:
+    layer = ODConv2d(4, 4, 3)
+    with pytest.raises(ValueError, match=message):
+        layer(torch.randn(shape))
+    with pytest.raises(TypeError, match=r"ODConv2d expects a torch\.Tensor, got list"):
+        layer([1.0])

@@ -2,7 +2,7 @@
 
 from . import functional
 from .functional import mixture_conv2d, per_sample_conv2d
-from .layers import DynamicConv2d, DynamicConvBase, KernelBankConv
+from .layers import DynamicConv2d, DynamicConvBase, KernelBankConv, ODConv2d
 from .temperature import dynamic_layers, get_temperature, set_temperature, temperatures
 
 __version__ = "0.1.0"
@@ -11,6 +11,7 @@ __all__ = [
     "DynamicConv2d",
     "DynamicConvBase",
     "KernelBankConv",
+    "ODConv2d",
     "dynamic_layers",
     "functional",
     "get_temperature",

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from ._conv_args import PaddingArg, parse_geometry
 from .layers.dynamic import DynamicConv2d
+from .layers.odconv import ODConv2d
 
 
 def reference_per_sample_conv2d(
@@ -53,6 +54,73 @@ def reference_dynamic_conv2d(layer: DynamicConv2d, x: Tensor) -> Tensor:
     bank = layer.kernels
     weight = torch.einsum("nk,koihw->noihw", attention, bank)
     bias = None if layer.bias is None else attention @ layer.bias
+    return reference_per_sample_conv2d(
+        x, weight, bias, layer.stride, layer.padding, layer.dilation, layer.groups,
+        layer.padding_mode,
+    )
+
+
+def _apply_1x1(h: Tensor, conv: torch.nn.Conv2d) -> Tensor:
+    """A 1x1 convolution applied to pooled features h [N, C] as a matrix product."""
+    out = h @ conv.weight.flatten(1).t()
+    return out if conv.bias is None else out + conv.bias
+
+
+def reference_odconv_attention(
+    layer: ODConv2d, x: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The attentions of an :class:`ODConv2d`, from its parameters: channel [N, C_in], filter
+    [N, C_out], spatial [N, kH, kW] and kernel [N, K], with ones where the official layout has
+    no head (depthwise: filter; 1x1 kernel: spatial; K = 1: kernel).
+
+    The BatchNorm uses the batch statistics in training mode and the running ones otherwise.
+    """
+    att = layer.attention
+    n = x.shape[0]
+    h = _apply_1x1(x.mean(dim=(2, 3)), att.fc)
+    if layer.attention_norm == "batch":
+        bn = att.bn
+        if bn.training:
+            mean, var = h.mean(0), h.var(0, unbiased=False)
+        else:
+            mean, var = bn.running_mean, bn.running_var
+        h = (h - mean) / torch.sqrt(var + bn.eps) * bn.weight + bn.bias
+    elif layer.attention_norm == "layer":
+        gn = att.norm
+        mean, var = h.mean(1, keepdim=True), h.var(1, unbiased=False, keepdim=True)
+        h = (h - mean) / torch.sqrt(var + gn.eps) * gn.weight + gn.bias
+    h = torch.relu(h)
+    t = layer.temperature.to(h.dtype)
+    depthwise = layer.in_channels == layer.groups == layer.out_channels
+    kh, kw = layer.kernel_size
+    ones = h.new_ones
+    channel = torch.sigmoid(_apply_1x1(h, att.channel_fc) / t)
+    filter_ = ones(n, layer.out_channels) if depthwise else torch.sigmoid(
+        _apply_1x1(h, att.filter_fc) / t)
+    spatial = ones(n, kh * kw) if kh * kw == 1 else torch.sigmoid(
+        _apply_1x1(h, att.spatial_fc) / t)
+    kernel = ones(n, 1) if layer.num_kernels == 1 else torch.softmax(
+        _apply_1x1(h, att.kernel_fc) / t, dim=-1)
+    return channel, filter_, spatial.reshape(n, kh, kw), kernel
+
+
+def reference_odconv2d(layer: ODConv2d, x: Tensor) -> Tensor:
+    """What an :class:`ODConv2d` computes, one sample at a time, from the definition: every
+    attention folded into sample n's kernel, ``W_n[o, i, p] = a_f[o] a_c[i] a_s[p] sum_k a_w[k]
+    W_k[o, i, p]`` (i the input channel of o's group), then one convolution per sample."""
+    channel, filter_, spatial, kernel = reference_odconv_attention(layer, x)
+    n, g = x.shape[0], layer.groups
+    c_out, c_in_g = layer.out_channels, layer.in_channels // g
+    mixed = torch.einsum("nk,koihw->noihw", kernel, layer.kernels)
+    # channel attention as seen by each output channel's kernel: [N, C_out, C_in/g]
+    per_kernel = channel.reshape(n, g, 1, c_in_g).expand(n, g, c_out // g, c_in_g)
+    weight = (
+        mixed
+        * filter_.reshape(n, c_out, 1, 1, 1)
+        * per_kernel.reshape(n, c_out, c_in_g, 1, 1)
+        * spatial.reshape(n, 1, 1, *layer.kernel_size)
+    )
+    bias = None if layer.bias is None else kernel @ layer.bias
     return reference_per_sample_conv2d(
         x, weight, bias, layer.stride, layer.padding, layer.dilation, layer.groups,
         layer.padding_mode,

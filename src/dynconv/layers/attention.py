@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -55,3 +55,110 @@ class KernelAttention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         pooled = x.mean(dim=(2, 3), keepdim=True)
         return self.fc2(torch.relu(self.fc1(pooled))).flatten(1)
+
+
+AttentionNorm = Literal["batch", "layer", "none"]
+ATTENTION_NORMS = ("batch", "layer", "none")
+
+
+class ODAttentionWeights(NamedTuple):
+    """The four attentions of ODConv for a batch; ``None`` where the layer has no such head."""
+
+    channel: Tensor  # [N, C_in]
+    filter: Tensor | None  # [N, C_out]; None for a depthwise layer
+    spatial: Tensor | None  # [N, kH, kW]; None for a 1x1 kernel
+    kernel: Tensor | None  # [N, K]; None for K = 1
+
+
+class ODConvAttention(nn.Module):
+    """ODConv attention: global average pool, 1x1 conv to ``hidden_channels``, norm, ReLU, then
+    four heads (1x1 convs with bias): channel (sigmoid over C_in), filter (sigmoid over C_out),
+    spatial (sigmoid over kH*kW) and kernel (softmax over K), each logit divided by the
+    temperature.
+
+    Names and shapes follow the official ODConv code (``fc``, ``bn``, ``channel_fc``,
+    ``filter_fc``, ``spatial_fc``, ``kernel_fc``), so that its checkpoints load. As there, the
+    filter head is absent for a depthwise layer (C_in == groups == C_out), the spatial head for a
+    1x1 kernel and the kernel head for K = 1.
+
+    ``norm``: ``'batch'`` (BatchNorm2d ``bn``, the official layout; it needs more than one sample
+    per batch in training), ``'layer'`` (GroupNorm with one group, ``norm``: each sample's hidden
+    vector normalised over its channels, so any batch size and the same computation in training
+    and evaluation) or ``'none'`` (``fc`` then has a bias).
+
+    Shapes: input [N, C_in, H, W] -> :class:`ODAttentionWeights`.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: tuple[int, int],
+        groups: int,
+        num_kernels: int,
+        hidden_channels: int,
+        norm: AttentionNorm = "batch",
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.kernel_size = kernel_size
+        self.norm_kind = norm
+        self.fc = nn.Conv2d(in_channels, hidden_channels, 1, bias=norm == "none", **kw)
+        if norm == "batch":
+            self.bn = nn.BatchNorm2d(hidden_channels, **kw)
+        elif norm == "layer":
+            self.norm = nn.GroupNorm(1, hidden_channels, **kw)
+
+        def head(width: int) -> nn.Conv2d:
+            return nn.Conv2d(hidden_channels, width, 1, bias=True, **kw)
+
+        self.channel_fc = head(in_channels)
+        depthwise = in_channels == groups == out_channels
+        self.filter_fc = None if depthwise else head(out_channels)
+        taps = kernel_size[0] * kernel_size[1]
+        self.spatial_fc = None if taps == 1 else head(taps)
+        self.kernel_fc = None if num_kernels == 1 else head(num_kernels)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The official initialisation: Kaiming-normal (fan_out) convs, zero biases, unit norms."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+                m.reset_parameters()  # weight 1, bias 0 (and fresh running statistics)
+
+    def hidden(self, x: Tensor) -> Tensor:
+        """The shared hidden features [N, hidden, 1, 1] for input [N, C_in, H, W]."""
+        if self.norm_kind == "batch" and self.training and x.shape[0] == 1:
+            raise ValueError(
+                "ODConv2d got a batch of 1 in training mode, but the BatchNorm of its attention "
+                "(attention_norm='batch', the official layout) needs more than one sample per "
+                "batch: train with batches of 2 or more, call .eval(), or build the layer with "
+                "attention_norm='layer' (or 'none'), which works at any batch size"
+            )
+        h = self.fc(x.mean(dim=(2, 3), keepdim=True))
+        if self.norm_kind == "batch":
+            h = self.bn(h)
+        elif self.norm_kind == "layer":
+            h = self.norm(h)
+        return torch.relu(h)
+
+    def forward(self, x: Tensor, temperature: Tensor) -> ODAttentionWeights:
+        h = self.hidden(x)
+        n = x.shape[0]
+
+        def gate(fc: nn.Conv2d | None, routing: Routing = "sigmoid") -> Tensor | None:
+            return None if fc is None else routing_weights(fc(h).flatten(1), temperature, routing)
+
+        spatial = gate(self.spatial_fc)
+        return ODAttentionWeights(
+            channel=gate(self.channel_fc),
+            filter=gate(self.filter_fc),
+            spatial=None if spatial is None else spatial.reshape(n, *self.kernel_size),
+            kernel=gate(self.kernel_fc, "softmax"),
+        )

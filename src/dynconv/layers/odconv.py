@@ -1,0 +1,154 @@
+"""``ODConv2d``: omni-dimensional dynamic convolution (Li, Zhou and Yao, ICLR 2022), with the
+parameter layout of the official code."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .._conv_args import PaddingArg, check_int, check_positive_float
+from ..functional import mixture_conv2d
+from .attention import ATTENTION_NORMS, AttentionNorm, ODAttentionWeights, ODConvAttention
+from .base import KernelBankConv
+
+
+class ODConv2d(KernelBankConv):
+    """Omni-dimensional dynamic convolution.
+
+    Four attentions computed from the input scale the kernel bank along all its dimensions. For
+    sample n, with channel attention ``a_c`` [C_in], filter attention ``a_f`` [C_out], spatial
+    attention ``a_s`` [kH, kW] and kernel attention ``a_w`` [K]::
+
+        W_n = a_f (x) a_c (x) a_s (x) sum_k a_w[k] W_k        (outer products, per dimension)
+        y_n = conv(x_n, W_n) + sum_k a_w[k] b_k
+
+    computed as ``a_f * conv(a_c * x_n, a_s * sum_k a_w[k] W_k)``: the channel and filter
+    attentions act on the activations, the kernel attention is reduced first (one matrix
+    product) and the spatial attention scales the K-reduced kernel, all in
+    :func:`dynconv.functional.mixture_conv2d`. A 1x1 layer with K = 1 is a plain convolution
+    between the two activation scalings.
+
+    Takes ``nn.Conv2d``'s arguments; the keyword-only ones are the layer's own.
+
+    Args:
+        bias: a bank of K biases mixed by the kernel attention and added after the filter
+            attention (a plain bias for K = 1). The official code has none: default False.
+        num_kernels: K, the number of kernels (the official models call it ``kernel_num``).
+        reduction, min_channels: the attention's hidden width is
+            ``max(int(in_channels * reduction), min_channels)``, as in the official code.
+        temperature: divides every attention logit; the official recipe anneals it from 30 to 1
+            over the first 10 epochs (see :func:`dynconv.set_temperature`). Saved in the
+            state_dict.
+        attention_norm: ``'batch'`` (official: BatchNorm, which fails on a batch of 1 in
+            training, reported as a ``ValueError``), ``'layer'`` (GroupNorm with one group: any
+            batch size, identical in training and evaluation) or ``'none'`` (no norm; the
+            attention's first conv gets a bias).
+
+    Parameters (state_dict layout of the official code): ``weight`` [K, C_out, C_in/groups, kH,
+    kW] (stored 4-D, see :class:`KernelBankConv`), ``attention.fc.weight`` [A, C_in, 1, 1],
+    ``attention.bn.*`` [A], ``attention.channel_fc.*`` (C_in outputs), ``attention.filter_fc.*``
+    (C_out; absent when depthwise, C_in == groups == C_out), ``attention.spatial_fc.*`` (kH*kW;
+    absent for a 1x1 kernel), ``attention.kernel_fc.*`` (K; absent for K = 1), and the buffer
+    ``temperature`` (optional on load). ``bias`` [K, C_out] only with ``bias=True``.
+
+    Shapes: input [N, C_in, H, W] or [C_in, H, W] -> output [N, C_out, H_out, W_out] (or
+    [C_out, H_out, W_out]), H_out and W_out as for ``nn.Conv2d``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: PaddingArg = 0,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        bias: bool = False,
+        padding_mode: str = "zeros",
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+        *,
+        num_kernels: int = 4,
+        reduction: float = 0.0625,
+        min_channels: int = 16,
+        temperature: float = 1.0,
+        attention_norm: AttentionNorm = "batch",
+    ) -> None:
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+            padding_mode, temperature, device, dtype, num_kernels=num_kernels,
+        )
+        self.reduction = check_positive_float(reduction, "reduction")
+        self.min_channels = check_int(min_channels, "min_channels")
+        if attention_norm not in ATTENTION_NORMS:
+            raise ValueError(
+                f"attention_norm must be one of {ATTENTION_NORMS}, got {attention_norm!r}"
+            )
+        hidden = max(int(self.in_channels * self.reduction), self.min_channels)
+        if attention_norm == "layer" and hidden < 2:
+            raise ValueError(
+                f"attention_norm='layer' normalises over the attention's {hidden} hidden "
+                "channel(s) and needs at least 2: raise min_channels or reduction"
+            )
+        self.attention_norm = attention_norm
+        self.attention = ODConvAttention(
+            self.in_channels, self.out_channels, self.kernel_size, self.groups, num_kernels,
+            hidden, attention_norm, **self._factory_kwargs,
+        )
+        self.reset_parameters()
+
+    @property
+    def is_pointwise_static(self) -> bool:
+        """True for a 1x1 kernel with K = 1: a plain convolution between the attentions."""
+        return self.kernel_size == (1, 1) and self.num_kernels == 1
+
+    def reset_parameters(self) -> None:
+        """The official initialisation: each kernel Kaiming-normal (fan_out, ReLU), zero biases."""
+        fan_out = self.out_channels * self.kernel_size[0] * self.kernel_size[1]
+        with torch.no_grad():
+            self.weight.normal_(0.0, math.sqrt(2.0 / fan_out))
+            if self.bias is not None:
+                self.bias.zero_()
+        self.attention.reset_parameters()
+
+    def attentions(self, x: Tensor) -> ODAttentionWeights:
+        """The four attentions for input [N, C_in, H, W] (see :class:`ODAttentionWeights`)."""
+        return self.attention(x, self.temperature)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x, unbatched = self._check_input(x)
+        att = self.attentions(x)
+        n, dtype = x.shape[0], x.dtype
+        xp, padding = self._pad(x * att.channel.to(dtype).reshape(n, -1, 1, 1))
+        conv_kwargs = self._conv_kwargs(padding)
+        if self.is_pointwise_static:
+            out = F.conv2d(xp, self.weight, None, **conv_kwargs)
+        else:
+            coefficients = (
+                self.weight.new_ones(n, 1) if att.kernel is None
+                else att.kernel.to(self.weight.dtype)
+            )
+            spatial = None if att.spatial is None else att.spatial.to(self.weight.dtype)
+            out = mixture_conv2d(xp, coefficients, self.kernels, None, **conv_kwargs,
+                                 spatial=spatial)
+        if att.filter is not None:
+            out = out * att.filter.to(out.dtype).reshape(n, -1, 1, 1)
+        if self.bias is not None:
+            if att.kernel is None:
+                bias = self.bias[0].reshape(1, -1, 1, 1)
+            else:
+                bias = (att.kernel.to(self.bias.dtype) @ self.bias).reshape(n, -1, 1, 1)
+            out = out + bias
+        return out.squeeze(0) if unbatched else out
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        s += f", reduction={self.reduction:g}, min_channels={self.min_channels}"
+        if self.attention_norm != "batch":
+            s += f", attention_norm={self.attention_norm!r}"
+        return s

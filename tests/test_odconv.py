@@ -1,0 +1,298 @@
+"""ODConv2d against a per-sample reference built from its definition and the official layout."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.func import functional_call
+
+import dynconv
+from dynconv import ODConv2d
+from dynconv.testing import reference_odconv2d
+
+from helpers import assert_same_outputs_and_grads
+from seed_layouts import OfficialODConv2d
+from strategies import ConvConfig, conv_configs
+
+F64 = torch.float64
+
+
+def _layer(cfg: ConvConfig, **kwargs) -> ODConv2d:
+    return ODConv2d(
+        cfg.in_channels, cfg.out_channels, cfg.kernel_size, **cfg.conv_kwargs(), bias=cfg.bias,
+        padding_mode=cfg.padding_mode, dtype=F64, **kwargs,
+    )
+
+
+def _randomize(layer: nn.Module, scale: float = 1.0) -> None:
+    """Attention weights far from the initialisation, and non-trivial BatchNorm statistics, so
+    that every attention is far from uniform and evaluation differs from training."""
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            if name.startswith("attention."):
+                p.normal_(0, scale)
+        for m in layer.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+
+
+@settings(max_examples=220)
+@given(
+    cfg=conv_configs(),
+    pointwise=st.sampled_from([False, False, True]),
+    num_kernels=st.integers(1, 4),
+    min_channels=st.integers(2, 6),
+    norm=st.sampled_from(["batch", "batch", "layer", "none"]),
+    temperature=st.sampled_from([1.0, 0.5, 30.0]),
+    train=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_layer_matches_per_sample_reference(
+    cfg, pointwise, num_kernels, min_channels, norm, temperature, train, seed
+):
+    if pointwise:  # 1x1 kernels, and with K = 1 the plain-convolution fast path
+        cfg = dataclasses.replace(cfg, kernel_size=(1, 1))
+    torch.manual_seed(seed)
+    layer = _layer(cfg, num_kernels=num_kernels, min_channels=min_channels,
+                   attention_norm=norm, temperature=temperature).train(train)
+    _randomize(layer)
+    x = torch.randn(cfg.batch, cfg.in_channels, cfg.height, cfg.width, dtype=F64)
+    x.requires_grad_()
+    if norm == "batch" and train and cfg.batch == 1:
+        with pytest.raises(ValueError, match="attention_norm='layer'"):
+            layer(x)
+        return
+    inputs = [x, *layer.parameters()]
+    assert_same_outputs_and_grads(lambda: layer(x), lambda: reference_odconv2d(layer, x), inputs)
+
+
+# Every special case of the official layout, deterministically (the property test above draws
+# them at random): (kwargs, heads present among filter/spatial/kernel).
+SPECIAL_CASES = [
+    (dict(in_channels=6, out_channels=6, kernel_size=3, padding=1, groups=6),
+     {"spatial_fc", "kernel_fc"}),  # depthwise: no filter head
+    (dict(in_channels=6, out_channels=12, kernel_size=3, groups=6),
+     {"filter_fc", "spatial_fc", "kernel_fc"}),  # depthwise multiplier 2: C_out != C_in
+    (dict(in_channels=6, out_channels=4, kernel_size=1), {"filter_fc", "kernel_fc"}),  # 1x1
+    (dict(in_channels=6, out_channels=4, kernel_size=1, num_kernels=1, stride=2),
+     {"filter_fc"}),  # 1x1, K = 1: the fast path
+    (dict(in_channels=6, out_channels=6, kernel_size=1, num_kernels=1, groups=6),
+     set()),  # depthwise 1x1 with K = 1: channel attention only
+    (dict(in_channels=6, out_channels=4, kernel_size=3, num_kernels=1, padding="same"),
+     {"filter_fc", "spatial_fc"}),  # K = 1
+    (dict(in_channels=6, out_channels=4, kernel_size=(3, 2), padding="same", dilation=(1, 2)),
+     {"filter_fc", "spatial_fc", "kernel_fc"}),  # non-square, even kernel, 'same'
+    (dict(in_channels=6, out_channels=9, kernel_size=3, stride=(2, 1), groups=3, bias=True,
+          padding_mode="circular", padding=1), {"filter_fc", "spatial_fc", "kernel_fc"}),
+]
+
+
+@pytest.mark.parametrize("kwargs,heads", SPECIAL_CASES)
+def test_special_cases_heads_and_outputs(kwargs, heads) -> None:
+    torch.manual_seed(0)
+    layer = ODConv2d(**kwargs, dtype=F64, min_channels=4)
+    all_heads = {"filter_fc", "spatial_fc", "kernel_fc"}
+    present = {h for h in all_heads if getattr(layer.attention, h) is not None}
+    assert present == heads
+    keys = {k.split(".")[1] for k in layer.state_dict() if k.startswith("attention.")}
+    assert keys == {"fc", "bn", "channel_fc"} | heads
+    assert layer.state_dict()["weight"].dim() == 5
+    _randomize(layer)
+    x = torch.randn(3, kwargs["in_channels"], 7, 8, dtype=F64, requires_grad=True)
+    for train in (True, False):
+        layer.train(train)
+        assert_same_outputs_and_grads(
+            lambda: layer(x), lambda: reference_odconv2d(layer, x), [x, *layer.parameters()]
+        )
+
+
+def test_hidden_width_follows_the_official_rule() -> None:
+    assert ODConv2d(64, 64, 3).attention.fc.out_channels == 16  # max(int(64/16), 16)
+    assert ODConv2d(512, 512, 3).attention.fc.out_channels == 32
+    assert ODConv2d(512, 512, 3, reduction=0.25, min_channels=4).attention.fc.out_channels == 128
+    assert ODConv2d(8, 8, 3, min_channels=3).attention.fc.out_channels == 3
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(in_channels=4, out_channels=4, kernel_size=3, padding=1, groups=2, num_kernels=3),
+        dict(in_channels=4, out_channels=4, kernel_size=3, padding=1, groups=4, num_kernels=2,
+             attention_norm="layer"),
+        dict(in_channels=4, out_channels=6, kernel_size=1, num_kernels=1, bias=True),
+        dict(in_channels=4, out_channels=4, kernel_size=(2, 3), num_kernels=1,
+             attention_norm="none", padding="same"),
+    ],
+)
+def test_gradcheck_input_and_every_parameter(kwargs) -> None:
+    torch.manual_seed(0)
+    layer = ODConv2d(**kwargs, min_channels=2, dtype=F64)
+    _randomize(layer)
+    names = [name for name, _ in layer.named_parameters()]
+    params = [p.detach().clone().requires_grad_() for p in layer.parameters()]
+    x = torch.randn(2, 4, 4, 5, dtype=F64, requires_grad=True)
+
+    def fn(x, *params):
+        return functional_call(layer, dict(zip(names, params, strict=True)), (x,))
+
+    for train in (True, False):
+        layer.train(train)
+        assert torch.autograd.gradcheck(fn, (x, *params), fast_mode=True)
+    layer.eval()  # the full (slow-mode) check, on the input only
+    assert torch.autograd.gradcheck(layer, (x,))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(in_planes=8, out_planes=12, kernel_size=3, padding=1, kernel_num=4),
+        dict(in_planes=8, out_planes=8, kernel_size=3, stride=2, padding=1, groups=8,
+             kernel_num=4),  # depthwise
+        dict(in_planes=8, out_planes=12, kernel_size=3, padding=2, dilation=2, groups=2,
+             kernel_num=1),
+        dict(in_planes=8, out_planes=12, kernel_size=1, kernel_num=4),
+        dict(in_planes=8, out_planes=12, kernel_size=1, kernel_num=1),  # fast path
+        dict(in_planes=64, out_planes=32, kernel_size=3, padding=1, kernel_num=2),  # A = 16
+    ],
+)
+def test_official_layout_state_dict_loads_and_matches(kwargs) -> None:
+    torch.manual_seed(0)
+    official = OfficialODConv2d(**kwargs).double()
+    _randomize(official)
+    ours = ODConv2d(
+        kwargs["in_planes"], kwargs["out_planes"], kwargs["kernel_size"],
+        stride=kwargs.get("stride", 1), padding=kwargs.get("padding", 0),
+        dilation=kwargs.get("dilation", 1), groups=kwargs.get("groups", 1),
+        num_kernels=kwargs["kernel_num"], temperature=5.0, dtype=F64,
+    )
+    assert set(ours.state_dict()) - {"temperature"} == set(official.state_dict())
+    ours.load_state_dict(official.state_dict(), strict=True)
+    assert float(ours.temperature) == 5.0  # absent from the official state_dict: kept
+    ours.set_temperature(1.0)
+    upstream = None
+    for train, temperature in ((True, 1.0), (False, 1.0), (True, 3.0), (False, 3.0)):
+        official.train(train)
+        ours.train(train)
+        official.update_temperature(temperature)
+        ours.set_temperature(temperature)
+        x = torch.randn(4, kwargs["in_planes"], 9, 8, dtype=F64, requires_grad=True)
+        results = []
+        for module in (official, ours):
+            module.zero_grad()
+            out = module(x)
+            upstream = torch.randn_like(out) if upstream is None or upstream.shape != out.shape \
+                else upstream
+            (gx,) = torch.autograd.grad((out * upstream).sum(), x, retain_graph=True)
+            (out * upstream).sum().backward()
+            grads = {n: p.grad.clone() for n, p in module.named_parameters()}
+            results.append((out.detach(), gx, grads))
+        (out_o, gx_o, grads_o), (out_d, gx_d, grads_d) = results
+        torch.testing.assert_close(out_d, out_o)
+        torch.testing.assert_close(gx_d, gx_o)
+        assert grads_d.keys() == grads_o.keys()
+        for name in grads_o:
+            torch.testing.assert_close(grads_d[name].reshape(grads_o[name].shape), grads_o[name],
+                                       msg=lambda m, name=name: f"{name}: {m}")
+    # both updated their BatchNorm statistics the same way in training
+    for key, value in official.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[key], value, msg=key)
+
+
+def test_batch_one_in_training() -> None:
+    layer = ODConv2d(4, 4, 3, padding=1)
+    x = torch.randn(1, 4, 6, 6)
+    with pytest.raises(ValueError, match=r"batch of 1 in training mode.*attention_norm='layer'"):
+        layer(x)
+    with pytest.raises(ValueError, match="attention_norm"):
+        layer(x[0])  # unbatched is a batch of 1
+    layer.eval()
+    assert layer(x).shape == (1, 4, 6, 6)
+    for norm in ("layer", "none"):
+        layer = ODConv2d(4, 4, 3, padding=1, attention_norm=norm, dtype=F64).train()
+        x = torch.randn(4, 6, 6, dtype=F64)
+        out = layer(x)
+        assert out.shape == (4, 6, 6)
+        torch.testing.assert_close(out, reference_odconv2d(layer, x[None])[0])
+        torch.testing.assert_close(layer.eval()(x), out)  # no batch statistics anywhere
+    assert "attention.norm.weight" in ODConv2d(4, 4, 3, attention_norm="layer").state_dict()
+    assert "attention.fc.bias" in ODConv2d(4, 4, 3, attention_norm="none").state_dict()
+
+
+@pytest.mark.parametrize("num_kernels", [1, 4])
+def test_channels_last_model(num_kernels: int) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        ODConv2d(3, 8, 3, padding=1, num_kernels=num_kernels), nn.BatchNorm2d(8), nn.ReLU(),
+        ODConv2d(8, 8, 3, padding=1, groups=8), ODConv2d(8, 4, 1, num_kernels=1),
+    ).double()
+    x = torch.randn(4, 3, 10, 10, dtype=F64)
+    expected = model(x)
+    model = model.to(memory_format=torch.channels_last)
+    assert model[0].weight.is_contiguous(memory_format=torch.channels_last)
+    out = model(x.to(memory_format=torch.channels_last))
+    torch.testing.assert_close(out, expected)
+    out.sum().backward()
+    assert model.state_dict()["0.weight"].shape == (num_kernels, 8, 3, 3, 3)
+    assert model.state_dict()["4.weight"].shape == (1, 4, 8, 1, 1)
+
+
+def test_temperature_per_layer_and_per_model_saved_and_optional() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(ODConv2d(4, 4, 3), nn.ReLU(), dynconv.DynamicConv2d(4, 4, 3))
+    assert dynconv.set_temperature(model, 30) == 2
+    assert dynconv.get_temperature(model) == 30.0
+    model[0].set_temperature(2)
+    assert dynconv.temperatures(model) == {"0": 2.0, "2": 30.0}
+    other = ODConv2d(4, 4, 3)
+    other.load_state_dict(model[0].state_dict())
+    assert float(other.temperature) == 2.0
+    # the temperature divides every logit: a huge one flattens all four attentions
+    _randomize(other, scale=2.0)
+    other.eval().set_temperature(1e6)
+    att = other.attentions(torch.randn(3, 4, 6, 6))
+    for a, flat in ((att.channel, 0.5), (att.filter, 0.5), (att.spatial, 0.5), (att.kernel, 0.25)):
+        torch.testing.assert_close(a, torch.full_like(a, flat), atol=1e-4, rtol=0)
+
+
+def test_attention_runs_in_float32_under_autocast() -> None:
+    layer = ODConv2d(8, 8, 3, padding=1, temperature=0.01).eval()
+    x = torch.randn(2, 8, 6, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        att = layer.attentions(x)
+        out = layer(x)
+    assert all(a.dtype == torch.float32 for a in att)
+    torch.testing.assert_close(att.kernel.sum(-1), torch.ones(2))
+    assert torch.isfinite(out).all()
+
+
+def test_drop_in_for_nn_conv2d_arguments_device_dtype_repr() -> None:
+    layer = ODConv2d(4, 8, (3, 1), (2, 1), (1, 0), 1, 2, True, "reflect", "cpu", F64,
+                     num_kernels=3, attention_norm="layer")
+    assert layer.weight.dtype == F64 and layer.attention.fc.weight.dtype == F64
+    assert layer.kernels.shape == (3, 8, 2, 3, 1) and layer.bias.shape == (3, 8)
+    assert layer.attention.spatial_fc.out_channels == 3  # kH * kW
+    text = repr(layer)
+    for part in ("4, 8, kernel_size=(3, 1)", "stride=(2, 1)", "groups=2", "num_kernels=3",
+                 "padding_mode='reflect'", "attention_norm='layer'", "min_channels=16"):
+        assert part in text
+    before = layer.weight.detach().clone()
+    layer.reset_parameters()
+    assert not torch.equal(before, layer.weight)
+    assert layer(torch.randn(2, 4, 9, 9, dtype=F64)).shape == (2, 8, 5, 9)
+    # official initialisation of the bank: Kaiming normal with fan_out = C_out * kH * kW
+    big = ODConv2d(64, 128, 3, num_kernels=2)
+    assert abs(big.weight.std().item() - (2 / (128 * 9)) ** 0.5) < 2e-3
+
+
+def test_torch_compile_layer() -> None:
+    torch.manual_seed(0)
+    layer = ODConv2d(4, 6, 3, padding=1).eval()
+    x = torch.randn(2, 4, 8, 8)
+    compiled = torch.compile(layer, backend="eager")
+    torch.testing.assert_close(compiled(x), layer(x), rtol=1e-5, atol=1e-5)
