@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import dynconv
-from dynconv.testing import reference_dynamic_conv2d
+from dynconv.testing import reference_dynamic_conv2d, reference_odconv2d
 
 F64 = torch.float64
 
@@ -48,31 +48,39 @@ def _median_ms(fn, x: torch.Tensor, repeats: int = 20) -> float:
 
 def main() -> None:
     torch.manual_seed(0)
+    dy, od = dynconv.DynamicConv2d, dynconv.ODConv2d
     cases = [
-        ("DY-Conv", dict(routing="softmax"), dict()),
-        ("CondConv", dict(routing="sigmoid"), dict()),
-        ("DY-Conv depthwise", dict(routing="softmax"), dict(groups=32)),
-        ("DY-Conv 'same', reflect", dict(routing="softmax"),
+        ("DY-Conv", dy, reference_dynamic_conv2d, dict(routing="softmax"), dict()),
+        ("CondConv", dy, reference_dynamic_conv2d, dict(routing="sigmoid"), dict()),
+        ("DY-Conv depthwise", dy, reference_dynamic_conv2d, dict(routing="softmax"),
+         dict(groups=32)),
+        ("DY-Conv 'same', reflect", dy, reference_dynamic_conv2d, dict(routing="softmax"),
          dict(padding="same", padding_mode="reflect")),
+        ("ODConv", od, reference_odconv2d, dict(), dict()),
+        ("ODConv depthwise", od, reference_odconv2d, dict(), dict(groups=32)),
+        ("ODConv K=1", od, reference_odconv2d, dict(num_kernels=1), dict()),
+        ("ODConv 1x1 K=1 (fast path)", od, reference_odconv2d, dict(num_kernels=1),
+         dict(kernel_size=1, padding=0)),
     ]
-    header = (f"{'layer':<26}{'out err':>10}{'grad err':>10}{'params':>10}{'x conv':>8}"
+    header = (f"{'layer':<28}{'out err':>10}{'grad err':>10}{'params':>10}{'x conv':>8}"
               f"{'fwd ms':>9}{'x conv':>8}")
-    print("Each layer against one F.conv2d per sample (float64, batch 4, 32 ch, 16x16, K=4);")
-    print("timing: float32, batch 32, median of 20 runs, no grad.\n")
+    print("Each layer against one F.conv2d per sample (float64, batch 4, 32 ch, 16x16, K=4,")
+    print("training mode); timing: float32, batch 32, median of 20 runs, no grad.\n")
     print(header)
     print("-" * len(header))
-    for name, layer_kwargs, conv_kwargs in cases:
-        conv_kwargs = {"padding": 1, **conv_kwargs}
-        layer = dynconv.DynamicConv2d(32, 32, 3, **conv_kwargs, **layer_kwargs, num_kernels=4)
-        static = nn.Conv2d(32, 32, 3, **conv_kwargs)
-        out_err, grad_err = _max_error(layer.double(), reference_dynamic_conv2d,
+    for name, layer_cls, reference, layer_kwargs, conv_kwargs in cases:
+        conv_kwargs = {"kernel_size": 3, "padding": 1, **conv_kwargs}
+        layer_kwargs = {"num_kernels": 4, **layer_kwargs}
+        layer = layer_cls(32, 32, **conv_kwargs, **layer_kwargs)
+        static = nn.Conv2d(32, 32, **conv_kwargs)
+        out_err, grad_err = _max_error(layer.double(), reference,
                                        torch.randn(4, 32, 16, 16, dtype=F64))
         layer.float()
         x = torch.randn(32, 32, 16, 16)
         ms, ms_static = _median_ms(layer, x), _median_ms(static, x)
         params = sum(p.numel() for p in layer.parameters())
         static_params = sum(p.numel() for p in static.parameters())
-        print(f"{name:<26}{out_err:>10.1e}{grad_err:>10.1e}{params:>10,}"
+        print(f"{name:<28}{out_err:>10.1e}{grad_err:>10.1e}{params:>10,}"
               f"{params / static_params:>8.2f}{ms:>9.2f}{ms / ms_static:>8.2f}")
         assert out_err < 1e-10 and grad_err < 1e-10, f"{name} does not match the reference"
     print("\nAll layers match the reference.")
