@@ -88,7 +88,7 @@ def test_other_types_start_close(to: str) -> None:
 def test_errors() -> None:
     with pytest.raises(ValueError, match="unknown conv type"):
         convert(nn.Conv2d(3, 3, 1), "deform")
-    with pytest.raises(TypeError, match="model must be an nn.Module"):
+    with pytest.raises(TypeError, match=r"model must be an nn\.Module"):
         convert("resnet", "dynamic")
     with pytest.raises(ValueError, match="min_channels must be an int >= 1"):
         convert(nn.Sequential(nn.Conv2d(3, 3, 1)), "dynamic", min_channels=0)

@@ -68,7 +68,9 @@ def create_conv2d(
         )
     except TypeError as error:
         if "unexpected keyword argument" in str(error) or "multiple values" in str(error):
-            raise TypeError(f"conv type {conv_type!r} does not accept {sorted(kwargs)}: {error}")
+            raise TypeError(
+                f"conv type {conv_type!r} does not accept {sorted(kwargs)}: {error}"
+            ) from None
         raise
 
 

@@ -59,7 +59,7 @@ class InvertedResidual(nn.Module):
         self, inp: int, oup: int, stride: int, expand_ratio: int, conv: ConvBuilder = nn.Conv2d
     ) -> None:
         super().__init__()
-        hidden = int(round(inp * expand_ratio))
+        hidden = round(inp * expand_ratio)
         self.stride = stride
         self.use_res_connect = stride == 1 and inp == oup
         layers: list[nn.Module] = []
