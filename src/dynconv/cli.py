@@ -185,7 +185,8 @@ def _run_compare(args: argparse.Namespace) -> int:
     base = TrainConfig.from_dict(overrides)
     result = compare(base, out, getattr(args, "conv_types", None),
                      getattr(args, "seeds", (0, 1, 2)), resume=args.resume,
-                     progress=not quiet and sys.stderr.isatty())
+                     progress=not quiet and sys.stderr.isatty(),
+                     log=(lambda message: None) if quiet else print)
     print()
     if result.summaries:
         print(format_table(result.summaries))
@@ -232,7 +233,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dynconv {args.command}: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"dynconv {args.command}: interrupted without saving", file=sys.stderr)
+        saved = ("the finished runs are kept; continue with --out DIR --resume"
+                 if args.command == "compare" else
+                 "the checkpoint of the last finished epoch is kept")
+        print(f"dynconv {args.command}: interrupted at once: {saved}", file=sys.stderr)
         return 130
 
 

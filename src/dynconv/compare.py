@@ -248,6 +248,7 @@ def compare(
         results: list[TrainResult] = []
         for seed in seeds:
             run_out = out / RUNS_FOLDER / f"{conv_type}-seed{seed}"
+            bar.set_description(f"{conv_type} seed {seed}")
             config = dataclasses.replace(base, conv_type=conv_type, seed=seed,
                                          out=str(run_out), quiet=True)
             result = train(config, resume=(run_out / CHECKPOINT_NAME).exists(),
@@ -262,8 +263,9 @@ def compare(
             results.append(result)
             finals[conv_type, seed] = result.metrics[-1]["test_acc"]
             epoch_s = statistics.median(r["train_time_s"] for r in result.metrics)
-            bar.write(f"{conv_type:>10} seed {seed}: test acc "
-                      f"{100 * finals[conv_type, seed]:.2f}%  ({epoch_s:.2f} s/epoch)")
+            note = bar.write if progress else log
+            note(f"{conv_type:>10} seed {seed}: test acc {100 * finals[conv_type, seed]:.2f}%  "
+                 f"({epoch_s:.2f} s/epoch)")
         if interrupted:
             break
         parameters, macs, latency = _measure(results[0], dataset)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from .resume import write_atomically
 
@@ -55,9 +56,13 @@ def plot_curves(metrics: list[dict[str, Any]], path: str | Path) -> None:
                             alpha=0.15, linewidth=0)
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if key.endswith("loss"):
             ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.yaxis.set_minor_formatter(FuncFormatter(
+                lambda v, _: f"{v:g}" if f"{v:.0e}"[0] in "25" else ""))
+        ax.grid(alpha=0.3, which="both")
     if metrics:  # zoom on the interesting range: from a little below the worst final accuracy
         last_epoch = max(int(r["epoch"]) for r in metrics)
         finals = [float(r["test_acc"]) * 100 for r in metrics if int(r["epoch"]) == last_epoch]
@@ -65,8 +70,9 @@ def plot_curves(metrics: list[dict[str, Any]], path: str | Path) -> None:
         axes[0].set_ylim(low, 100)
     axes[0].legend(loc="lower right", fontsize="small")
     seeds = len({r["seed"] for r in metrics})
-    figure.suptitle(f"Learning curves: mean over {seeds} seed(s), band = min-max "
-                    "(evaluation at temperature 1)", fontsize="medium")
+    figure.suptitle(f"Learning curves: mean over {seeds} seed(s), band = min-max; evaluation at "
+                    "temperature 1; the accuracy axis is zoomed on the final range",
+                    fontsize="medium")
     _save(figure, Path(path))
 
 
@@ -79,14 +85,16 @@ def plot_accuracy_vs_cost(summaries: Sequence[TypeSummary], path: str | Path) ->
     costs = [("macs", "MACs per image (millions)", lambda s: s.macs / 1e6),
              ("latency", "latency at batch 1 (ms)", lambda s: s.latency_ms[1])]
     for ax, (_, label, cost) in zip(axes, costs):
-        for s in summaries:
+        for i, s in enumerate(summaries):
             x = cost(s)
             accs = [100 * a for a in s.accuracies]
             ax.scatter([x] * len(accs), accs, color=colors[s.conv_type], s=12, alpha=0.45)
             ax.errorbar([x], [statistics.fmean(accs)], yerr=[100 * s.acc_std], fmt="o",
                         color=colors[s.conv_type], capsize=4, markersize=7, label=s.conv_type)
+            # alternate sides so that types of equal cost keep readable labels
             ax.annotate(s.conv_type, (x, statistics.fmean(accs)), textcoords="offset points",
-                        xytext=(7, 5), fontsize="small")
+                        xytext=(8, 4) if i % 2 == 0 else (-8, -12),
+                        ha="left" if i % 2 == 0 else "right", fontsize="small")
         ax.set_xlabel(label)
         ax.set_ylabel("test accuracy (%)")
         ax.grid(alpha=0.3)

@@ -257,8 +257,11 @@ class _Processes:
 
 
 class _StopRequest:
-    """The first Ctrl-C asks the loop to stop at the next batch boundary (and save); a second
-    one interrupts at once."""
+    """The first Ctrl-C (SIGINT) or SIGTERM (a scheduler's preemption, torchrun stopping its
+    workers) asks the loop to stop at the next batch boundary and save; a second Ctrl-C
+    interrupts at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.requested = False
@@ -273,14 +276,16 @@ class _StopRequest:
             if self.requested:
                 raise KeyboardInterrupt
             self.requested = True
-            announce("Ctrl-C: stopping after this batch and saving a checkpoint "
+            name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+            announce(f"{name}: stopping after this batch and saving a checkpoint "
                      "(press Ctrl-C again to quit at once, without saving)")
 
-        previous = signal.signal(signal.SIGINT, handler)
+        previous = {s: signal.signal(s, handler) for s in self.SIGNALS}
         try:
             yield self
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for s, old in previous.items():
+                signal.signal(s, old)
 
 
 # -- the run ------------------------------------------------------------------------------------
