@@ -22,7 +22,7 @@ from dynconv.cli import main
 from dynconv.data import load_digits
 from dynconv.factory import conv_types
 from dynconv.models import create_model_for_data
-from dynconv.resume import CheckpointError, read_checkpoint
+from dynconv.resume import CheckpointError, read_checkpoint, write_atomically
 from dynconv.temperature import TemperatureSchedule
 from dynconv.train import TrainConfig, train
 
@@ -235,3 +235,20 @@ def test_mixed_precision_path_on_cpu(tmp_path: Path) -> None:
     result = train(_config(tmp_path, amp=True), dataset=DIGITS)
     assert torch.isfinite(torch.tensor(result.metrics[0]["train_loss"]))
     assert result.metrics[0]["test_acc"] > 0.2
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path: Path) -> None:
+    target = tmp_path / "checkpoint.pt"
+    write_atomically(target, lambda f: f.write(b"old"))
+
+    def failing(file) -> None:
+        file.write(b"half of the new")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_atomically(target, failing)
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temporary left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask

@@ -15,6 +15,7 @@ import csv
 import dataclasses
 import io
 import math
+import os
 import platform
 import statistics
 import time
@@ -171,8 +172,22 @@ def _write_csv(path: Path, rows: list[dict[str, Any]], fields: Sequence[str]) ->
     write_atomically(path, lambda f: f.write(text.getvalue().encode()))
 
 
+def _machine(device: torch.device) -> str:
+    """The processor the timings were taken on, in words."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f
+                         if line.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+
+
 def _settings(base: TrainConfig, types: list[str], seeds: list[int], skipped: list[str],
-              dataset: Dataset, wall_s: float) -> dict[str, Any]:
+              dataset: Dataset, wall_s: float, device: torch.device) -> dict[str, Any]:
     return {
         "data": dataset.describe(),
         "model": base.model + (f" {base.model_args}" if base.model_args else ""),
@@ -185,8 +200,7 @@ def _settings(base: TrainConfig, types: list[str], seeds: list[int], skipped: li
         "temperature": (f"{base.temperature}, from {base.temperature_initial:g} over "
                         f"{base.temperature_epochs} epochs; evaluation at 1"
                         if base.temperature == "linear" else base.temperature),
-        "machine": (f"{platform.machine()} {platform.processor() or ''}".strip()
-                    + f", torch {torch.__version__}, {torch.get_num_threads()} threads"),
+        "machine": f"{_machine(device)}, torch {torch.__version__}",
         "wall time": f"{wall_s / 60:.1f} min",
     }
 
@@ -244,6 +258,7 @@ def compare(
     bar = tqdm(total=total, unit="epoch", desc="compare", disable=not progress, leave=False)
     finals: dict[tuple[str, int], float] = {}
     done = 0  # epochs of the finished runs, for the progress bar
+    measured_model = None  # a trained model, to name the device of the timings
     for conv_type in types:
         results: list[TrainResult] = []
         for seed in seeds:
@@ -269,6 +284,7 @@ def compare(
         if interrupted:
             break
         parameters, macs, latency = _measure(results[0], dataset)
+        measured_model = results[0].model
         summaries.append(TypeSummary(
             conv_type, parameters, macs,
             statistics.median(r["train_time_s"] for res in results for r in res.metrics),
@@ -281,7 +297,10 @@ def compare(
                 s.delta_vs_static = statistics.fmean(
                     finals[s.conv_type, seed] - finals["static", seed] for seed in seeds)
 
-    settings = _settings(base, types, seeds, skipped, dataset, time.perf_counter() - started)
+    device = (next(measured_model.parameters()).device if measured_model is not None
+              else torch.device("cpu"))
+    settings = _settings(base, types, seeds, skipped, dataset, time.perf_counter() - started,
+                         device)
     if interrupted:
         settings["interrupted"] = "yes: resume with --resume"
     result = CompareResult(summaries, metrics, settings, out)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import Tensor, nn
-from torch.utils import benchmark
 from torch.utils.flop_counter import FlopCounterMode
 
 from .temperature import TemperatureSchedule, set_temperature
@@ -45,6 +46,7 @@ def inference_latency_ms(model: nn.Module, inputs: Tensor, min_run_time: float =
     Measured with ``torch.utils.benchmark.Timer.blocked_autorange`` (warm-up, blocks of runs for
     at least ``min_run_time`` seconds, CUDA synchronised).
     """
+    benchmark = _import_benchmark()
     was_training = model.training
     model.eval()
     set_temperature(model, TemperatureSchedule.final)
@@ -60,3 +62,16 @@ def inference_latency_ms(model: nn.Module, inputs: Tensor, min_run_time: float =
     finally:
         model.train(was_training)
     return measurement.median * 1e3
+
+
+def _import_benchmark():
+    """``torch.utils.benchmark``, without the warning its import logs about a missing CUDA
+    toolkit on machines without one (it does not concern timing)."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils import benchmark
+    finally:
+        logger.setLevel(level)
+    return benchmark

@@ -36,6 +36,7 @@ def write_atomically(path: str | Path, write: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes it private; give the usual mode
         with os.fdopen(fd, "wb") as file:
             write(file)
             file.flush()
@@ -54,6 +55,12 @@ def write_atomically(path: str | Path, write: Any) -> None:
         pass
     finally:
         os.close(directory)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_checkpoint(path: str | Path, state: Mapping[str, Any]) -> None:
