@@ -16,6 +16,7 @@ from dynconv.data import (
     batch_indices,
     load_dataset,
     load_digits,
+    seeded_generator,
 )
 
 
@@ -183,3 +184,15 @@ def test_augment_crops_and_flips() -> None:
     assert not torch.equal(cropped, images)
     again = augment(images, Augmentation(crop_padding=1), torch.Generator().manual_seed(0))
     assert not torch.equal(again, cropped)  # the generator state moved on
+
+
+def test_a_share_of_a_batch_is_augmented_as_in_the_whole_batch() -> None:
+    images = torch.randint(0, 256, (8, 3, 6, 6), dtype=torch.uint8)
+    both = Augmentation(crop_padding=2, flip=True)
+    whole = augment(images, both, seeded_generator(1, 2, 3))
+    halves = [augment(images[i : i + 4], both, seeded_generator(1, 2, 3), start=i, total=8)
+              for i in (0, 4)]
+    assert torch.equal(torch.cat(halves), whole)
+    assert not torch.equal(whole, augment(images, both, seeded_generator(1, 2, 4)))
+    with pytest.raises(ValueError, match="not within a batch of 8"):
+        augment(images[:4], both, seeded_generator(0), start=6, total=8)

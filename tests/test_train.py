@@ -231,6 +231,24 @@ def test_distributed_code_path_on_one_cpu_process(tmp_path: Path, monkeypatch) -
     assert _same_weights(result.model.state_dict(), plain)
 
 
+def test_two_processes_under_torchrun(tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node", "2", "-m", "dynconv", "train", "--conv-type", "dynamic",
+               "--model-arg", "width=8", "--epochs", "1", "--batch-size", "32",
+               "--temperature-epochs", "1", "--threads", "1", "--out", str(out)]
+    done = subprocess.run(command, env=_ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("final test accuracy") == 1  # process 0 reports, once
+    assert "2 processes" in done.stdout
+    state = read_checkpoint(out / "checkpoint.pt")
+    assert state["position"] == {"epoch": 1, "batch": 0}
+    row = state["metrics"][0]
+    assert 0 < row["test_acc"] <= 1 and torch.isfinite(torch.tensor(row["train_loss"]))
+    # the whole training set went through (44 global batches of 32), counted once
+    assert row["images_per_s"] * row["train_time_s"] == pytest.approx(44 * 32)
+
+
 def test_mixed_precision_path_on_cpu(tmp_path: Path) -> None:
     result = train(_config(tmp_path, amp=True), dataset=DIGITS)
     assert torch.isfinite(torch.tensor(result.metrics[0]["train_loss"]))

@@ -161,6 +161,8 @@ def _run_train(args: argparse.Namespace) -> int:
     else:
         config = TrainConfig.from_dict({"out": _default_out("train"), **overrides})
     result = train(config, resume=args.resume)
+    if not result.main_process:  # under torchrun, process 0 reports
+        return 130 if result.interrupted else 0
     if result.interrupted:
         print(f"interrupted; continue with: dynconv train --out {result.out} --resume")
         return 130

@@ -11,8 +11,8 @@ Sources (:func:`load_dataset`):
 
 Images are kept as uint8 [N, C, H, W] tensors. Batches are drawn from a permutation seeded by
 (seed, epoch), and augmented (random crop after zero padding, horizontal flip) on the batch with
-a generator seeded the same way, so a run is reproducible and an epoch can be replayed exactly
-after a resume, with no data-loader workers.
+a generator seeded by (seed, epoch, batch), so a run is reproducible and any batch can be
+replayed exactly after a resume, with no data-loader workers.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ __all__ = [
     "load_dataset",
     "load_digits",
     "load_image_folder",
+    "seeded_generator",
 ]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
@@ -425,9 +426,12 @@ def _split(data: ImageSet) -> tuple[ImageSet, ImageSet]:
 # -- batches ------------------------------------------------------------------------------------
 
 
-def epoch_generator(seed: int, epoch: int, stream: int) -> torch.Generator:
-    """A CPU generator for one purpose (``stream``) of one epoch, independent of the others."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 16 + stream)
+def seeded_generator(*parts: int) -> torch.Generator:
+    """A CPU generator seeded by a tuple of ints, e.g. (seed, epoch) or (seed, epoch, batch)."""
+    value = len(parts)
+    for part in parts:
+        value = (value * 1_000_003 + part + 1) % 2**62
+    return torch.Generator().manual_seed(value)
 
 
 def batch_indices(
@@ -442,7 +446,7 @@ def batch_indices(
     ``batch_size / world_size`` share of each global batch, so that the global batches do not
     depend on the number of processes.
     """
-    permutation = torch.randperm(size, generator=epoch_generator(seed, epoch, 0))
+    permutation = torch.randperm(size, generator=seeded_generator(seed, epoch))
     share = batch_size // world_size
     return [
         permutation[start + rank * share : start + (rank + 1) * share]
@@ -450,22 +454,37 @@ def batch_indices(
     ]
 
 
-def augment(images: Tensor, augmentation: Augmentation, generator: torch.Generator) -> Tensor:
-    """Augment a uint8 batch [N, C, H, W] on its device, drawing from ``generator`` (CPU)."""
+def augment(
+    images: Tensor,
+    augmentation: Augmentation,
+    generator: torch.Generator,
+    start: int = 0,
+    total: int | None = None,
+) -> Tensor:
+    """Augment a uint8 batch [N, C, H, W] on its device, drawing from ``generator`` (CPU).
+
+    The random draws are made for ``total`` images (default N) and images ``start`` to
+    ``start + N`` of them are used: a process that holds one share of a global batch augments it
+    as a single process would augment the whole batch. In training, the generator of each batch
+    is ``seeded_generator(seed, epoch, batch)``, so no generator state needs saving.
+    """
     n, _, h, w = images.shape
+    total = n if total is None else total
+    if not 0 <= start <= total - n:
+        raise ValueError(f"images {start}..{start + n} are not within a batch of {total}")
     p = augmentation.crop_padding
     if p:
         padded = F.pad(images, (p, p, p, p))
-        top = torch.randint(0, 2 * p + 1, (n,), generator=generator).to(images.device)
-        left = torch.randint(0, 2 * p + 1, (n,), generator=generator).to(images.device)
-        rows = (top[:, None] + torch.arange(h, device=images.device))[:, None, :, None]
-        cols = (left[:, None] + torch.arange(w, device=images.device))[:, None, None, :]
+        top = torch.randint(0, 2 * p + 1, (total,), generator=generator)[start : start + n]
+        left = torch.randint(0, 2 * p + 1, (total,), generator=generator)[start : start + n]
+        rows = (top.to(images.device)[:, None] + torch.arange(h, device=images.device))
+        cols = (left.to(images.device)[:, None] + torch.arange(w, device=images.device))
         batch = torch.arange(n, device=images.device)[:, None, None, None]
         channel = torch.arange(images.shape[1], device=images.device)[None, :, None, None]
-        images = padded[batch, channel, rows, cols]
+        images = padded[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]
     if augmentation.flip:
-        flip = (torch.rand(n, generator=generator) < 0.5).to(images.device)
-        images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+        flip = (torch.rand(total, generator=generator) < 0.5)[start : start + n]
+        images = torch.where(flip.to(images.device)[:, None, None, None], images.flip(-1), images)
     return images
 
 

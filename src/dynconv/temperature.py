@@ -111,4 +111,5 @@ class TemperatureSchedule:
             return "none (1)"
         if self.name == "step":
             return f"step ({self.start:g}, -3 per epoch, to 1)"
-        return f"linear ({self.start:g} to 1 over {self.epochs} epochs, per iteration)"
+        epochs = "1 epoch" if self.epochs == 1 else f"{self.epochs} epochs"
+        return f"linear ({self.start:g} to 1 over {epochs}, per iteration)"

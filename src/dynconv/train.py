@@ -41,9 +41,9 @@ from .data import (
     ImageSet,
     augment,
     batch_indices,
-    epoch_generator,
     iterate_test,
     load_dataset,
+    seeded_generator,
 )
 from .factory import check_conv_type
 from .models import check_model, create_model_for_data, fixed_conv_type
@@ -196,6 +196,7 @@ class TrainResult:
     dataset: Dataset
     out: Path
     interrupted: bool = False
+    main_process: bool = True  # False on the other processes of a distributed run
 
 
 # -- distributed --------------------------------------------------------------------------------
@@ -502,13 +503,14 @@ def _run(config: TrainConfig, dataset: Dataset, processes: _Processes,
     batches_per_epoch = len(dataset.train) // config.batch_size
 
     metrics: list[dict[str, float]] = []
-    epoch, start_batch, partial, augment_state = 0, 0, [0.0, 0.0, 0.0, 0.0], None
+    epoch, start_batch, partial = 0, 0, [0.0, 0.0, 0.0, 0.0]
     if checkpoint is not None:
         try:
             model.load_state_dict(checkpoint["model"])
             optimizer.load_state_dict(checkpoint["optimizer"])
             scheduler.load_state_dict(checkpoint["scheduler"])
-            scaler.load_state_dict(checkpoint.get("scaler") or {})
+            if scaler.is_enabled() and checkpoint.get("scaler"):
+                scaler.load_state_dict(checkpoint["scaler"])
         except (RuntimeError, ValueError, KeyError) as error:
             raise CheckpointError(
                 f"the checkpoint {str(out / CHECKPOINT_NAME)!r} does not fit this model: "
@@ -516,8 +518,8 @@ def _run(config: TrainConfig, dataset: Dataset, processes: _Processes,
             ) from None
         metrics = [dict(row) for row in checkpoint["metrics"]]
         epoch, start_batch = checkpoint["position"]["epoch"], checkpoint["position"]["batch"]
-        partial = list(checkpoint["position"].get("partial", partial))
-        augment_state = checkpoint["position"].get("augment_state")
+        if processes.main:  # the stored sums are over all processes: count them once
+            partial = list(checkpoint["position"].get("partial", partial))
         _set_rng_state(checkpoint["rng"], device)
     elif processes.main:
         write_atomically(out / CONFIG_NAME,
@@ -570,10 +572,6 @@ def _run(config: TrainConfig, dataset: Dataset, processes: _Processes,
         while epoch < config.epochs and not interrupted:
             indices = batch_indices(len(train_set), config.batch_size, config.seed, epoch,
                                     processes.rank, processes.world_size)
-            generator = epoch_generator(config.seed, epoch, 1)
-            if augment_state is not None:
-                generator.set_state(augment_state)
-                augment_state = None
             loss_sum, correct, count, train_time = partial
             lr = optimizer.param_groups[0]["lr"]
             bar = tqdm(total=batches_per_epoch, initial=start_batch, unit="batch",
@@ -583,9 +581,8 @@ def _run(config: TrainConfig, dataset: Dataset, processes: _Processes,
             for batch in range(start_batch, batches_per_epoch):
                 if processes.any(stop.requested, device):
                     interrupted = True
-                    save({"epoch": epoch, "batch": batch,
-                          "partial": [loss_sum, correct, count, train_time],
-                          "augment_state": generator.get_state()})
+                    sums = processes.sum([loss_sum, correct, count], device)
+                    save({"epoch": epoch, "batch": batch, "partial": [*sums, train_time]})
                     break
                 started = time.perf_counter()
                 temperature = schedule.at(epoch, batch, batches_per_epoch)
@@ -593,7 +590,10 @@ def _run(config: TrainConfig, dataset: Dataset, processes: _Processes,
                 index = indices[batch]
                 images = train_set.images[index].to(device, non_blocking=True)
                 labels = train_set.labels[index].to(device, non_blocking=True)
-                images = dataset.normalize(augment(images, augmentation, generator))
+                share = len(index)
+                images = dataset.normalize(augment(
+                    images, augmentation, seeded_generator(config.seed, epoch, batch),
+                    start=processes.rank * share, total=share * processes.world_size))
                 with _autocast(device, amp):
                     logits = model(images)
                     loss = F.cross_entropy(logits.float(), labels)
@@ -623,7 +623,7 @@ def _run(config: TrainConfig, dataset: Dataset, processes: _Processes,
             scheduler.step()
             started = time.perf_counter()
             set_temperature(core, TemperatureSchedule.final)
-            test_loss, test_acc = _evaluate(model, dataset.test, dataset, config, device,
+            test_loss, test_acc = _evaluate(core, dataset.test, dataset, config, device,
                                             processes, amp)
             row = {
                 "epoch": epoch + 1, "lr": lr, "temperature": temperature,
@@ -648,4 +648,4 @@ def _run(config: TrainConfig, dataset: Dataset, processes: _Processes,
     elif processes.main:
         write_atomically(out / MODEL_NAME, lambda f: torch.save(core.state_dict(), f))
     core.eval()
-    return TrainResult(core, metrics, config, dataset, out, interrupted)
+    return TrainResult(core, metrics, config, dataset, out, interrupted, processes.main)
