@@ -63,13 +63,16 @@ def _add_training_options(parser: argparse.ArgumentParser, compare: bool) -> Non
     recipe.add_argument("--batch-size", type=int, default=S, metavar="N",
                         help="global batch size (default: 128)")
     recipe.add_argument("--lr", type=float, default=S, help="SGD learning rate (default: 0.1)")
-    recipe.add_argument("--momentum", type=float, default=S, help="(default: 0.9)")
-    recipe.add_argument("--weight-decay", type=float, default=S, help="(default: 5e-4)")
+    recipe.add_argument("--momentum", type=float, default=S, metavar="M",
+                        help="(default: 0.9)")
+    recipe.add_argument("--weight-decay", type=float, default=S, metavar="WD",
+                        help="(default: 5e-4)")
     recipe.add_argument("--lr-schedule", choices=("cosine", "multistep", "constant"), default=S,
                         help="per epoch (default: cosine)")
     recipe.add_argument("--lr-milestones", type=int, nargs="+", default=S, metavar="EPOCH",
                         help="epochs where multistep multiplies the lr by --lr-gamma")
-    recipe.add_argument("--lr-gamma", type=float, default=S, help="(default: 0.1)")
+    recipe.add_argument("--lr-gamma", type=float, default=S, metavar="G",
+                        help="(default: 0.1)")
     recipe.add_argument("--crop-padding", type=int, default=S, metavar="PIXELS",
                         help="random crop after this much zero padding (default: 4 on CIFAR, "
                              "1 on the digits, 1/8 of the size on folders; 0 turns it off)")
