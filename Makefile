@@ -14,16 +14,18 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet -e '.[dev]' $(TORCH_PINS)
 	touch $(STAMP)
 
+# The main job: train one small network with every convolution type on the digits shipped with
+# scikit-learn (offline), print the table and write it with metrics and plots under runs/.
 demo: $(STAMP)
-	$(PY) scripts/demo.py
+	$(VENV)/bin/dynconv compare
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks scripts
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks scripts
-	$(VENV)/bin/ruff format --check src tests benchmarks scripts
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py

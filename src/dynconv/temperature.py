@@ -1,9 +1,14 @@
-"""Read and set the attention temperature of every dynamic layer in a model with one call."""
+"""Read and set the attention temperature of every dynamic layer in a model with one call, and
+the published annealing schedules (:class:`TemperatureSchedule`)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 from torch import nn
 
+from ._conv_args import check_positive_float
 from .layers.base import DynamicConvBase
 
 
@@ -43,3 +48,68 @@ def get_temperature(model: nn.Module) -> float:
             "dynconv.temperatures(model) lists them by layer"
         )
     return distinct.pop()
+
+
+# -- annealing schedules ------------------------------------------------------------------------
+
+TEMPERATURE_SCHEDULES = ("linear", "step", "none")
+# Published defaults: ODConv anneals per iteration from 30 to 1 over the first 10 epochs; the
+# DY-Conv seeds start at 34 and subtract 3 per epoch until 1.
+_DEFAULT_INITIAL = {"linear": 30.0, "step": 34.0, "none": 1.0}
+_STEP_DECREMENT = 3.0
+
+
+@dataclass(frozen=True)
+class TemperatureSchedule:
+    """The attention temperature at each training iteration; 1 once annealing is over.
+
+    * ``'linear'`` (official ODConv code): at iteration ``i`` of the run (0-based, counted over
+      all epochs) the temperature is ``1 + (initial - 1) * max(0, 1 - (i + 1) / total)`` with
+      ``total = epochs * iterations_per_epoch``; it reaches 1 on the last iteration of epoch
+      ``epochs - 1`` (0-based).
+    * ``'step'`` (DY-Conv seeds 001 and 004): epoch ``e`` (0-based) trains at
+      ``max(1, initial - 3 e)``: 34, 31, ..., 4, 1 from epoch 11 on. ``epochs`` is unused.
+    * ``'none'``: always 1.
+
+    Evaluation and inference always run at :attr:`final`, 1.
+    """
+
+    name: str = "linear"
+    initial: float | None = None
+    epochs: int = 10
+
+    final: ClassVar[float] = 1.0
+
+    def __post_init__(self) -> None:
+        if self.name not in TEMPERATURE_SCHEDULES:
+            raise ValueError(
+                f"unknown temperature schedule {self.name!r}; expected one of "
+                f"{TEMPERATURE_SCHEDULES}"
+            )
+        if self.initial is not None and check_positive_float(self.initial, "initial") < 1:
+            raise ValueError(f"the initial temperature must be >= 1, got {self.initial}")
+        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
+            raise ValueError(f"the annealing length must be >= 1 epochs, got {self.epochs!r}")
+
+    @property
+    def start(self) -> float:
+        """The initial temperature (the published one unless ``initial`` was given)."""
+        return _DEFAULT_INITIAL[self.name] if self.initial is None else float(self.initial)
+
+    def at(self, epoch: int, iteration: int, iterations_per_epoch: int) -> float:
+        """The temperature for iteration ``iteration`` (0-based) of epoch ``epoch`` (0-based)."""
+        if self.name == "none":
+            return self.final
+        if self.name == "step":
+            return max(self.final, self.start - _STEP_DECREMENT * epoch)
+        total = self.epochs * iterations_per_epoch
+        done = epoch * iterations_per_epoch + iteration + 1
+        return self.final + (self.start - self.final) * max(0.0, 1.0 - done / total)
+
+    def __str__(self) -> str:
+        if self.name == "none":
+            return "none (1)"
+        if self.name == "step":
+            return f"step ({self.start:g}, -3 per epoch, to 1)"
+        epochs = "1 epoch" if self.epochs == 1 else f"{self.epochs} epochs"
+        return f"linear ({self.start:g} to 1 over {epochs}, per iteration)"

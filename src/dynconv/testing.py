@@ -1,6 +1,6 @@
 """Plain reference implementations, written for clarity rather than speed.
 
-The tests and ``make demo`` check every fast path of the package against these: one
+The tests check every fast path of the package against these: one
 ``F.conv2d`` per sample, with that sample's own kernel, and the attention recomputed from the
 layer's parameters without calling the layer's own modules.
 """

@@ -79,6 +79,17 @@ class DynamicConvBase(nn.Module):
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
 
+    # -- conversion and fusion (overridden by the layers that support them) ---------------------
+
+    def init_from_conv(self, conv: nn.Conv2d) -> None:
+        """Start from the static convolution ``conv`` (same geometry): see :func:`convert`."""
+        raise NotImplementedError(f"{type(self).__name__} cannot start from a static conv")
+
+    def fold_output_affine(self, scale: Tensor, shift: Tensor) -> None:
+        """Make the layer compute ``scale * y + shift`` per output channel ([C_out] each),
+        exactly, in place; raise ``NotImplementedError`` if it cannot."""
+        raise NotImplementedError(f"{type(self).__name__} cannot absorb an affine map")
+
     # -- input and padding ---------------------------------------------------------------------
 
     def _check_input(self, x: Tensor) -> tuple[Tensor, bool]:

@@ -118,6 +118,33 @@ class DynamicConv2d(KernelBankConv):
             )
         return out.squeeze(0) if unbatched else out
 
+    @torch.no_grad()
+    def init_from_conv(self, conv: torch.nn.Conv2d) -> None:
+        """Copy a static kernel (and bias) into every kernel of the bank.
+
+        With softmax routing the weights sum to one, so the layer then computes exactly what
+        ``conv`` computes, whatever the attention. With sigmoid routing the kernels are scaled by
+        2 / K, so that the output equals ``conv``'s times ``mean_k(gate_k) / 0.5``, which is 1
+        when the gates sit at their initial centre.
+        """
+        factor = 1.0 if self.routing == "softmax" else 2.0 / self.num_kernels
+        kernels = conv.weight.to(self.weight.dtype) * factor
+        self.weight.copy_(kernels.repeat(self.num_kernels, 1, 1, 1))
+        if self.bias is not None:
+            static = conv.bias if conv.bias is not None else torch.zeros_like(self.bias[0])
+            self.bias.copy_((static.to(self.bias.dtype) * factor).expand_as(self.bias))
+
+    @torch.no_grad()
+    def fold_output_affine(self, scale: Tensor, shift: Tensor) -> None:
+        """Fold ``scale * y + shift`` into the bank; exact with softmax routing only (the
+        weights sum to one, so a shift added to every bias adds once)."""
+        if self.routing != "softmax":
+            raise NotImplementedError("a shift cannot be folded into sigmoid-routed kernels")
+        # row k * C_out + o of the stored bank is output channel o of kernel k
+        self.weight.mul_(scale.repeat(self.num_kernels).reshape(-1, 1, 1, 1).to(self.weight.dtype))
+        bias = torch.zeros_like(self.kernels[:, :, 0, 0, 0]) if self.bias is None else self.bias
+        self.bias = torch.nn.Parameter(bias * scale.to(bias.dtype) + shift.to(bias.dtype))
+
     def extra_repr(self) -> str:
         s = super().extra_repr()
         if self.routing != "softmax":

@@ -1,0 +1,249 @@
+"""The ``dynconv`` command: ``compare``, ``train`` and ``list``."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+
+__all__ = ["main"]
+
+_DESCRIPTION = """\
+Dynamic convolutions for PyTorch: compare convolution types, train models.
+
+  dynconv compare                 train a small network with every convolution type on the
+                                  digits shipped with scikit-learn (3 seeds) and print a table
+  dynconv compare --data DIR      the same on CIFAR-10/100 or an ImageFolder folder
+  dynconv train --model resnet18 --conv-type odconv --data ~/data/cifar-10-batches-py
+  dynconv train --out DIR --resume          continue a stopped run
+  dynconv list                    models, convolution types, data sources, schedules
+
+Run 'dynconv COMMAND --help' for the options of each command."""
+
+
+def _key_value(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. width=32), got {text!r}")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
+def _add_training_options(parser: argparse.ArgumentParser, compare: bool) -> None:
+    """The options shared by ``train`` and ``compare`` (defaults left out of the namespace, so
+    that a resumed run can tell what was given)."""
+    S = argparse.SUPPRESS
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", default=S, metavar="SOURCE",
+                      help="'digits' (default: scikit-learn's handwritten digits, no download), "
+                           "a CIFAR-10/CIFAR-100 python-pickle folder, or an ImageFolder folder "
+                           "(<class>/<image>, optionally in train/ and test/)")
+    data.add_argument("--image-size", type=int, default=S, metavar="N",
+                      help="resize ImageFolder images to N x N (shorter side, centre crop)")
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", default=S, metavar="NAME",
+                       help="a model of 'dynconv list' (default: small_cnn)")
+    model.add_argument("--model-arg", dest="model_args", type=_key_value, action="append",
+                       default=S, metavar="KEY=VALUE",
+                       help="keyword for the model, repeatable (e.g. width=32, "
+                            "conv_kwargs={'num_kernels': 2}, stem=imagenet)")
+    recipe = parser.add_argument_group(
+        "recipe", "defaults: seed 002's CIFAR recipe" + (
+            "; compare trains 15 epochs" if compare else
+            "; 200 epochs on CIFAR, 30 on the digits, 100 otherwise"))
+    recipe.add_argument("--epochs", type=int, default=S, metavar="N")
+    recipe.add_argument("--batch-size", type=int, default=S, metavar="N",
+                        help="global batch size (default: 128)")
+    recipe.add_argument("--lr", type=float, default=S, help="SGD learning rate (default: 0.1)")
+    recipe.add_argument("--momentum", type=float, default=S, metavar="M",
+                        help="(default: 0.9)")
+    recipe.add_argument("--weight-decay", type=float, default=S, metavar="WD",
+                        help="(default: 5e-4)")
+    recipe.add_argument("--lr-schedule", choices=("cosine", "multistep", "constant"), default=S,
+                        help="per epoch (default: cosine)")
+    recipe.add_argument("--lr-milestones", type=int, nargs="+", default=S, metavar="EPOCH",
+                        help="epochs where multistep multiplies the lr by --lr-gamma")
+    recipe.add_argument("--lr-gamma", type=float, default=S, metavar="G",
+                        help="(default: 0.1)")
+    recipe.add_argument("--crop-padding", type=int, default=S, metavar="PIXELS",
+                        help="random crop after this much zero padding (default: 4 on CIFAR, "
+                             "1 on the digits, 1/8 of the size on folders; 0 turns it off)")
+    recipe.add_argument("--flip", action=argparse.BooleanOptionalAction, default=S,
+                        help="random horizontal flip (default: on, off for the digits)")
+    temperature = parser.add_argument_group("attention temperature")
+    temperature.add_argument(
+        "--temperature", choices=("linear", "step", "none"), default=S,
+        help="annealing: 'linear' (ODConv: per iteration from 30 to 1 over the first "
+             "--temperature-epochs), 'step' (DY-Conv: 34, minus 3 per epoch, down to 1), "
+             "'none' (1). Evaluation always runs at 1 (default: linear)")
+    temperature.add_argument("--temperature-init", dest="temperature_initial", type=float,
+                             default=S, metavar="T", help="start (default: 30 linear, 34 step)")
+    temperature.add_argument("--temperature-epochs", type=int, default=S, metavar="N",
+                             help="length of the linear annealing (default: "
+                                  + ("a fifth of the epochs)" if compare else "10)"))
+    run = parser.add_argument_group("run")
+    run.add_argument("--out", default=S, metavar="DIR",
+                     help="output folder (default: runs/<command>-<date>-<time>)")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the run in --out from its checkpoint"
+                          + (" (finished runs are kept)" if compare else ""))
+    run.add_argument("--device", default=S, help="'auto' (default: CUDA if any), 'cpu', 'cuda:N'")
+    run.add_argument("--amp", action=argparse.BooleanOptionalAction, default=S,
+                     help="mixed precision (default: on CUDA only)")
+    run.add_argument("--threads", type=int, default=S, metavar="N",
+                     help="CPU threads for torch (default: torch's choice)")
+    run.add_argument("--quiet", action="store_true", default=S,
+                     help="no progress bar and no per-epoch line")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dynconv", description=_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"dynconv {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    compare = commands.add_parser(
+        "compare", help="train one network with each convolution type and compare them",
+        description="Train the same network with each convolution type and several seeds, then "
+                    "print and save a table (parameters, MACs, training time per epoch, latency "
+                    "at batch 1 and 64, test accuracy mean ± std over the seeds), the "
+                    "per-epoch metrics and plots. Offline; a few minutes on a laptop CPU.")
+    compare.add_argument("--conv-types", nargs="+", default=argparse.SUPPRESS, metavar="TYPE",
+                         help="types to compare (default: static dynamic condconv odconv "
+                              "drconv, those registered)")
+    compare.add_argument("--seeds", type=int, nargs="+", default=argparse.SUPPRESS,
+                         metavar="SEED", help="(default: 0 1 2)")
+    _add_training_options(compare, compare=True)
+
+    train = commands.add_parser(
+        "train", help="train one model with one convolution type",
+        description="Train one model on the digits, CIFAR-10/100 or an ImageFolder folder, "
+                    "with a checkpoint after every epoch and on Ctrl-C. Multi-GPU: torchrun "
+                    "--nproc-per-node N -m dynconv train ... (see docs/training.md).")
+    train.add_argument("--conv-type", default=argparse.SUPPRESS, metavar="TYPE",
+                       help="convolution type (default: the model's own, static for most)")
+    train.add_argument("--seed", type=int, default=argparse.SUPPRESS,
+                       help="seed of the initialisation, data order and augmentation "
+                            "(default: 0)")
+    _add_training_options(train, compare=False)
+
+    commands.add_parser("list", help="models, convolution types, data sources and schedules",
+                        description="List what the other commands accept.")
+    return parser
+
+
+def _training_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    skip = {"command", "resume", "conv_types", "seeds"}
+    values = {k: v for k, v in vars(args).items() if k not in skip}
+    if "model_args" in values:
+        values["model_args"] = dict(values["model_args"])
+    return values
+
+
+def _default_out(command: str) -> str:
+    return str(Path("runs") / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from .train import TrainConfig, config_for_resume, train
+
+    overrides = _training_overrides(args)
+    if args.resume:
+        if "out" not in overrides:
+            raise ValueError("--resume needs --out DIR, the folder of the run to continue")
+        config = config_for_resume(overrides["out"], overrides)
+    else:
+        config = TrainConfig.from_dict({"out": _default_out("train"), **overrides})
+    result = train(config, resume=args.resume)
+    if not result.main_process:  # under torchrun, process 0 reports
+        return 130 if result.interrupted else 0
+    if result.interrupted:
+        print(f"interrupted; continue with: dynconv train --out {result.out} --resume")
+        return 130
+    last = result.metrics[-1]
+    print(f"final test accuracy {100 * last['test_acc']:.2f}% (loss {last['test_loss']:.4f}) "
+          f"after {int(last['epoch'])} epochs; results in {result.out}/ (metrics.csv, "
+          "model.pt, checkpoint.pt)")
+    return 0
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    from .compare import COMPARE_EPOCHS, compare, format_table
+    from .train import TrainConfig
+
+    overrides = _training_overrides(args)
+    if args.resume and "out" not in overrides:
+        raise ValueError("--resume needs --out DIR, the folder of the comparison to continue")
+    out = overrides.pop("out", None) or _default_out("compare")
+    overrides.setdefault("epochs", COMPARE_EPOCHS)
+    overrides.setdefault("temperature_epochs", max(1, overrides["epochs"] // 5))
+    quiet = overrides.pop("quiet", False)
+    base = TrainConfig.from_dict(overrides)
+    result = compare(base, out, getattr(args, "conv_types", None),
+                     getattr(args, "seeds", (0, 1, 2)), resume=args.resume,
+                     progress=not quiet and sys.stderr.isatty(),
+                     log=(lambda message: None) if quiet else print)
+    print()
+    if result.summaries:
+        print(format_table(result.summaries))
+    for key, value in result.settings.items():
+        print(f"  {key}: {value}")
+    print(f"\nwrote {', '.join(result.files)} to {result.out}/")
+    if "interrupted" in result.settings:
+        print(f"interrupted; continue with: dynconv compare --out {result.out} --resume")
+        return 130
+    return 0
+
+
+def _run_list() -> int:
+    from .data import dataset_sources
+    from .factory import conv_types
+    from .models import list_models
+    from .temperature import TEMPERATURE_SCHEDULES
+
+    print("models:       " + ", ".join(list_models()))
+    print("conv types:   " + ", ".join(conv_types()))
+    print("data:         " + dataset_sources())
+    print("temperature:  " + ", ".join(TEMPERATURE_SCHEDULES))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status (2 for a usage error, 130 if stopped by
+    Ctrl-C after saving)."""
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        if args.command == "list":
+            return _run_list()
+        if args.command == "train":
+            return _run_train(args)
+        return _run_compare(args)
+    except (ValueError, TypeError) as error:
+        print(f"dynconv {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except FloatingPointError as error:
+        print(f"dynconv {args.command}: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        saved = ("the finished runs are kept; continue with --out DIR --resume"
+                 if args.command == "compare" else
+                 "the checkpoint of the last finished epoch is kept")
+        print(f"dynconv {args.command}: interrupted at once: {saved}", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""One switch for the convolution type: ``create_conv2d('odconv', 64, 128, 3, padding=1)``.
+
+Every model, block and :func:`dynconv.convert` builds its convolutions here, so a new layer type
+is one :func:`register_conv` call away from all of them.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from .layers.base import DynamicConvBase
+from .layers.dynamic import DynamicConv2d
+
+ConvBuilder = Callable[..., nn.Module]
+_REGISTRY: dict[str, ConvBuilder] = {}
+
+
+def register_conv(name: str, builder: ConvBuilder, *, overwrite: bool = False) -> None:
+    """Register ``builder`` (called with ``nn.Conv2d``'s arguments plus its own keywords)."""
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"a conv type name must be a non-empty str, got {name!r}")
+    if not callable(builder):
+        raise TypeError(f"builder for {name!r} must be callable, got {builder!r}")
+    if name in _REGISTRY and not overwrite:
+        raise ValueError(f"conv type {name!r} is already registered (pass overwrite=True)")
+    _REGISTRY[name] = builder
+
+
+def conv_types() -> tuple[str, ...]:
+    """The registered convolution types, e.g. ``('static', 'dynamic', 'condconv', ...)``."""
+    return tuple(_REGISTRY)
+
+
+def check_conv_type(conv_type: object) -> str:
+    """Return ``conv_type`` if it is registered; raise a ``ValueError`` listing them otherwise."""
+    if conv_type not in _REGISTRY:
+        raise ValueError(f"unknown conv type {conv_type!r}; expected one of {conv_types()}")
+    return conv_type  # type: ignore[return-value]
+
+
+def create_conv2d(
+    conv_type: str,
+    in_channels: int,
+    out_channels: int,
+    kernel_size: int | tuple[int, int],
+    stride: int | tuple[int, int] = 1,
+    padding: Any = 0,
+    dilation: int | tuple[int, int] = 1,
+    groups: int = 1,
+    bias: bool = True,
+    **kwargs: Any,
+) -> nn.Module:
+    """Build a 2-D convolution of the given type with ``nn.Conv2d``'s arguments.
+
+    ``kwargs`` go to the layer (``num_kernels``, ``reduction``, ``temperature``, ``padding_mode``,
+    ``device``, ``dtype``, ...); a keyword the type does not take raises a ``TypeError`` naming
+    the type.
+    """
+    builder = _REGISTRY[check_conv_type(conv_type)]
+    try:
+        return builder(
+            in_channels, out_channels, kernel_size, stride=stride, padding=padding,
+            dilation=dilation, groups=groups, bias=bias, **kwargs,
+        )
+    except TypeError as error:
+        if "unexpected keyword argument" in str(error) or "multiple values" in str(error):
+            raise TypeError(
+                f"conv type {conv_type!r} does not accept {sorted(kwargs)}: {error}"
+            ) from None
+        raise
+
+
+def conv_builder(conv_type: str, **kwargs: Any) -> ConvBuilder:
+    """A callable with ``nn.Conv2d``'s signature that builds ``conv_type`` with ``kwargs``."""
+    check_conv_type(conv_type)
+    return functools.partial(create_conv2d, conv_type, **kwargs)
+
+
+def is_dynamic(module: nn.Module) -> bool:
+    """Whether ``module`` is one of the package's dynamic layers."""
+    return isinstance(module, DynamicConvBase)
+
+
+def _static(in_channels, out_channels, kernel_size, **kwargs) -> nn.Conv2d:
+    return nn.Conv2d(in_channels, out_channels, kernel_size, **kwargs)
+
+
+register_conv("static", _static)
+register_conv("dynamic", functools.partial(DynamicConv2d, routing="softmax"))
+register_conv("condconv", functools.partial(DynamicConv2d, routing="sigmoid"))

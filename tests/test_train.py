@@ -1,0 +1,272 @@
+"""Training: every type learns the digits; seeds, checkpoints, kill-and-resume, Ctrl-C,
+distributed (gloo, one process), mixed precision and clear errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import dynconv
+import dynconv.train as train_module
+from dynconv.cli import main
+from dynconv.data import load_digits
+from dynconv.factory import conv_types
+from dynconv.models import create_model_for_data
+from dynconv.resume import CheckpointError, read_checkpoint, write_atomically
+from dynconv.temperature import TemperatureSchedule
+from dynconv.train import TrainConfig, train
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+DIGITS = load_digits()
+
+
+def _config(tmp_path: Path, name: str = "run", **kwargs) -> TrainConfig:
+    settings = {"conv_type": "dynamic", "model_args": {"width": 8}, "epochs": 1,
+                "batch_size": 32, "temperature_epochs": 1, "threads": 1, "quiet": True,
+                "out": str(tmp_path / name), **kwargs}
+    return TrainConfig(**settings)
+
+
+def _same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("conv_type", conv_types())
+def test_every_type_learns_the_digits(tmp_path: Path, conv_type: str) -> None:
+    result = train(_config(tmp_path, conv_type=conv_type, epochs=3), dataset=DIGITS)
+    accuracy = result.metrics[-1]["test_acc"]
+    assert accuracy > 0.6, f"{conv_type}: {accuracy:.3f} after 3 epochs (chance is 0.1)"
+    assert all(torch.isfinite(torch.tensor(list(r.values()))).all() for r in result.metrics)
+
+
+def test_outputs_and_temperature_follow_the_schedule(tmp_path: Path, monkeypatch) -> None:
+    seen = []
+    evaluate = train_module._evaluate
+
+    def recording_evaluate(model, *args, **kwargs):
+        seen.append(dynconv.get_temperature(model))
+        return evaluate(model, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "_evaluate", recording_evaluate)
+    config = _config(tmp_path, epochs=2, temperature_epochs=3)
+    result = train(config, dataset=DIGITS)
+    assert seen == [1.0, 1.0]  # evaluation always at the final temperature
+    per_epoch = len(DIGITS.train) // 32
+    schedule = TemperatureSchedule("linear", epochs=3)
+    assert [r["temperature"] for r in result.metrics] == pytest.approx(
+        [schedule.at(e, per_epoch - 1, per_epoch) for e in range(2)])
+    assert dynconv.get_temperature(result.model) == 1.0
+    out = tmp_path / "run"
+    with (out / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert float(rows[1]["test_acc"]) == pytest.approx(result.metrics[1]["test_acc"])
+    assert json.loads((out / "config.json").read_text())["conv_type"] == "dynamic"
+    fresh = create_model_for_data("small_cnn", "dynamic", 10, 1, 8, width=8)
+    fresh.load_state_dict(torch.load(out / "model.pt", weights_only=True))
+    state = read_checkpoint(out / "checkpoint.pt")
+    assert state["position"] == {"epoch": 2, "batch": 0}
+    assert len(state["metrics"]) == 2
+
+
+def test_seed_makes_runs_identical(tmp_path: Path) -> None:
+    a = train(_config(tmp_path, "a"), dataset=DIGITS).model.state_dict()
+    b = train(_config(tmp_path, "b"), dataset=DIGITS).model.state_dict()
+    c = train(_config(tmp_path, "c", seed=1), dataset=DIGITS).model.state_dict()
+    assert _same_weights(a, b)
+    assert not _same_weights(a, c)
+
+
+KILL_TEST_EPOCHS = 3
+KILL_TEST_FLAGS = {"conv_type": "dynamic", "model_args": {"width": 8}, "epochs": KILL_TEST_EPOCHS,
+                   "batch_size": 16, "temperature_epochs": 1, "threads": 1, "quiet": True}
+
+
+def _command(out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "dynconv", "train", "--conv-type", "dynamic",
+            "--model-arg", "width=8", "--epochs", str(KILL_TEST_EPOCHS), "--batch-size", "16",
+            "--temperature-epochs", "1", "--threads", "1", "--quiet", "--out", str(out), *extra]
+
+
+_ENV = {**os.environ, "PYTHONPATH": str(SRC)}
+
+
+def _wait_for_first_epoch(process: subprocess.Popen, out: Path) -> None:
+    deadline = time.monotonic() + 120
+    metrics = out / "metrics.csv"
+    while time.monotonic() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) > 1:
+            return
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.02)
+    raise AssertionError("the run did not finish its first epoch in time")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_weights(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("reference")
+    config = TrainConfig(**KILL_TEST_FLAGS, out=str(out / "run"))
+    return train(config).model.state_dict()
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGINT"])
+def test_stopped_and_resumed_run_ends_with_the_same_weights(
+    tmp_path: Path, how: str, uninterrupted_weights: dict
+) -> None:
+    out = tmp_path / "stopped"
+    process = subprocess.Popen(_command(out), env=_ENV, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    _wait_for_first_epoch(process, out)
+    time.sleep(0.3)  # into the second epoch
+    assert process.poll() is None
+    if how == "SIGKILL":
+        process.kill()
+        assert process.wait() == -signal.SIGKILL
+    else:
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=60) == 130, process.communicate()
+    state = read_checkpoint(out / "checkpoint.pt")
+    assert state["position"]["epoch"] < KILL_TEST_EPOCHS
+    if how == "SIGINT":  # saved where it stopped, within the second epoch
+        assert state["position"]["epoch"] == 1 and state["position"]["batch"] > 0
+        assert len(state["metrics"]) == 1
+    assert not (out / "model.pt").exists()
+    # after a kill, the whole command again with --resume; after Ctrl-C, the folder only
+    command = (_command(out, "--resume") if how == "SIGKILL" else
+               [sys.executable, "-m", "dynconv", "train", "--out", str(out), "--resume"])
+    resumed = subprocess.run(command, env=_ENV, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    weights = torch.load(out / "model.pt", weights_only=True)
+    assert _same_weights(weights, uninterrupted_weights)
+    with (out / "metrics.csv").open() as f:
+        assert [int(r["epoch"]) for r in csv.DictReader(f)] == [1, 2, 3]
+
+
+def test_resume_refuses_other_settings_from_the_command_line(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    train(TrainConfig(**{**KILL_TEST_FLAGS, "epochs": 1}, out=str(out)), dataset=DIGITS)
+    assert main(["train", "--out", str(out), "--resume", "--lr", "0.3"]) == 2
+    assert "belongs to a different run (lr: checkpoint 0.1, now 0.3)" in capsys.readouterr().err
+    assert main(["train", "--resume", "--quiet"]) == 2
+    assert "--resume needs --out DIR" in capsys.readouterr().err
+
+
+def test_checkpoint_errors(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    train(config, dataset=DIGITS)
+    with pytest.raises(CheckpointError, match=r"already holds a run.*--resume"):
+        train(config, dataset=DIGITS)
+    with pytest.raises(CheckpointError, match=r"different run \(lr: checkpoint 0.1, now 0.05"):
+        train(_config(tmp_path, lr=0.05), resume=True, dataset=DIGITS)
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
+        train(_config(tmp_path, "elsewhere"), resume=True, dataset=DIGITS)
+    checkpoint = tmp_path / "run" / "checkpoint.pt"
+    content = checkpoint.read_bytes()
+    checkpoint.write_bytes(content[: len(content) // 2])
+    with pytest.raises(CheckpointError, match=r"is corrupt or not a torch file.*was not used"):
+        train(config, resume=True, dataset=DIGITS)
+    torch.save({"model": {}}, checkpoint)
+    with pytest.raises(CheckpointError, match="not a dynconv training checkpoint"):
+        train(config, resume=True, dataset=DIGITS)
+    # a resumed finished run trains nothing and gives the stored metrics
+    other = _config(tmp_path, "other")
+    first = train(other, dataset=DIGITS)
+    again = train(other, resume=True, dataset=DIGITS)
+    assert again.metrics == first.metrics
+    assert _same_weights(again.model.state_dict(), first.model.state_dict())
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,message",
+    [
+        ({"model": "resnet19"}, ValueError, r"unknown model 'resnet19'; expected one of"),
+        ({"conv_type": "deform"}, ValueError, r"unknown conv type 'deform'; expected one of"),
+        ({"batch_size": 5000}, ValueError, r"batch size 5000 is larger than the training set"),
+        ({"batch_size": 1}, ValueError, r"a batch of 1 image per process cannot train "
+                                        r"small_cnn: BatchNorm needs at least 2"),
+        ({"batch_size": 0}, ValueError, "batch size must be >= 1, got 0"),
+        ({"epochs": 0}, ValueError, "epochs must be >= 1, got 0"),
+        ({"lr": -1.0}, ValueError, "lr must be a finite number >= 0"),
+        ({"lr_schedule": "multistep"}, ValueError, "multistep schedule needs milestones"),
+        ({"lr_schedule": "poly"}, ValueError, "unknown learning-rate schedule 'poly'"),
+        ({"temperature": "cosine"}, ValueError, "unknown temperature schedule 'cosine'"),
+        ({"data": "/no/such/folder"}, ValueError, "dataset folder '/no/such/folder' does not "
+                                                  "exist"),
+        ({"device": "tpu:9"}, ValueError, "unknown device 'tpu:9'"),
+        ({"model": "od_resnet18"}, ValueError, "built with conv type 'odconv' only"),
+    ],
+)
+def test_clear_errors(tmp_path: Path, kwargs, error, message) -> None:
+    dataset = None if "data" in kwargs else DIGITS
+    with pytest.raises(error, match=message):
+        train(_config(tmp_path, **kwargs), dataset=dataset)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_distributed_code_path_on_one_cpu_process(tmp_path: Path, monkeypatch) -> None:
+    plain = train(_config(tmp_path, "plain"), dataset=DIGITS).model.state_dict()
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}.items():
+        monkeypatch.setenv(key, value)
+    backends = []
+    result = train(_config(tmp_path, "ddp"), dataset=DIGITS, on_epoch=lambda row: backends.append(
+        torch.distributed.get_backend() if torch.distributed.is_initialized() else None))
+    assert backends == ["gloo"]
+    assert not torch.distributed.is_initialized()  # the run closed its process group
+    assert _same_weights(result.model.state_dict(), plain)
+
+
+def test_two_processes_under_torchrun(tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node", "2", "-m", "dynconv", "train", "--conv-type", "dynamic",
+               "--model-arg", "width=8", "--epochs", "1", "--batch-size", "32",
+               "--temperature-epochs", "1", "--threads", "1", "--out", str(out)]
+    done = subprocess.run(command, env=_ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("final test accuracy") == 1  # process 0 reports, once
+    assert "2 processes" in done.stdout
+    state = read_checkpoint(out / "checkpoint.pt")
+    assert state["position"] == {"epoch": 1, "batch": 0}
+    row = state["metrics"][0]
+    assert 0 < row["test_acc"] <= 1 and torch.isfinite(torch.tensor(row["train_loss"]))
+    # the whole training set went through (44 global batches of 32), counted once
+    assert row["images_per_s"] * row["train_time_s"] == pytest.approx(44 * 32)
+
+
+def test_mixed_precision_path_on_cpu(tmp_path: Path) -> None:
+    result = train(_config(tmp_path, amp=True), dataset=DIGITS)
+    assert torch.isfinite(torch.tensor(result.metrics[0]["train_loss"]))
+    assert result.metrics[0]["test_acc"] > 0.2
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path: Path) -> None:
+    target = tmp_path / "checkpoint.pt"
+    write_atomically(target, lambda f: f.write(b"old"))
+
+    def failing(file) -> None:
+        file.write(b"half of the new")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_atomically(target, failing)
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temporary left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask
