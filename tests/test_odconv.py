@@ -296,3 +296,28 @@ def test_torch_compile_layer() -> None:
     x = torch.randn(2, 4, 8, 8)
     compiled = torch.compile(layer, backend="eager")
     torch.testing.assert_close(compiled(x), layer(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("c_in", "c_out", "kernel_size", "groups", "num_kernels", "bias"),
+    [(4, 6, 3, 1, 4, True), (6, 6, 3, 6, 2, False), (4, 6, 1, 1, 1, True), (4, 4, 1, 2, 3, False)],
+    ids=["full", "depthwise", "pointwise_k1", "grouped_1x1"],
+)
+def test_init_from_conv_matches_the_conv_at_the_attention_centre(
+    c_in: int, c_out: int, kernel_size: int, groups: int, num_kernels: int, bias: bool
+) -> None:
+    """With every sigmoid attention at 0.5 (a huge temperature), the converted layer computes
+    the static convolution; folding an affine map afterwards stays exact."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(c_in, c_out, kernel_size, padding=kernel_size // 2, groups=groups,
+                     bias=bias, dtype=F64)
+    layer = ODConv2d(c_in, c_out, kernel_size, padding=kernel_size // 2, groups=groups,
+                     bias=bias, num_kernels=num_kernels, temperature=1e12, dtype=F64).eval()
+    layer.init_from_conv(conv)
+    x = torch.randn(3, c_in, 7, 7, dtype=F64)
+    torch.testing.assert_close(layer(x), conv(x), rtol=1e-9, atol=1e-9)
+    layer.set_temperature(1.0)
+    scale, shift = torch.rand(c_out, dtype=F64) + 0.5, torch.randn(c_out, dtype=F64)
+    expected = layer(x) * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1)
+    layer.fold_output_affine(scale, shift)
+    torch.testing.assert_close(layer(x), expected)

@@ -14,6 +14,7 @@ from torch import nn
 
 from .layers.base import DynamicConvBase
 from .layers.dynamic import DynamicConv2d
+from .layers.odconv import ODConv2d
 
 ConvBuilder = Callable[..., nn.Module]
 _REGISTRY: dict[str, ConvBuilder] = {}
@@ -92,3 +93,4 @@ def _static(in_channels, out_channels, kernel_size, **kwargs) -> nn.Conv2d:
 register_conv("static", _static)
 register_conv("dynamic", functools.partial(DynamicConv2d, routing="softmax"))
 register_conv("condconv", functools.partial(DynamicConv2d, routing="sigmoid"))
+register_conv("odconv", ODConv2d)

@@ -217,6 +217,26 @@ class KernelBankConv(DynamicConvBase):
             bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
             nn.init.uniform_(self.bias, -bound, bound)
 
+    @torch.no_grad()
+    def _fill_bank(self, conv: nn.Conv2d, kernel_factor: float, bias_factor: float) -> None:
+        """Set every kernel of the bank to ``kernel_factor * conv.weight`` and every bias to
+        ``bias_factor * conv.bias`` (zero if ``conv`` has none)."""
+        kernels = conv.weight.to(self.weight.dtype) * kernel_factor
+        self.weight.copy_(kernels.repeat(self.num_kernels, 1, 1, 1))
+        if self.bias is not None:
+            static = conv.bias if conv.bias is not None else torch.zeros_like(self.bias[0])
+            self.bias.copy_((static.to(self.bias.dtype) * bias_factor).expand_as(self.bias))
+
+    @torch.no_grad()
+    def _fold_affine_into_bank(self, scale: Tensor, shift: Tensor) -> None:
+        """Scale output channel o of every kernel (and bias) by ``scale[o]`` and add ``shift[o]``
+        to every bias (creating the bias bank if needed): exact when the mixing weights of the
+        biases sum to one."""
+        # row k * C_out + o of the stored bank is output channel o of kernel k
+        self.weight.mul_(scale.repeat(self.num_kernels).reshape(-1, 1, 1, 1).to(self.weight.dtype))
+        bias = torch.zeros_like(self.kernels[:, :, 0, 0, 0]) if self.bias is None else self.bias
+        self.bias = nn.Parameter(bias * scale.to(bias.dtype) + shift.to(bias.dtype))
+
     def _reference_weight_shape(self) -> list[int]:
         return [self.num_kernels, self.out_channels, *self.weight.shape[1:]]
 

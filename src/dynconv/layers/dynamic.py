@@ -128,11 +128,7 @@ class DynamicConv2d(KernelBankConv):
         when the gates sit at their initial centre.
         """
         factor = 1.0 if self.routing == "softmax" else 2.0 / self.num_kernels
-        kernels = conv.weight.to(self.weight.dtype) * factor
-        self.weight.copy_(kernels.repeat(self.num_kernels, 1, 1, 1))
-        if self.bias is not None:
-            static = conv.bias if conv.bias is not None else torch.zeros_like(self.bias[0])
-            self.bias.copy_((static.to(self.bias.dtype) * factor).expand_as(self.bias))
+        self._fill_bank(conv, factor, factor)
 
     @torch.no_grad()
     def fold_output_affine(self, scale: Tensor, shift: Tensor) -> None:
@@ -140,10 +136,7 @@ class DynamicConv2d(KernelBankConv):
         weights sum to one, so a shift added to every bias adds once)."""
         if self.routing != "softmax":
             raise NotImplementedError("a shift cannot be folded into sigmoid-routed kernels")
-        # row k * C_out + o of the stored bank is output channel o of kernel k
-        self.weight.mul_(scale.repeat(self.num_kernels).reshape(-1, 1, 1, 1).to(self.weight.dtype))
-        bias = torch.zeros_like(self.kernels[:, :, 0, 0, 0]) if self.bias is None else self.bias
-        self.bias = torch.nn.Parameter(bias * scale.to(bias.dtype) + shift.to(bias.dtype))
+        self._fold_affine_into_bank(scale, shift)
 
     def extra_repr(self) -> str:
         s = super().extra_repr()

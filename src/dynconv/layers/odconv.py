@@ -146,6 +146,31 @@ class ODConv2d(KernelBankConv):
             out = out + bias
         return out.squeeze(0) if unbatched else out
 
+    @property
+    def _sigmoid_heads(self) -> int:
+        """How many of the sigmoid attentions (channel, filter, spatial) the layer has."""
+        depthwise = self.in_channels == self.groups == self.out_channels
+        return 1 + (not depthwise) + (self.kernel_size != (1, 1))
+
+    @torch.no_grad()
+    def init_from_conv(self, conv: torch.nn.Conv2d) -> None:
+        """Copy a static kernel (and bias) into every kernel of the bank.
+
+        The kernel attention sums to one, so the layer computes ``conv``'s output modulated by the
+        sigmoid attentions (channel, filter, spatial), which start near 0.5: the kernels are
+        scaled by the inverse of that product (8 with all three heads), so that the layer
+        matches ``conv`` when the attentions sit at their centre. The bias is copied unscaled
+        (it is added after the attentions).
+        """
+        self._fill_bank(conv, 2.0 ** self._sigmoid_heads, 1.0)
+
+    @torch.no_grad()
+    def fold_output_affine(self, scale: Tensor, shift: Tensor) -> None:
+        """Fold ``scale * y + shift`` ([C_out] each) into the layer, exactly: the filter
+        attention is a per-channel factor, so ``scale`` goes into every kernel's output channel,
+        and the kernel attention sums to one, so ``shift`` goes into every bias of the bank."""
+        self._fold_affine_into_bank(scale, shift)
+
     def extra_repr(self) -> str:
         s = super().extra_repr()
         s += f", reduction={self.reduction:g}, min_channels={self.min_channels}"
