@@ -1,13 +1,14 @@
 """dynconv: dynamic convolutions for PyTorch, exact, fast and drop-in for ``nn.Conv2d``."""
 
 from . import functional
-from .functional import mixture_conv2d, per_sample_conv2d
-from .layers import DynamicConv2d, DynamicConvBase, KernelBankConv
+from .functional import mixture_conv2d, per_sample_conv2d, region_conv2d
+from .layers import DRConv2d, DynamicConv2d, DynamicConvBase, KernelBankConv
 from .temperature import dynamic_layers, get_temperature, set_temperature, temperatures
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DRConv2d",
     "DynamicConv2d",
     "DynamicConvBase",
     "KernelBankConv",
@@ -16,6 +17,7 @@ __all__ = [
     "get_temperature",
     "mixture_conv2d",
     "per_sample_conv2d",
+    "region_conv2d",
     "set_temperature",
     "temperatures",
 ]

@@ -1,6 +1,7 @@
 """The dynamic convolution layers."""
 
 from .base import DynamicConvBase, KernelBankConv
+from .drconv import DRConv2d
 from .dynamic import DynamicConv2d
 
-__all__ = ["DynamicConv2d", "DynamicConvBase", "KernelBankConv"]
+__all__ = ["DRConv2d", "DynamicConv2d", "DynamicConvBase", "KernelBankConv"]
