@@ -234,14 +234,17 @@ def test_generated_kernels_start_at_the_scale_of_nn_conv2d() -> None:
 
 
 def test_dispatch_rule() -> None:
-    def choose(c_in, c_out, regions, groups=1, k=3):
-        weight = torch.empty(2, regions, c_out, c_in // groups, k, k)
-        return _choose_region_method(weight, parse_geometry(k, 1, 1, 1, groups))
+    def choose(c, size, regions, groups=1, k=3):
+        weight = torch.empty(2, regions, c, c // groups, k, k)
+        return _choose_region_method(weight, parse_geometry(k, 1, 1, 1, groups), size * size)
 
-    assert choose(64, 64, 8) == "restricted"  # ResNet-like
-    assert choose(128, 128, 8, k=1) == "restricted"
-    assert choose(64, 64, 1) == "dense"  # one region: nothing to restrict
-    assert choose(64, 64, 8, groups=64) == "dense"  # depthwise: 9 MACs per pixel
+    assert choose(64, 32, 8) == "restricted"  # ResNet-like
+    assert choose(128, 80, 8, k=1) == "restricted"  # YOLO-like 1x1
+    assert choose(256, 8, 8) == "restricted"  # wide, small maps
+    assert choose(64, 32, 2) == "dense"  # two regions: the dense way wastes only half
+    assert choose(64, 32, 8, groups=64) == "dense"  # depthwise: tiny products per region
+    assert choose(32, 16, 8) == "dense"  # small layer: the loop over regions dominates
+    assert choose(64, 32, 1) == "dense"
 
 
 def test_autocast_runs_and_keeps_regions_exact() -> None:

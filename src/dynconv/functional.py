@@ -15,6 +15,7 @@ which the tests do in turn.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Literal
 
 import torch
@@ -86,13 +87,17 @@ def _check_conv(
     return geometry
 
 
-def _match_memory_format(out: Tensor, x: Tensor) -> Tensor:
-    """Return ``out`` in channels_last when ``x`` is, as ``nn.Conv2d`` does."""
-    if (
+def _is_channels_last(x: Tensor) -> bool:
+    return (
         x.shape[1] > 1
         and x.is_contiguous(memory_format=torch.channels_last)
         and not x.is_contiguous()
-    ):
+    )
+
+
+def _match_memory_format(out: Tensor, x: Tensor) -> Tensor:
+    """Return ``out`` in channels_last when ``x`` is, as ``nn.Conv2d`` does."""
+    if _is_channels_last(x):
         return out.contiguous(memory_format=torch.channels_last)
     return out
 
@@ -328,10 +333,11 @@ def _mixout(
 RegionMethod = Literal["auto", "dense", "restricted"]
 REGION_METHODS = ("auto", "dense", "restricted")
 
-# Dispatch of region_conv2d (see docs/performance.md): the restricted formulation pays for its
-# gathers once the convolution is not tiny; below these sizes the dense one wins.
-_RESTRICTED_MIN_REGIONS = 2
-_RESTRICTED_MIN_MACS_PER_PIXEL = 64
+# Dispatch of region_conv2d (see docs/performance.md): the restricted formulation saves R - 1
+# of every R MACs but pays a gather and one small matrix product per sample and region; it wins
+# from 4 regions on, once those products hold about a million MACs each.
+_RESTRICTED_MIN_REGIONS = 4
+_RESTRICTED_MIN_MACS_PER_REGION = 2**20
 
 
 def region_conv2d(
@@ -407,28 +413,31 @@ def region_conv2d(
     if method not in REGION_METHODS:
         raise ValueError(f"method must be one of {REGION_METHODS}, got {method!r}")
     if method == "auto":
-        method = _choose_region_method(weight, geometry)
+        method = _choose_region_method(weight, geometry, h_out * w_out)
     if method == "dense":
-        y = _all_region_outputs(x, weight, bias, geometry, padding_done=False)
+        y = _all_region_outputs(x, weight, bias, geometry)
         out = _PickRegion.apply(y, guide)
     else:
         out = _RestrictedRegionConv.apply(x, weight, guide, bias, geometry)
     return _match_memory_format(out, x)
 
 
-def _choose_region_method(weight: Tensor, geometry: ConvGeometry) -> str:
-    """The dispatch rule of :func:`region_conv2d` (see docs/performance.md)."""
+def _choose_region_method(weight: Tensor, geometry: ConvGeometry, pixels: int) -> str:
+    """The dispatch rule of :func:`region_conv2d` (see docs/performance.md).
+
+    ``pixels``: output pixels per sample.
+    """
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return "dense"  # the restricted method has data-dependent shapes
-    num_regions, c_out, c_in_g = weight.shape[1:4]
-    macs_per_pixel = c_out // geometry.groups * c_in_g * weight.shape[-2] * weight.shape[-1]
-    if num_regions < _RESTRICTED_MIN_REGIONS or macs_per_pixel < _RESTRICTED_MIN_MACS_PER_PIXEL:
+    num_regions, c_out, c_in_g, kh, kw = weight.shape[1:]
+    macs_per_region = pixels * c_out * c_in_g * kh * kw // num_regions
+    if num_regions < _RESTRICTED_MIN_REGIONS or macs_per_region < _RESTRICTED_MIN_MACS_PER_REGION:
         return "dense"
     return "restricted"
 
 
 def _all_region_outputs(
-    x: Tensor, weight: Tensor, bias: Tensor | None, geometry: ConvGeometry, padding_done: bool
+    x: Tensor, weight: Tensor, bias: Tensor | None, geometry: ConvGeometry
 ) -> Tensor:
     """Every region's output at every pixel, by one :func:`per_sample_conv2d`.
 
@@ -442,8 +451,7 @@ def _all_region_outputs(
     b = None
     if bias is not None:
         b = bias.reshape(n, num_regions, g, c_out // g).transpose(1, 2).reshape(n, -1)
-    padding = 0 if padding_done else geometry.padding
-    y = per_sample_conv2d(x, kernel, b, geometry.stride, padding, geometry.dilation, g)
+    y = per_sample_conv2d(x, kernel, b, geometry.stride, geometry.padding, geometry.dilation, g)
     return y.reshape(n, g, num_regions, c_out // g, y.shape[-2], y.shape[-1])
 
 
@@ -465,7 +473,7 @@ class _PickRegion(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y: Tensor, guide: Tensor) -> Tensor:
         n, g, _, c_g, h, w = y.shape
-        index = guide.argmax(1).reshape(n, 1, 1, 1, h, w).expand(n, g, 1, c_g, h, w)
+        index = assign_regions(guide).reshape(n, 1, 1, 1, h, w).expand(n, g, 1, c_g, h, w)
         ctx.save_for_backward(index, y if ctx.needs_input_grad[1] else None, guide)
         ctx.y_shape = y.shape
         return y.gather(2, index).reshape(n, g * c_g, h, w)
@@ -488,14 +496,14 @@ class _RegionPlan:
     """Where each sample's pixels go: regions, pixels sorted by region, and receptive fields.
 
     ``order`` [N, P] lists a sample's output pixels sorted by region (stable), ``counts`` [N][R]
-    how many pixels each region holds, and ``fields`` [N, kH * kW * P] the flat index, in the
+    how many pixels each region holds, and ``fields`` [N, P * kH * kW] the flat index, in the
     padded input plane, of every tap of every pixel's receptive field in that order.
     """
 
     def __init__(self, guide: Tensor, padded_width: int, geometry: ConvGeometry) -> None:
         n, num_regions, h_out, w_out = guide.shape
         device = guide.device
-        region = guide.argmax(1).reshape(n, h_out * w_out)
+        region = assign_regions(guide).reshape(n, h_out * w_out)
         self.order = region.argsort(dim=1, stable=True)
         offsets = torch.arange(n, device=device).unsqueeze(1) * num_regions
         counts = torch.bincount((region + offsets).flatten(), minlength=n * num_regions)
@@ -507,7 +515,7 @@ class _RegionPlan:
         corner = (rows[:, None] + cols[None, :]).flatten()[self.order]  # [N, P]
         taps = torch.arange(kh, device=device)[:, None] * (dh * padded_width)
         taps = (taps + torch.arange(kw, device=device)[None, :] * dw).flatten()
-        self.fields = (taps[None, :, None] + corner[:, None, :]).reshape(n, -1)
+        self.fields = (corner[:, :, None] + taps[None, None, :]).reshape(n, -1)
 
     def segments(self, sample: int):
         """(region, slice of the sorted pixels) for every non-empty region of a sample."""
@@ -518,12 +526,34 @@ class _RegionPlan:
                 start += count
 
 
+def assign_regions(guide: Tensor) -> Tensor:
+    """The region of every pixel, [N, R, H, W] logits -> [N, H, W] int64: ``guide.argmax(1)``,
+    the lowest index on ties (computed with ``max``, which is faster on CPU)."""
+    return guide.max(1).indices
+
+
+def _to_rows(t: Tensor, groups: int) -> Tensor:
+    """[N, C, H, W] -> [N, g, H * W, C/g]: one row of channels per pixel, group by group."""
+    n, c, h, w = t.shape
+    return t.reshape(n, groups, c // groups, h * w).transpose(2, 3).contiguous()
+
+
+def _row_kernels(weight: Tensor, groups: int) -> Tensor:
+    """One sample's kernels [R, C_out, C_in/g, kH, kW] -> [R, g, kH * kW * C_in/g, C_out/g]."""
+    r, c_out, c_in_g, kh, kw = weight.shape
+    w = weight.reshape(r, groups, c_out // groups, c_in_g, kh, kw).permute(0, 1, 4, 5, 3, 2)
+    return w.reshape(r, groups, kh * kw * c_in_g, c_out // groups)
+
+
 class _RestrictedRegionConv(torch.autograd.Function):
     """Each output pixel convolved with its own region's kernel only (the MACs of one conv).
 
     x [N, C_in, H, W], weight [N, R, C_out, C_in/g, kH, kW], guide [N, R, H_out, W_out],
-    bias [N, R, C_out] or None -> [N, C_out, H_out, W_out]. Saves only the inputs: the
-    receptive fields are gathered again in backward.
+    bias [N, R, C_out] or None -> [N, C_out, H_out, W_out].
+
+    Works on pixel rows: the padded input as [g, Hp * Wp, C_in/g], a sample's receptive fields
+    gathered in region order as [g, P, kH * kW * C_in/g], one matrix product per region. Saves
+    only the inputs: the receptive fields are gathered again in backward.
     """
 
     @staticmethod
@@ -533,20 +563,21 @@ class _RestrictedRegionConv(torch.autograd.Function):
         n, c_out, g = x.shape[0], weight.shape[2], geometry.groups
         h_out, w_out = guide.shape[-2:]
         pixels = h_out * w_out
-        out = x.new_empty(n, c_out, pixels)
+        rows = _to_rows(xp, g)  # [N, g, Hp * Wp, C_in/g]
+        out = x.new_empty(n, pixels, g, c_out // g)
+        sorted_out = x.new_empty(g, pixels, c_out // g)
+        buffer = x.new_empty(g, plan.fields.shape[1], rows.shape[-1])
         for i in range(n):
-            fields = _gather_fields(xp[i], plan.fields[i], g, pixels)  # [g, C_in/g * kH * kW, P]
-            kernels = weight[i].reshape(weight.shape[1], g, c_out // g, -1)
-            sorted_out = out.new_empty(g, c_out // g, pixels)
+            fields = _gather_fields(rows[i], plan.fields[i], pixels, buffer)
+            kernels = _row_kernels(weight[i], g)
             for region, part in plan.segments(i):
-                y = torch.matmul(kernels[region], fields[..., part])
-                if bias is not None:
-                    y = y + bias[i, region].reshape(g, -1, 1)
-                sorted_out[..., part] = y
-            out[i].index_copy_(1, plan.order[i], sorted_out.reshape(c_out, pixels))
+                b = None if bias is None else bias[i, region].reshape(g, 1, -1)
+                _bmm_into(sorted_out[:, part], fields[:, part], kernels[region], b)
+            out[i].index_copy_(0, plan.order[i], sorted_out.transpose(0, 1))
         ctx.save_for_backward(x, weight, guide, bias)
         ctx.plan, ctx.geometry = plan, geometry
-        return out.reshape(n, c_out, h_out, w_out)
+        out = out.reshape(n, h_out, w_out, c_out).permute(0, 3, 1, 2)  # channels_last strides
+        return out if _is_channels_last(x) else out.contiguous()
 
     @staticmethod
     @once_differentiable
@@ -555,61 +586,82 @@ class _RestrictedRegionConv(torch.autograd.Function):
         plan, geometry = ctx.plan, ctx.geometry
         need_x, need_w, need_guide, need_b = ctx.needs_input_grad[:4]
         xp = F.pad(x, geometry.pads) if any(geometry.pads) else x
-        n, num_regions, c_out = weight.shape[:3]
+        n, _, _, c_in_g, kh, kw = weight.shape
         g = geometry.groups
         pixels = grad_out.shape[-2] * grad_out.shape[-1]
-        grad_out = grad_out.reshape(n, c_out, pixels)
-        grad_xp = torch.zeros_like(xp) if need_x else None
-        grad_w = torch.zeros_like(weight) if need_w else None
+        grad_rows = _to_rows(grad_out, g)  # [N, g, P, C_out/g]
+        rows = _to_rows(xp, g) if need_w else None
+        buffer = xp.new_empty(g, plan.fields.shape[1], c_in_g) if need_w else None
+        grad_x_rows = xp.new_zeros(n, g, xp.shape[-2] * xp.shape[-1], c_in_g) if need_x else None
+        grad_w = torch.zeros_like(weight) if need_w else None  # zero for regions without pixels
         grad_b = torch.zeros_like(bias) if need_b else None
+        grad_sorted = torch.empty_like(grad_rows[0])  # buffers reused from sample to sample
+        grad_fields = xp.new_empty(g, pixels, kh * kw * c_in_g) if need_x else None
         for i in range(n):
-            grad_sorted = grad_out[i].index_select(1, plan.order[i]).reshape(g, c_out // g, -1)
-            kernels = weight[i].reshape(num_regions, g, c_out // g, -1)
-            fields = _gather_fields(xp[i], plan.fields[i], g, pixels) if need_w else None
-            grad_fields = xp.new_empty(g, kernels.shape[-1], pixels) if need_x else None
+            torch.index_select(grad_rows[i], 1, plan.order[i], out=grad_sorted)  # [g, P, C/g]
+            kernels = _row_kernels(weight[i], g) if need_x else None
+            fields = _gather_fields(rows[i], plan.fields[i], pixels, buffer) if need_w else None
             for region, part in plan.segments(i):
-                grad_part = grad_sorted[..., part]
-                if need_w:
-                    grad_w[i, region] = torch.matmul(
-                        grad_part, fields[..., part].transpose(1, 2)
-                    ).reshape(grad_w.shape[2:])
+                grad_part = grad_sorted[:, part]
+                if need_w:  # into [C_out, C_in/g, kH, kW] seen as [g, kH, kW, C_in/g, C_out/g]
+                    target = grad_w[i, region].view(g, -1, c_in_g, kh, kw).permute(0, 3, 4, 2, 1)
+                    _bmm_into(target, fields[:, part].transpose(1, 2), grad_part)
                 if need_b:
-                    grad_b[i, region] = grad_part.sum(-1).reshape(-1)
+                    grad_b[i, region] = grad_part.sum(1).reshape(-1)
                 if need_x:
-                    kernel_t = kernels[region].transpose(1, 2)
-                    grad_fields[..., part] = torch.matmul(kernel_t, grad_part)
+                    _bmm_into(grad_fields[:, part], grad_part, kernels[region].transpose(1, 2))
             if need_x:
-                c_in = xp.shape[1]
-                grad_xp[i].view(c_in, -1).index_add_(
-                    1, plan.fields[i], grad_fields.reshape(c_in, -1)
-                )
+                grad_x_rows[i].index_add_(1, plan.fields[i], grad_fields.reshape(g, -1, c_in_g))
         grad_x = None
         if need_x:
+            hp, wp = xp.shape[-2:]
+            grad_xp = grad_x_rows.reshape(n, g, hp, wp, c_in_g).permute(0, 1, 4, 2, 3)
+            grad_xp = grad_xp.reshape(n, g * c_in_g, hp, wp)
             left, _, top, _ = geometry.pads
             grad_x = grad_xp[..., top : top + x.shape[-2], left : left + x.shape[-1]]
         grad_guide = None
         if need_guide:
-            grad_guide = _straight_through_grad(
-                guide, _region_scores(xp, weight, bias, grad_out, geometry)
-            )
+            scores = _region_scores(xp, weight, bias, grad_out, geometry)
+            grad_guide = _straight_through_grad(guide, scores)
         return grad_x, grad_w, grad_guide, grad_b, None
 
 
-def _gather_fields(xp: Tensor, fields: Tensor, groups: int, pixels: int) -> Tensor:
-    """The receptive fields of one sample's pixels: [C_in, Hp, Wp] -> [g, C_in/g * kH * kW, P]."""
-    return xp.reshape(xp.shape[0], -1).index_select(1, fields).reshape(groups, -1, pixels)
+def _bmm_into(out: Tensor, a: Tensor, b: Tensor, bias: Tensor | None = None) -> None:
+    """``out[...] = a @ b (+ bias)`` for [g, n, k] @ [g, k, m]; ``out`` holds the g * n * m
+    results in that order, in any shape, and is written without a copy when contiguous."""
+    if out.is_contiguous():
+        target = out.view(a.shape[0], a.shape[1], b.shape[2])
+        if bias is None:
+            torch.bmm(a, b, out=target)
+        else:
+            torch.baddbmm(bias, a, b, out=target)
+    else:
+        result = torch.bmm(a, b) if bias is None else torch.baddbmm(bias, a, b)
+        out.copy_(result.reshape(out.shape))
+
+
+def _gather_fields(rows: Tensor, fields: Tensor, pixels: int, out: Tensor) -> Tensor:
+    """One sample's receptive fields: rows [g, Hp * Wp, C_in/g] -> [g, P, kH * kW * C_in/g].
+
+    ``out`` [g, P * kH * kW, C_in/g] is reused from sample to sample: a fresh buffer of this size
+    costs more (first-touch page faults) than the gather itself.
+    """
+    torch.index_select(rows, 1, fields, out=out)
+    return out.view(rows.shape[0], pixels, -1)
 
 
 def _region_scores(
     xp: Tensor, weight: Tensor, bias: Tensor | None, grad_out: Tensor, geometry: ConvGeometry
 ) -> Tensor:
-    """``g[n, r, p] = sum_o grad_out[n, o, p] * y_r[n, o, p]`` [N, R, H_out, W_out], one sample
-    at a time so that only one sample's R outputs are held at once."""
+    """``g[n, r, p] = sum_o grad_out[n, o, p] * y_r[n, o, p]`` [N, R, H_out, W_out], ``y_r`` the
+    output of region r's kernel and bias everywhere (R times the MACs), for the padded input
+    ``xp``; one sample at a time, so that one sample's R outputs are held at once."""
     n, c_out, g = weight.shape[0], weight.shape[2], geometry.groups
+    unpadded = dataclasses.replace(geometry, padding=(0, 0), pads=(0, 0, 0, 0))
     scores = []
     for i in range(n):
         b = None if bias is None else bias[i : i + 1]
-        y = _all_region_outputs(xp[i : i + 1], weight[i : i + 1], b, geometry, padding_done=True)
+        y = _all_region_outputs(xp[i : i + 1], weight[i : i + 1], b, unpadded)
         grad = grad_out[i].reshape(1, g, 1, c_out // g, y.shape[-2], y.shape[-1])
         scores.append((y * grad).sum((1, 3)))
     return torch.cat(scores)

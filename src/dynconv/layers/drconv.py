@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .._conv_args import PaddingArg, check_int
-from ..functional import RegionMethod, region_conv2d
+from ..functional import RegionMethod, assign_regions, region_conv2d
 from .base import DynamicConvBase
 
 
@@ -120,12 +120,24 @@ class DRConv2d(DynamicConvBase):
             nn.init.uniform_(self.bias, -bound, bound)
 
     def region_kernels(self, x: Tensor) -> Tensor:
-        """The R kernels of every sample [N, R, C_out, C_in/g, kH, kW] for input [N, C_in, H, W]."""
-        kernels = self.conv_kernel(x)
-        return kernels.reshape(
-            x.shape[0], self.num_regions, self.out_channels, self.in_channels // self.groups,
-            *self.kernel_size,
+        """The R kernels of every sample [N, R, C_out, C_in/g, kH, kW] for input [N, C_in, H, W].
+
+        ``conv_kernel`` computes them, except that its last (grouped 1x1) conv runs as one
+        batched matrix product, about twice as fast, whose output is laid out [R, N, kH, kW,
+        C_in/g, C_out]: the pixel-row order of ``region_conv2d(method='restricted')``. The
+        result is a view of it in the usual order.
+        """
+        n, r, (kh, kw) = x.shape[0], self.num_regions, self.kernel_size
+        c_out, c_in_g = self.out_channels, self.in_channels // self.groups
+        pool, first, sigmoid, last = self.conv_kernel
+        hidden = sigmoid(first(pool(x)))  # [N, R * R, kH, kW]
+        hidden = hidden.reshape(n, r, r, kh * kw).permute(1, 0, 3, 2).reshape(r, n * kh * kw, r)
+        weight = last.weight.reshape(r, c_out, c_in_g, r).permute(0, 3, 2, 1)
+        bias = last.bias.reshape(r, 1, c_out, c_in_g).transpose(2, 3)
+        kernels = torch.baddbmm(
+            bias.reshape(r, 1, c_in_g * c_out), hidden, weight.reshape(r, r, c_in_g * c_out)
         )
+        return kernels.reshape(r, n, kh, kw, c_in_g, c_out).permute(1, 0, 5, 4, 2, 3)
 
     def forward(self, x: Tensor) -> Tensor:
         x, unbatched = self._check_input(x)
@@ -137,7 +149,7 @@ class DRConv2d(DynamicConvBase):
         )
         if self.bias is not None:
             out = out + self.bias.reshape(1, -1, 1, 1)
-        region_map = guide.detach().argmax(1)
+        region_map = assign_regions(guide.detach())
         self.last_region_map = region_map.squeeze(0) if unbatched else region_map
         return out.squeeze(0) if unbatched else out
 
