@@ -43,7 +43,7 @@ def _region_tensors(cfg: ConvConfig, num_regions: int, gen: torch.Generator, tie
     return [t.requires_grad_() if t is not None else None for t in (x, w, guide, b)]
 
 
-@settings(max_examples=200)
+@settings(max_examples=150)
 @given(
     cfg=conv_configs(max_batch=4, padding_modes=("zeros",)),
     num_regions=st.integers(1, 8),
@@ -74,7 +74,7 @@ def _layer(cfg: ConvConfig, num_regions: int, temperature: float = 1.0) -> DRCon
     return layer
 
 
-@settings(max_examples=200)
+@settings(max_examples=150)
 @given(
     cfg=conv_configs(max_batch=4),
     num_regions=st.integers(1, 8),
@@ -243,6 +243,7 @@ def test_dispatch_rule() -> None:
     assert choose(256, 8, 8) == "restricted"  # wide, small maps
     assert choose(64, 32, 2) == "dense"  # two regions: the dense way wastes only half
     assert choose(64, 32, 8, groups=64) == "dense"  # depthwise: tiny products per region
+    assert choose(64, 32, 8, groups=4) == "dense"  # one product per group: 16 x 16 channels
     assert choose(32, 16, 8) == "dense"  # small layer: the loop over regions dominates
     assert choose(64, 32, 1) == "dense"
 

@@ -334,10 +334,10 @@ RegionMethod = Literal["auto", "dense", "restricted"]
 REGION_METHODS = ("auto", "dense", "restricted")
 
 # Dispatch of region_conv2d (see docs/performance.md): the restricted formulation saves R - 1
-# of every R MACs but pays a gather and one small matrix product per sample and region; it wins
-# from 4 regions on, once those products hold about a million MACs each.
+# of every R MACs but pays a gather and one small matrix product per sample, region and group;
+# it wins from 4 regions on, once those products hold about a million MACs each.
 _RESTRICTED_MIN_REGIONS = 4
-_RESTRICTED_MIN_MACS_PER_REGION = 2**20
+_RESTRICTED_MIN_MACS_PER_PRODUCT = 2**20
 
 
 def region_conv2d(
@@ -422,6 +422,12 @@ def region_conv2d(
     return _match_memory_format(out, x)
 
 
+def assign_regions(guide: Tensor) -> Tensor:
+    """The region of every pixel, [N, R, H, W] logits -> [N, H, W] int64: ``guide.argmax(1)``,
+    the lowest index on ties (computed with ``max``, which is faster on CPU)."""
+    return guide.max(1).indices
+
+
 def _choose_region_method(weight: Tensor, geometry: ConvGeometry, pixels: int) -> str:
     """The dispatch rule of :func:`region_conv2d` (see docs/performance.md).
 
@@ -430,8 +436,9 @@ def _choose_region_method(weight: Tensor, geometry: ConvGeometry, pixels: int) -
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return "dense"  # the restricted method has data-dependent shapes
     num_regions, c_out, c_in_g, kh, kw = weight.shape[1:]
-    macs_per_region = pixels * c_out * c_in_g * kh * kw // num_regions
-    if num_regions < _RESTRICTED_MIN_REGIONS or macs_per_region < _RESTRICTED_MIN_MACS_PER_REGION:
+    # MACs of one product: a region's pixels (P / R on average) times one group's kernel
+    macs = pixels * (c_out // geometry.groups) * c_in_g * kh * kw // num_regions
+    if num_regions < _RESTRICTED_MIN_REGIONS or macs < _RESTRICTED_MIN_MACS_PER_PRODUCT:
         return "dense"
     return "restricted"
 
@@ -524,12 +531,6 @@ class _RegionPlan:
             if count:
                 yield region, slice(start, start + count)
                 start += count
-
-
-def assign_regions(guide: Tensor) -> Tensor:
-    """The region of every pixel, [N, R, H, W] logits -> [N, H, W] int64: ``guide.argmax(1)``,
-    the lowest index on ties (computed with ``max``, which is faster on CPU)."""
-    return guide.max(1).indices
 
 
 def _to_rows(t: Tensor, groups: int) -> Tensor:
