@@ -189,8 +189,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per variant")
     parser.add_argument("--dispatch", action="store_true", help="the small shapes instead")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     args = parser.parse_args()
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    torch.set_num_threads(min(args.threads, torch.get_num_threads()))
     print(f"DRConv2d, float32, {torch.get_num_threads()} threads, torch {torch.__version__}; "
           f"median of {args.rounds} interleaved rounds\n")
     rows = []

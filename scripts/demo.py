@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import dynconv
-from dynconv.testing import reference_dynamic_conv2d
+from dynconv.testing import reference_drconv2d, reference_dynamic_conv2d
 
 F64 = torch.float64
 
@@ -57,7 +57,8 @@ def main() -> None:
     ]
     header = (f"{'layer':<26}{'out err':>10}{'grad err':>10}{'params':>10}{'x conv':>8}"
               f"{'fwd ms':>9}{'x conv':>8}")
-    print("Each layer against one F.conv2d per sample (float64, batch 4, 32 ch, 16x16, K=4);")
+    print("Each layer against one F.conv2d per sample (float64, batch 4, 32 ch, 16x16, K=4;")
+    print("DRConv: per pixel, batch 2, 9x8, R=8);")
     print("timing: float32, batch 32, median of 20 runs, no grad.\n")
     print(header)
     print("-" * len(header))
@@ -75,7 +76,32 @@ def main() -> None:
         print(f"{name:<26}{out_err:>10.1e}{grad_err:>10.1e}{params:>10,}"
               f"{params / static_params:>8.2f}{ms:>9.2f}{ms / ms_static:>8.2f}")
         assert out_err < 1e-10 and grad_err < 1e-10, f"{name} does not match the reference"
+    _drconv_rows()
     print("\nAll layers match the reference.")
+
+
+def _drconv_rows() -> None:
+    """DRConv2d (R = 8 regions) against one F.conv2d per pixel; same columns as above."""
+    cases = [
+        ("DRConv", {}),
+        ("DRConv grouped, stride 2", {"groups": 4, "stride": 2}),
+        ("DRConv 'same', reflect", {"padding": "same", "padding_mode": "reflect"}),
+    ]
+    for name, kwargs in cases:
+        conv_kwargs = {"padding": 1, **kwargs}
+        layer = dynconv.DRConv2d(32, 32, 3, **conv_kwargs, num_regions=8)
+        static = nn.Conv2d(32, 32, 3, **conv_kwargs)
+        # the per-pixel reference is slow: check on a smaller map
+        out_err, grad_err = _max_error(layer.double(), reference_drconv2d,
+                                       torch.randn(2, 32, 9, 8, dtype=F64))
+        layer.float()
+        x = torch.randn(32, 32, 16, 16)
+        ms, ms_static = _median_ms(layer, x), _median_ms(static, x)
+        params = sum(p.numel() for p in layer.parameters())
+        static_params = sum(p.numel() for p in static.parameters())
+        print(f"{name:<26}{out_err:>10.1e}{grad_err:>10.1e}{params:>10,}"
+              f"{params / static_params:>8.2f}{ms:>9.2f}{ms / ms_static:>8.2f}")
+        assert out_err < 1e-10 and grad_err < 1e-10, f"{name} does not match the reference"
 
 
 if __name__ == "__main__":
