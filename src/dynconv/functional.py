@@ -1,6 +1,6 @@
 """The one per-sample convolution of the package, and its exact formulations.
 
-Every layer of dynconv ends in one of two calls:
+Every layer of dynconv ends in one of these calls:
 
 * :func:`per_sample_conv2d` convolves each sample with its own kernel
   (``x`` [N, C_in, H, W], ``weight`` [N, C_out, C_in/groups, kH, kW]).
@@ -8,6 +8,10 @@ Every layer of dynconv ends in one of two calls:
   bank, ``sum_k coefficients[n, k] * bank[k]``. It either assembles the per-sample kernels and
   calls :func:`per_sample_conv2d`, or runs one dense convolution with all K kernels and mixes
   the outputs, whichever the dispatch rule expects to be faster.
+* :func:`region_conv2d` (DRConv) convolves each output pixel with one of R per-sample kernels,
+  chosen by a guide: either every region's output through :func:`per_sample_conv2d` and a
+  gather, or each pixel with its own region's kernel only (gathered receptive fields and one
+  matrix product per region).
 
 All formulations compute the same result (up to floating-point rounding); ``method`` forces one,
 which the tests do in turn.
