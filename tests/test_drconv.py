@@ -346,3 +346,13 @@ def test_region_conv2d_is_exact_against_a_dense_selection_in_float32() -> None:
         out = region_conv2d(x, w, guide, stride=2, padding=1, method=method)
         torch.testing.assert_close(out, expected[:, 0], rtol=1e-5, atol=1e-5)
     assert F.mse_loss(expected[:, 0], everywhere[:, 0]) > 0  # the regions do differ
+
+
+def test_torch_compile_takes_the_dense_path() -> None:
+    torch.manual_seed(0)
+    layer = DRConv2d(4, 6, 3, padding=1, num_regions=4)
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+    compiled = torch.compile(layer, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), layer(x))
+    compiled(x).sum().backward()
+    assert x.grad is not None and layer.conv_guide.weight.grad is not None
