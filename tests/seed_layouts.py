@@ -118,3 +118,56 @@ class OfficialODConv2d(nn.Module):
         out = F.conv2d(x.reshape(1, -1, h, w), per_sample.reshape(-1, *per_sample.shape[2:]),
                        None, *self.conv_args, self.groups * n)
         return out.reshape(n, self.out_planes, *out.shape[-2:]) * filter_
+
+
+# -- DRConv (seed 003) -----------------------------------------------------------------------------
+
+
+class SeedRegionAssign(torch.autograd.Function):
+    """Seed 003's assignment: keep each pixel's argmax region; the guide's gradient goes through
+    a softmax (straight-through), computed from every region's output."""
+
+    @staticmethod
+    def forward(ctx, outputs, guide):  # outputs [B, R, C_out, H, W], guide [B, R, H, W]
+        ctx.save_for_backward(outputs, guide)
+        one_hot = torch.zeros_like(guide).scatter_(1, guide.argmax(1, keepdim=True), 1.0)
+        return (outputs * one_hot.unsqueeze(2)).sum(1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        outputs, guide = ctx.saved_tensors
+        one_hot = torch.zeros_like(guide).scatter_(1, guide.argmax(1, keepdim=True), 1.0)
+        grad_outputs = grad.unsqueeze(1) * one_hot.unsqueeze(2)
+        scores = (grad.unsqueeze(1) * outputs).sum(2)
+        s = F.softmax(guide, 1)
+        grad_guide = s * (scores - (s * scores).sum(1, keepdim=True))
+        return grad_outputs, grad_guide
+
+
+class SeedDRConv2d(nn.Module):
+    """Seed 003's ``DRConv2d`` layout (square kernel, no bias, no groups, zero padding).
+
+    Fixed: in eval mode the seed runs its correlation through an autograd Function without a
+    backward, so no gradient can be taken; here both modes use the same grouped convolution.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, region_num=8, **conv_kwargs):
+        super().__init__()
+        self.region_num = region_num
+        self.conv_kernel = nn.Sequential(
+            nn.AdaptiveAvgPool2d((kernel_size, kernel_size)),
+            nn.Conv2d(in_channels, region_num * region_num, 1),
+            nn.Sigmoid(),
+            nn.Conv2d(region_num * region_num, region_num * in_channels * out_channels, 1,
+                      groups=region_num),
+        )
+        self.conv_guide = nn.Conv2d(in_channels, region_num, kernel_size, **conv_kwargs)
+        self.conv_kwargs = conv_kwargs
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        kernel = self.conv_kernel(x)  # [B, R * C_in * C_out, k, k]
+        kernel = kernel.reshape(-1, c, kernel.shape[-2], kernel.shape[-1])
+        out = F.conv2d(x.reshape(1, b * c, h, w), kernel, groups=b, **self.conv_kwargs)
+        out = out.reshape(b, self.region_num, -1, out.shape[-2], out.shape[-1])
+        return SeedRegionAssign.apply(out, self.conv_guide(x))

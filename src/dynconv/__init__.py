@@ -2,13 +2,14 @@
 
 from . import functional
 from .checkpoint import LoadResult, load_checkpoint
-from .functional import mixture_conv2d, per_sample_conv2d
-from .layers import DynamicConv2d, DynamicConvBase, KernelBankConv, ODConv2d
+from .functional import mixture_conv2d, per_sample_conv2d, region_conv2d
+from .layers import DRConv2d, DynamicConv2d, DynamicConvBase, KernelBankConv, ODConv2d
 from .temperature import dynamic_layers, get_temperature, set_temperature, temperatures
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DRConv2d",
     "DynamicConv2d",
     "DynamicConvBase",
     "KernelBankConv",
@@ -20,6 +21,7 @@ __all__ = [
     "load_checkpoint",
     "mixture_conv2d",
     "per_sample_conv2d",
+    "region_conv2d",
     "set_temperature",
     "temperatures",
 ]

@@ -13,6 +13,7 @@ from typing import Any
 from torch import nn
 
 from .layers.base import DynamicConvBase
+from .layers.drconv import DRConv2d
 from .layers.dynamic import DynamicConv2d
 from .layers.odconv import ODConv2d
 
@@ -94,3 +95,4 @@ register_conv("static", _static)
 register_conv("dynamic", functools.partial(DynamicConv2d, routing="softmax"))
 register_conv("condconv", functools.partial(DynamicConv2d, routing="sigmoid"))
 register_conv("odconv", ODConv2d)
+register_conv("drconv", DRConv2d)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._conv_args import PaddingArg, parse_geometry
+from .layers.drconv import DRConv2d
 from .layers.dynamic import DynamicConv2d
 from .layers.odconv import ODConv2d
 
@@ -125,3 +126,98 @@ def reference_odconv2d(layer: ODConv2d, x: Tensor) -> Tensor:
         x, weight, bias, layer.stride, layer.padding, layer.dilation, layer.groups,
         layer.padding_mode,
     )
+
+
+# -- DRConv --------------------------------------------------------------------------------------
+
+
+def reference_region_conv2d(
+    x: Tensor,
+    weight: Tensor,
+    guide: Tensor,
+    bias: Tensor | None = None,
+    stride=1,
+    padding: PaddingArg = 0,
+    dilation=1,
+    groups: int = 1,
+    padding_mode: str = "zeros",
+) -> Tensor:
+    """One ``F.conv2d`` per sample and output pixel: its receptive field with its region's kernel.
+
+    x [N, C_in, H, W], weight [N, R, C_out, C_in/g, kH, kW], guide [N, R, H_out, W_out] (region =
+    argmax over R), bias [N, R, C_out] -> [N, C_out, H_out, W_out].
+
+    The guide's straight-through softmax gradient comes from adding
+    ``sum_r (s_r - s_r.detach()) * y_r.detach()`` (``s = softmax(guide)``, ``y_r`` region r's
+    output at every pixel, one ``F.conv2d`` per sample): exactly zero forward, and autograd's
+    softmax gives the gradient.
+    """
+    kh, kw = weight.shape[-2:]
+    geometry = parse_geometry((kh, kw), stride, padding, dilation, groups)
+    (sh, sw), (dh, dw) = geometry.stride, geometry.dilation
+    mode = "constant" if padding_mode == "zeros" else padding_mode
+    region_map = guide.argmax(1)
+    h_out, w_out = region_map.shape[-2:]
+    samples = []
+    for n in range(x.shape[0]):
+        xn = F.pad(x[n : n + 1], geometry.pads, mode=mode)
+        pixels = []
+        for i in range(h_out):
+            for j in range(w_out):
+                r = int(region_map[n, i, j])
+                top, left = i * sh, j * sw
+                field = xn[..., top : top + dh * (kh - 1) + 1, left : left + dw * (kw - 1) + 1]
+                b = None if bias is None else bias[n, r]
+                pixels.append(F.conv2d(field, weight[n, r], b, 1, 0, (dh, dw), groups).flatten())
+        samples.append(torch.stack(pixels, 1).reshape(-1, h_out, w_out))
+    out = torch.stack(samples)
+    everywhere = torch.stack(
+        [
+            reference_per_sample_conv2d(
+                x, weight[:, r], None if bias is None else bias[:, r], stride, padding, dilation,
+                groups, padding_mode,
+            )
+            for r in range(weight.shape[1])
+        ],
+        1,
+    )
+    s = guide.softmax(1).unsqueeze(2)
+    return out + ((s - s.detach()) * everywhere.detach()).sum(1)
+
+
+def reference_drconv_kernels(layer: DRConv2d, x: Tensor) -> Tensor:
+    """The R kernels per sample [N, R, C_out, C_in/g, kH, kW] of a :class:`DRConv2d`, from its
+    parameters: pool to kH x kW, 1x1 conv to R*R, sigmoid, 1x1 conv with R groups."""
+    num_regions, (kh, kw) = layer.num_regions, layer.kernel_size
+    first, last = layer.conv_kernel[1], layer.conv_kernel[3]
+    pooled = F.adaptive_avg_pool2d(x, (kh, kw))
+    hidden = torch.einsum("ci,nihw->nchw", first.weight.flatten(1), pooled)
+    hidden = torch.sigmoid(hidden + first.bias.reshape(1, -1, 1, 1))
+    hidden = hidden.reshape(x.shape[0], num_regions, num_regions, kh, kw)
+    w = last.weight.reshape(num_regions, -1, num_regions)
+    kernels = torch.einsum("rkj,nrjhw->nrkhw", w, hidden)
+    kernels = kernels + last.bias.reshape(1, num_regions, -1, 1, 1)
+    return kernels.reshape(
+        x.shape[0], num_regions, layer.out_channels, layer.in_channels // layer.groups, kh, kw
+    )
+
+
+def reference_drconv_guide(layer: DRConv2d, x: Tensor) -> Tensor:
+    """The guide logits divided by the temperature [N, R, H_out, W_out] of a :class:`DRConv2d`."""
+    geometry = parse_geometry(layer.kernel_size, layer.stride, layer.padding, layer.dilation)
+    mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
+    xp = F.pad(x, geometry.pads, mode=mode)
+    guide = F.conv2d(xp, layer.conv_guide.weight, layer.conv_guide.bias, layer.stride, 0,
+                     layer.dilation)
+    return guide / layer.temperature.to(guide.dtype)
+
+
+def reference_drconv2d(layer: DRConv2d, x: Tensor) -> Tensor:
+    """What a :class:`DRConv2d` computes, one pixel at a time, with the guide's gradient."""
+    kernels = reference_drconv_kernels(layer, x)
+    guide = reference_drconv_guide(layer, x)
+    conv = (layer.stride, layer.padding, layer.dilation, layer.groups, layer.padding_mode)
+    out = reference_region_conv2d(x, kernels, guide, None, *conv)
+    if layer.bias is not None:
+        out = out + layer.bias.reshape(1, -1, 1, 1)
+    return out

@@ -1,0 +1,192 @@
+"""``DRConv2d``: dynamic region-aware convolution, R kernels per sample assigned to pixels by a
+learned guide."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .._conv_args import PaddingArg, check_int
+from ..functional import RegionMethod, assign_regions, region_conv2d
+from .base import DynamicConvBase
+
+
+class DRConv2d(DynamicConvBase):
+    """Dynamic region-aware convolution (DRConv, Chen et al., CVPR 2021).
+
+    A guide convolution (C_in -> R channels, with this layer's kernel size, stride, padding and
+    dilation) assigns every output pixel to one of R regions by argmax. A filter generator makes
+    R kernels per sample from the input: adaptive average pool to kH x kW, 1x1 conv to R*R
+    channels, sigmoid, 1x1 conv with R groups to R * C_out * C_in/groups channels (region r's
+    kernel comes from the r-th group). Each output pixel is convolved with its region's kernel.
+
+    In backward, each kernel gets the gradient of its pixels; the guide gets the
+    straight-through softmax gradient ``s * (g - sum_r s * g)``, ``s = softmax(guide /
+    temperature)`` and ``g[r]`` the output gradient dotted with region r's output (see
+    :func:`dynconv.functional.region_conv2d`).
+
+    Takes ``nn.Conv2d``'s arguments; the keyword-only ones are the layer's own.
+
+    Args:
+        bias: a static bias [C_out] shared by all regions. Off by default: the reference layout
+            has none, and the layer is meant to be followed by a normalisation.
+        num_regions: R, the number of regions (and of kernels per sample).
+        temperature: divides the guide logits. The argmax does not change, so it only scales the
+            guide's softmax gradient (1 is the reference behaviour). Saved in the state_dict.
+
+    Parameters (state_dict layout of the reference code, seed 003):
+        ``conv_kernel.1.{weight [R*R, C_in, 1, 1], bias [R*R]}``,
+        ``conv_kernel.3.{weight [R * C_out * C_in/g, R, 1, 1], bias [R * C_out * C_in/g]}``,
+        ``conv_guide.{weight [R, C_in, kH, kW], bias [R]}``, ``bias`` [C_out] if ``bias=True``,
+        and the buffer ``temperature``.
+
+    Attributes:
+        method: the formulation handed to :func:`~dynconv.functional.region_conv2d`, ``'auto'``
+            by default; ``'dense'`` avoids data-dependent shapes (export), ``'restricted'``
+            computes each pixel with its own region's kernel only.
+        last_region_map: the region of every output pixel in the last forward, [N, H_out, W_out]
+            (int64, detached; [H_out, W_out] for an unbatched input), or ``None`` before the
+            first forward.
+
+    Shapes: input [N, C_in, H, W] or [C_in, H, W] -> output [N, C_out, H_out, W_out] (or
+    [C_out, H_out, W_out]), H_out and W_out as for ``nn.Conv2d``.
+    """
+
+    method: RegionMethod
+    last_region_map: Tensor | None
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: PaddingArg = 0,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        bias: bool = False,
+        padding_mode: str = "zeros",
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+        *,
+        num_regions: int = 8,
+        temperature: float = 1.0,
+    ) -> None:
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+            padding_mode, temperature, device, dtype,
+        )
+        self.num_regions = check_int(num_regions, "num_regions")
+        if not isinstance(bias, bool):
+            raise TypeError(f"bias must be a bool, got {bias!r}")
+        kw = self._factory_kwargs
+        r = self.num_regions
+        kernel_numel = out_channels * (in_channels // self.groups)
+        self.conv_kernel = nn.Sequential(
+            nn.AdaptiveAvgPool2d(self.kernel_size),
+            nn.Conv2d(in_channels, r * r, 1, **kw),
+            nn.Sigmoid(),
+            nn.Conv2d(r * r, r * kernel_numel, 1, groups=r, **kw),
+        )
+        self.conv_guide = nn.Conv2d(
+            in_channels, r, self.kernel_size, self.stride, self.padding, self.dilation,
+            padding_mode=padding_mode, **kw,
+        )
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_channels, **kw))
+        else:
+            self.register_parameter("bias", None)
+        self.method = "auto"
+        self.last_region_map = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Initialise as ``nn.Conv2d`` does, except the last generator conv, scaled so that the
+        generated kernels start at about the scale of an ``nn.Conv2d`` kernel of this shape."""
+        for conv in (self.conv_kernel[1], self.conv_guide):
+            conv.reset_parameters()
+        # A generated weight is sum_j w_j s_j + b over R sigmoid outputs s_j (about 1/2): with
+        # w, b ~ U(-a, a) its variance is about a^2 / 3 * (R / 4 + 1), and nn.Conv2d's is
+        # 1 / (3 fan_in).
+        fan_in = self.in_channels // self.groups * self.kernel_size[0] * self.kernel_size[1]
+        bound = 1 / math.sqrt(fan_in * (self.num_regions / 4 + 1))
+        nn.init.uniform_(self.conv_kernel[3].weight, -bound, bound)
+        nn.init.uniform_(self.conv_kernel[3].bias, -bound, bound)
+        if self.bias is not None:
+            bound = 1 / math.sqrt(fan_in)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def region_kernels(self, x: Tensor) -> Tensor:
+        """The R kernels of every sample [N, R, C_out, C_in/g, kH, kW] for input [N, C_in, H, W].
+
+        ``conv_kernel`` computes them, except that its last (grouped 1x1) conv runs as one
+        batched matrix product, about twice as fast, whose output is laid out [R, N, kH, kW,
+        C_in/g, C_out]: the pixel-row order of ``region_conv2d(method='restricted')``. The
+        result is a view of it in the usual order.
+        """
+        n, r, (kh, kw) = x.shape[0], self.num_regions, self.kernel_size
+        c_out, c_in_g = self.out_channels, self.in_channels // self.groups
+        pool, first, sigmoid, last = self.conv_kernel
+        hidden = sigmoid(first(pool(x)))  # [N, R * R, kH, kW]
+        hidden = hidden.reshape(n, r, r, kh * kw).permute(1, 0, 3, 2).reshape(r, n * kh * kw, r)
+        weight = last.weight.reshape(r, c_out, c_in_g, r).permute(0, 3, 2, 1)
+        bias = last.bias.reshape(r, 1, c_out, c_in_g).transpose(2, 3)
+        kernels = torch.baddbmm(
+            bias.reshape(r, 1, c_in_g * c_out), hidden, weight.reshape(r, r, c_in_g * c_out)
+        )
+        return kernels.reshape(r, n, kh, kw, c_in_g, c_out).permute(1, 0, 5, 4, 2, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x, unbatched = self._check_input(x)
+        xp, padding = self._pad(x)
+        kernels = self.region_kernels(x).to(xp.dtype)
+        guide = self._guide(xp, padding)
+        out = region_conv2d(
+            xp, kernels, guide, None, **self._conv_kwargs(padding), method=self.method
+        )
+        if self.bias is not None:
+            out = out + self.bias.reshape(1, -1, 1, 1)
+        region_map = assign_regions(guide.detach())
+        self.last_region_map = region_map.squeeze(0) if unbatched else region_map
+        return out.squeeze(0) if unbatched else out
+
+    def _guide(self, xp: Tensor, padding: Any) -> Tensor:
+        """Guide logits over the temperature [N, R, H_out, W_out], on the padded input."""
+        conv = self.conv_guide
+        guide = nn.functional.conv2d(
+            xp, conv.weight, conv.bias, self.stride, padding, self.dilation
+        )
+        return guide / self.temperature.to(guide.dtype)
+
+    @torch.no_grad()
+    def init_from_conv(self, conv: nn.Conv2d) -> None:
+        """Start a converted layer: a fresh initialisation (``reset_parameters``) with the static
+        bias copied. A generated kernel varies over its kH x kW positions only through the pooled
+        input, so no setting of the generator reproduces a given static kernel: the converted
+        model does not start where the static one was (unlike the kernel-bank layers)."""
+        self.reset_parameters()
+        if conv.bias is not None:
+            self.bias = nn.Parameter(conv.bias.detach().clone().to(self.conv_guide.weight.dtype))
+
+    @torch.no_grad()
+    def fold_output_affine(self, scale: Tensor, shift: Tensor) -> None:
+        """Fold ``scale * y + shift`` ([C_out] each) into the layer, exactly: output channel o of
+        every generated kernel is scaled (the generator's last conv, whose channels are ordered
+        (region, C_out, C_in/g)), and the shift goes into the static bias (created if needed).
+        The region map does not depend on the kernels, so it is unchanged."""
+        last = self.conv_kernel[3]
+        per_channel = scale.to(last.weight.dtype).repeat_interleave(self.in_channels // self.groups)
+        factor = per_channel.repeat(self.num_regions)
+        last.weight.mul_(factor.reshape(-1, 1, 1, 1))
+        last.bias.mul_(factor)
+        bias = torch.zeros_like(scale) if self.bias is None else self.bias
+        self.bias = nn.Parameter((bias * scale + shift).to(last.weight.dtype))
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr() + f", num_regions={self.num_regions}"
+        if self.bias is not None:
+            s += ", bias=True"
+        return s
