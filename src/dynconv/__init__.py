@@ -2,11 +2,16 @@
 
 from . import functional
 from .checkpoint import LoadResult, load_checkpoint
+from .counters import register_thop
+from .fold import fold
 from .functional import mixture_conv2d, per_sample_conv2d, region_conv2d
 from .layers import DRConv2d, DynamicConv2d, DynamicConvBase, KernelBankConv, ODConv2d
 from .temperature import dynamic_layers, get_temperature, set_temperature, temperatures
 
 __version__ = "0.1.0"
+
+# thop (Ultralytics' FLOP counter), if installed, counts the dynamic layers from now on
+register_thop()
 
 __all__ = [
     "DRConv2d",
@@ -16,12 +21,14 @@ __all__ = [
     "LoadResult",
     "ODConv2d",
     "dynamic_layers",
+    "fold",
     "functional",
     "get_temperature",
     "load_checkpoint",
     "mixture_conv2d",
     "per_sample_conv2d",
     "region_conv2d",
+    "register_thop",
     "set_temperature",
     "temperatures",
 ]

@@ -1,4 +1,4 @@
-"""The ``dynconv`` command: ``compare``, ``train`` and ``list``."""
+"""The ``dynconv`` command: ``compare``, ``train``, ``profile``, ``fold`` and ``list``."""
 
 from __future__ import annotations
 
@@ -23,6 +23,9 @@ Dynamic convolutions for PyTorch: compare convolution types, train models.
   dynconv train --model resnet18 --conv-type odconv --data ~/data/cifar-10-batches-py
   dynconv train --out DIR --resume          continue a stopped run
   dynconv list                    models, convolution types, data sources, schedules
+  dynconv profile resnet18 --conv-type dynamic --batch-sizes 1 32
+                                  parameters, MACs, latency and memory beside static convs
+  dynconv fold runs/train-...     fold a trained run's dynamic layers into static convs
 
 Run 'dynconv COMMAND --help' for the options of each command."""
 
@@ -136,6 +139,46 @@ def _build_parser() -> argparse.ArgumentParser:
                             "(default: 0)")
     _add_training_options(train, compare=False)
 
+    profile = commands.add_parser(
+        "profile", help="cost per layer and in total, beside the same model with static convs",
+        description="Parameters and MACs per layer (the per-sample convolution, the attention "
+                    "branch and the kernel aggregation; see docs/tools.md) and in total, "
+                    "latency (median after warm-up) and peak memory at each batch size, side by "
+                    "side with the same model built with nn.Conv2d of the same geometry.")
+    profile.add_argument("model", metavar="MODEL", help="a model of 'dynconv list'")
+    profile.add_argument("--conv-type", default=None, metavar="TYPE",
+                         help="convolution type (default: the model's own)")
+    profile.add_argument("--model-arg", dest="model_args", type=_key_value, action="append",
+                         default=[], metavar="KEY=VALUE", help="keyword for the model, repeatable")
+    profile.add_argument("--input-size", type=int, nargs=3, default=(3, 32, 32),
+                         metavar=("C", "H", "W"), help="one image (default: 3 32 32)")
+    profile.add_argument("--batch-sizes", type=int, nargs="+", default=(1, 32), metavar="N",
+                         help="batch sizes for latency and memory (default: 1 32)")
+    profile.add_argument("--device", default="cpu", help="(default: cpu)")
+    profile.add_argument("--min-run-time", type=float, default=0.5, metavar="S",
+                         help="seconds of timed runs per model and batch size (default: 0.5)")
+    profile.add_argument("--no-timing", dest="timing", action="store_false",
+                         help="parameters and MACs only")
+    profile.add_argument("--threads", type=int, default=None, metavar="N",
+                         help="CPU threads for torch (default: torch's choice)")
+
+    fold = commands.add_parser(
+        "fold", help="fold a trained run's dynamic layers into static convolutions",
+        description="Replace each dynamic layer of the model of a 'dynconv train' run by the "
+                    "nn.Conv2d whose kernel is the layer's effective kernel averaged over "
+                    "calibration images from the training split; report how much each layer's "
+                    "kernel varies, the test accuracy before and after and the speed-up, and "
+                    "save the folded state_dict. Trains nothing.")
+    fold.add_argument("run", metavar="RUN_DIR", help="output folder of 'dynconv train'")
+    fold.add_argument("--calibration-size", type=int, default=512, metavar="N",
+                      help="training images used to calibrate (default: 512)")
+    fold.add_argument("--tolerance", type=float, default=0.1,
+                      help="flag layers whose relative kernel spread exceeds this (default: 0.1)")
+    fold.add_argument("--out", default=None, metavar="FILE",
+                      help="where to save the folded state_dict (default: RUN_DIR/folded.pt)")
+    fold.add_argument("--threads", type=int, default=None, metavar="N",
+                      help="CPU threads for torch (default: torch's choice)")
+
     commands.add_parser("list", help="models, convolution types, data sources and schedules",
                         description="List what the other commands accept.")
     return parser
@@ -217,6 +260,48 @@ def _run_list() -> int:
     return 0
 
 
+def _run_profile(args: argparse.Namespace) -> int:
+    import torch
+
+    from .profile import build_model, profile_model
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    model = build_model(args.model, args.conv_type, dict(args.model_args), args.input_size)
+    report = profile_model(model, args.input_size, args.batch_sizes, args.device,
+                           args.min_run_time, args.timing)
+    print(f"{args.model} ({args.conv_type or 'its own conv type'})")
+    print(report)
+    return 0
+
+
+def _run_fold(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from .fold import fold
+    from .resume import write_atomically
+    from .train import load_trained
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    model, dataset, _ = load_trained(args.run)
+    if args.calibration_size < 1:
+        raise ValueError(f"--calibration-size must be >= 1, got {args.calibration_size}")
+    images = dataset.normalize(dataset.train.images[: args.calibration_size])
+    calibration = images.split(256)
+    test = list(zip(dataset.normalize(dataset.test.images).split(500),
+                    dataset.test.labels.split(500)))
+    report = fold(model, calibration, test, tolerance=args.tolerance)
+    print(report)
+    out = Path(args.out) if args.out else Path(args.run) / "folded.pt"
+    write_atomically(out, lambda f: torch.save(report.model.state_dict(), f))
+    print(f"saved the folded state_dict to {out} (load it into "
+          "dynconv.convert.static_twin(model))")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status (2 for a usage error, 130 if stopped by
     Ctrl-C after saving)."""
@@ -230,6 +315,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_list()
         if args.command == "train":
             return _run_train(args)
+        if args.command == "profile":
+            return _run_profile(args)
+        if args.command == "fold":
+            return _run_fold(args)
         return _run_compare(args)
     except (ValueError, TypeError) as error:
         print(f"dynconv {args.command}: error: {error}", file=sys.stderr)

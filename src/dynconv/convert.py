@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -169,3 +170,46 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     if not name:
         raise ValueError("convert() cannot replace the model itself; wrap it in a container")
     setattr(parent, child, new)
+
+
+# -- the other direction: dynamic layers back to static convolutions ------------------------------
+
+
+def static_conv_like(layer: DynamicConvBase) -> nn.Conv2d:
+    """A fresh ``nn.Conv2d`` with the geometry of the dynamic ``layer`` (channels, kernel size,
+    stride, padding, dilation, groups, padding mode, bias or not), on its device and dtype."""
+    if not isinstance(layer, DynamicConvBase):
+        raise TypeError(f"expected one of dynconv's dynamic layers, got {type(layer).__name__}")
+    weight = next(layer.parameters())
+    return nn.Conv2d(
+        layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride,
+        padding=layer.padding, dilation=layer.dilation, groups=layer.groups,
+        bias=getattr(layer, "bias", None) is not None, padding_mode=layer.padding_mode,
+        device=weight.device, dtype=weight.dtype,
+    )
+
+
+def dynamic_layer_names(model: nn.Module) -> list[str]:
+    """Names of the dynamic layers of ``model`` (outermost only), in module order."""
+    names: list[str] = []
+    for name, module in model.named_modules():
+        if isinstance(module, DynamicConvBase) and not any(
+            name.startswith(prefix + ".") for prefix in names
+        ):
+            names.append(name)
+    return names
+
+
+def static_twin(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every dynamic layer replaced by :func:`static_conv_like` (freshly
+    initialised weights): the same network built with static convolutions, to compare costs."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(model, DynamicConvBase):
+        return static_conv_like(model)
+    twin = copy.deepcopy(model)
+    for name in dynamic_layer_names(twin):
+        conv = static_conv_like(twin.get_submodule(name))
+        conv.train(twin.training)
+        _replace(twin, name, conv)
+    return twin

@@ -1,16 +1,36 @@
-"""What a model costs: parameters, multiply-accumulates and inference latency."""
+"""What a model costs: parameters, multiply-accumulates, inference latency and peak memory.
+
+MACs of the package's layers are counted by one analytic rule per layer type (see
+:func:`layer_macs` and docs/tools.md), not by what a counter sees run: the mixture formulation
+that the dispatch rule picks (``'mixout'`` runs K dense convolutions) changes the work done, not
+what the layer costs.
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .layers.base import DynamicConvBase
+from .layers.dynamic import DynamicConv2d
+from .layers.odconv import ODConv2d
 from .temperature import TemperatureSchedule, set_temperature
 
-__all__ = ["count_macs", "count_parameters", "inference_latency_ms"]
+__all__ = [
+    "LayerMacs",
+    "conv_layer_macs",
+    "count_macs",
+    "count_parameters",
+    "inference_latency_ms",
+    "layer_macs",
+    "peak_memory_bytes",
+    "register_mac_rule",
+]
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -18,27 +38,210 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+# -- the analytic rule ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerMacs:
+    """Multiply-accumulates of one convolution layer for one image.
+
+    ``conv``: the (per-sample) convolution, ``C_out * C_in/groups * kH * kW * H_out * W_out``;
+    ``attention``: the attention branch's 1x1 convolutions on the pooled input;
+    ``aggregation``: mixing the kernel bank into the sample's kernel, ``K * C_out * C_in/groups *
+    kH * kW`` (plus ``K * C_out`` for a bias bank).
+    """
+
+    conv: int
+    attention: int = 0
+    aggregation: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.conv + self.attention + self.aggregation
+
+
+MacRule = Callable[[nn.Module, tuple[int, int]], LayerMacs]
+_MAC_RULES: dict[type, MacRule] = {}
+
+
+def register_mac_rule(layer_type: type, rule: MacRule) -> None:
+    """Count layers of ``layer_type`` (and its subclasses) with ``rule(layer, (H_in, W_in))``."""
+    if not isinstance(layer_type, type) or not callable(rule):
+        raise TypeError(f"expected a class and a callable, got {layer_type!r} and {rule!r}")
+    _MAC_RULES[layer_type] = rule
+
+
+def _rule_for(layer: nn.Module) -> MacRule | None:
+    for cls in type(layer).__mro__:
+        if cls in _MAC_RULES:
+            return _MAC_RULES[cls]
+    return None
+
+
+def layer_macs(layer: nn.Module, input_size: tuple[int, int]) -> LayerMacs:
+    """The analytic MACs of ``layer`` (``nn.Conv2d`` or a dynamic layer) for one image of
+    spatial size ``input_size`` (H_in, W_in); raise ``TypeError`` for a layer without a rule."""
+    rule = _rule_for(layer)
+    if rule is None:
+        raise TypeError(
+            f"no MAC rule for {type(layer).__name__}; expected nn.Conv2d or one of "
+            f"{sorted(t.__name__ for t in _MAC_RULES)} (see register_mac_rule)"
+        )
+    return rule(layer, tuple(input_size))
+
+
+def _output_size(layer: nn.Module, input_size: tuple[int, int]) -> tuple[int, int]:
+    """H_out, W_out of a layer with ``nn.Conv2d``'s geometry attributes."""
+    if isinstance(layer, DynamicConvBase):
+        return layer._geometry.output_size(*input_size)
+    if isinstance(layer.padding, str):  # 'same' keeps the size (stride 1), 'valid' pads nothing
+        padding = (0, 0) if layer.padding == "valid" else None
+    else:
+        padding = layer.padding
+    if padding is None:
+        return tuple(input_size)
+    return tuple(
+        (size + 2 * p - d * (k - 1) - 1) // s + 1
+        for size, p, d, k, s in zip(input_size, padding, layer.dilation, layer.kernel_size,
+                                    layer.stride)
+    )
+
+
+def _kernel_numel(layer: nn.Module) -> int:
+    """Elements of one kernel: C_out * C_in/groups * kH * kW."""
+    kh, kw = layer.kernel_size
+    return layer.out_channels * (layer.in_channels // layer.groups) * kh * kw
+
+
+def _conv_part(layer: nn.Module, input_size: tuple[int, int]) -> int:
+    h_out, w_out = _output_size(layer, input_size)
+    return _kernel_numel(layer) * h_out * w_out
+
+
+def _pooled_convs(module: nn.Module) -> int:
+    """MACs of the convolutions of an attention branch applied to a pooled (1x1) input."""
+    return sum(_kernel_numel(m) for m in module.modules() if isinstance(m, nn.Conv2d))
+
+
+def _static_rule(layer: nn.Conv2d, input_size: tuple[int, int]) -> LayerMacs:
+    return LayerMacs(_conv_part(layer, input_size))
+
+
+def _bank_mixing(layer: DynamicConvBase, mixes_bias: bool) -> int:
+    """K kernels (and, if ``mixes_bias``, K biases) mixed into one per sample."""
+    bias = layer.num_kernels * layer.out_channels if mixes_bias else 0
+    return layer.num_kernels * _kernel_numel(layer) + bias
+
+
+def _dynamic_rule(layer: DynamicConv2d, input_size: tuple[int, int]) -> LayerMacs:
+    conv = _conv_part(layer, input_size)
+    if layer.is_static:  # one kernel, softmax: a plain convolution, no attention computed
+        return LayerMacs(conv)
+    mixing = _bank_mixing(layer, layer.bias is not None)
+    return LayerMacs(conv, _pooled_convs(layer.attention), mixing)
+
+
+def _odconv_rule(layer: ODConv2d, input_size: tuple[int, int]) -> LayerMacs:
+    conv = _conv_part(layer, input_size)
+    attention = _pooled_convs(layer.attention)
+    if layer.is_pointwise_static:  # 1x1, K = 1: the bank is the kernel, nothing is mixed
+        return LayerMacs(conv, attention)
+    # with K = 1 there is no kernel attention: the one bias is added as it is
+    mixing = _bank_mixing(layer, layer.bias is not None and layer.num_kernels > 1)
+    return LayerMacs(conv, attention, mixing)
+
+
+register_mac_rule(nn.Conv2d, _static_rule)
+register_mac_rule(DynamicConv2d, _dynamic_rule)
+register_mac_rule(ODConv2d, _odconv_rule)
+
+
+def _counted_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The layers with a MAC rule, outermost only (not the convolutions inside a dynamic layer)."""
+    found: list[tuple[str, nn.Module]] = []
+    dynamic: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix + ".") for prefix in dynamic):
+            continue
+        if isinstance(module, DynamicConvBase):
+            dynamic.append(name)
+        if _rule_for(module) is not None:
+            found.append((name, module))
+    return found
+
+
+def conv_layer_macs(model: nn.Module, inputs: Tensor) -> dict[str, tuple[nn.Module, LayerMacs]]:
+    """Per convolution layer (static or dynamic, by module name): the layer and its analytic MACs
+    per image on ``inputs`` [N, C, H, W], summed over the calls of the forward pass; in eval
+    mode without gradients. Layers that did not run are left out."""
+    layers = _counted_layers(model)
+    seen: dict[str, list[tuple[int, int]]] = {}
+
+    def recorder(name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            seen.setdefault(name, []).append(tuple(args[0].shape[-2:]))
+        return hook
+
+    handles = [m.register_forward_pre_hook(recorder(n)) for n, m in layers]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    result = {}
+    for name, module in layers:
+        if name in seen:
+            parts = [layer_macs(module, size) for size in seen[name]]
+            result[name] = (module, LayerMacs(sum(p.conv for p in parts),
+                                              sum(p.attention for p in parts),
+                                              sum(p.aggregation for p in parts)))
+    return result
+
+
 def count_macs(model: nn.Module, inputs: Tensor) -> float:
     """Multiply-accumulates per image of an inference forward pass on ``inputs`` [N, C, H, W].
 
-    Counted by ``torch.utils.flop_counter.FlopCounterMode`` on what actually runs: every
-    convolution (the per-sample ones included, whatever their groups) and matrix product,
-    those of the attention branches and of the kernel aggregation included. Element-wise work
-    (activations, normalisation, attention scaling) is not counted, as in the published tables.
-    The model is evaluated in eval mode at the final temperature, then put back as it was.
+    The package's dynamic layers are counted by their analytic rule (:func:`layer_macs`: the
+    per-sample convolution, the attention branch and the kernel aggregation), whatever
+    formulation ran; everything else by ``torch.utils.flop_counter.FlopCounterMode`` on what
+    runs (convolutions, matrix products, linear layers). Element-wise work (activations,
+    normalisation, pooling, attention scaling) is not counted, as in the published tables. The
+    model is evaluated in eval mode at the final temperature, then put back as it was.
     """
     was_training = model.training
     model.eval()
     set_temperature(model, TemperatureSchedule.final)
+    counter = FlopCounterMode(display=False)
+    inside: list[float] = []  # FLOPs the counter saw inside each dynamic layer call
+    analytic: list[int] = []
+    handles = []
+    for module in model.modules():
+        if isinstance(module, DynamicConvBase):
+            def before(m, args):
+                inside.append(-counter.get_total_flops())
+                analytic.append(layer_macs(m, tuple(args[0].shape[-2:])).total)
+
+            def after(m, args, output):
+                inside[-1] += counter.get_total_flops()
+
+            handles += [module.register_forward_pre_hook(before),
+                        module.register_forward_hook(after)]
     try:
-        counter = FlopCounterMode(display=False)
         with torch.no_grad(), counter:
             model(inputs)
     finally:
+        for handle in handles:
+            handle.remove()
         model.train(was_training)
-    return counter.get_total_flops() / 2 / inputs.shape[0]
+    other = (counter.get_total_flops() - sum(inside)) / 2 / inputs.shape[0]
+    return other + sum(analytic)
 
 
+# -- time and memory ----------------------------------------------------------------------------
 def inference_latency_ms(model: nn.Module, inputs: Tensor, min_run_time: float = 0.5) -> float:
     """Median wall time (ms) of one inference forward pass on ``inputs``, in eval mode, without
     gradients, at the final temperature, with all of torch's threads.
@@ -75,3 +278,39 @@ def _import_benchmark():
     finally:
         logger.setLevel(level)
     return benchmark
+
+
+def peak_memory_bytes(model: nn.Module, inputs: Tensor) -> int:
+    """Peak bytes of tensor memory allocated during one inference forward pass on ``inputs``
+    (activations and temporaries; the parameters and ``inputs``, allocated before, are not
+    included), in eval mode without gradients, at the final temperature.
+
+    On CUDA: ``torch.cuda.max_memory_allocated`` above what was allocated before the pass. On
+    the CPU: the running total of the allocations and frees that ``torch.profiler`` records with
+    ``profile_memory=True``, in the order they happened.
+    """
+    was_training = model.training
+    model.eval()
+    set_temperature(model, TemperatureSchedule.final)
+    try:
+        with torch.no_grad():
+            model(inputs)  # warm-up: lazy initialisation and caches are not the pass's memory
+            if inputs.device.type == "cuda":
+                torch.cuda.synchronize(inputs.device)
+                before = torch.cuda.memory_allocated(inputs.device)
+                torch.cuda.reset_peak_memory_stats(inputs.device)
+                model(inputs)
+                torch.cuda.synchronize(inputs.device)
+                return torch.cuda.max_memory_allocated(inputs.device) - before
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
+                model(inputs)
+    finally:
+        model.train(was_training)
+    events = [e for e in prof.profiler.kineto_results.events()
+              if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
+    current = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        current += event.nbytes()
+        peak = max(peak, current)
+    return peak

@@ -57,8 +57,8 @@ from .resume import (
 )
 from .temperature import TEMPERATURE_SCHEDULES, TemperatureSchedule, set_temperature
 
-__all__ = ["LR_SCHEDULES", "TrainConfig", "TrainResult", "config_for_resume", "resolve_defaults",
-           "train"]
+__all__ = ["LR_SCHEDULES", "TrainConfig", "TrainResult", "config_for_resume", "load_trained",
+           "resolve_defaults", "train"]
 
 LR_SCHEDULES = ("cosine", "multistep", "constant")
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -392,6 +392,27 @@ def config_for_resume(out: str | Path, overrides: dict[str, Any]) -> TrainConfig
     changed = {k: v for k, v in overrides.items() if k not in TrainConfig.RUNTIME_FIELDS}
     check_same_config(stored, {**stored, **changed}, changed, path)
     return TrainConfig.from_dict({**stored, **overrides, "out": str(out)})
+
+
+def load_trained(out: str | Path) -> tuple[nn.Module, Dataset, TrainConfig]:
+    """The model of the run in ``out`` (from ``model.pt``, or the last checkpoint of an unfinished
+    run) in eval mode on the CPU, its dataset, and its configuration (from ``config.json``)."""
+    out = Path(out)
+    if not (out / CONFIG_NAME).is_file():
+        raise ValueError(f"{str(out)!r} is not the output folder of 'dynconv train' (no "
+                         f"{CONFIG_NAME})")
+    config = TrainConfig.from_dict(json.loads((out / CONFIG_NAME).read_text()))
+    if (out / MODEL_NAME).is_file():
+        state = torch.load(out / MODEL_NAME, map_location="cpu", weights_only=True)
+    else:
+        state = read_checkpoint(out / CHECKPOINT_NAME)["model"]
+    dataset = load_dataset(config.data, config.image_size)
+    model = create_model_for_data(config.model, config.conv_type, dataset.num_classes,
+                                  dataset.in_channels, min(dataset.image_size),
+                                  **config.model_args)
+    model.load_state_dict(state)
+    set_temperature(model, TemperatureSchedule.final)
+    return model.eval(), dataset, config
 
 
 def _autocast(device: torch.device, enabled: bool):

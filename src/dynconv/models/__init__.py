@@ -63,7 +63,7 @@ def fixed_conv_type(name: str) -> str | None:
 def create_model_for_data(
     name: str,
     conv_type: str | None,
-    num_classes: int,
+    num_classes: int | None,
     in_channels: int,
     image_size: int,
     **kwargs: Any,
@@ -73,6 +73,7 @@ def create_model_for_data(
     ResNets get the CIFAR stem (3x3 convolution, no max-pool) for images up to 64 pixels unless
     ``stem`` is given. ``conv_type=None`` takes the model's own type (static, or ODConv for the
     ``od_*`` zoo); a zoo model asked for another type raises a ``ValueError``.
+    ``num_classes=None`` keeps the model's default.
     """
     fixed = fixed_conv_type(name)
     if fixed is not None:
@@ -83,7 +84,9 @@ def create_model_for_data(
         kwargs["conv_type"] = "static" if conv_type is None else conv_type
     if "resnet" in name:
         kwargs.setdefault("stem", "cifar" if image_size <= 64 else "imagenet")
-    return create_model(name, num_classes=num_classes, in_channels=in_channels, **kwargs)
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    return create_model(name, in_channels=in_channels, **kwargs)
 
 
 __all__ = [

@@ -1,0 +1,61 @@
+"""Make the FLOP counters that users already run count the dynamic layers right.
+
+thop (``ultralytics-thop``, what Ultralytics' ``model.info()`` calls) counts a module by a rule
+looked up by its type, zero for a type it does not know, and does not see the ``F.conv2d`` that
+a custom module calls: a dynamic layer would count only its attention branch.
+:func:`thop_ops` gives rules for ``thop.profile(..., custom_ops=thop_ops())``, and
+:func:`register_thop` (called by ``import dynconv``) puts them in thop's own table, so that a
+plain ``thop.profile(model, inputs=...)`` counts them too. Each rule adds the layer's analytic
+convolution and kernel-aggregation MACs (:func:`dynconv.cost.layer_macs`); thop counts the
+attention branch itself through its ``nn.Conv2d`` children (ultralytics-thop >= 2.2 adds a
+module's rule to its children's counts).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from collections.abc import Callable
+
+from torch import Tensor, nn
+
+from .cost import layer_macs
+from .layers.dynamic import DynamicConv2d
+from .layers.odconv import ODConv2d
+
+__all__ = ["register_thop", "thop_ops"]
+
+_THOP_LAYERS = (DynamicConv2d, ODConv2d)
+
+
+def _count_dynamic(module: nn.Module, inputs: tuple, output: Tensor) -> None:
+    """thop rule: add the convolution and aggregation MACs of the whole batch to
+    ``module.total_ops`` (the attention's convolutions are thop's own children)."""
+    x = inputs[0]
+    batch = 1 if x.dim() == 3 else x.shape[0]
+    macs = layer_macs(module, tuple(x.shape[-2:]))
+    module.total_ops += batch * (macs.conv + macs.aggregation)
+
+
+def thop_ops() -> dict[type, Callable[[nn.Module, tuple, Tensor], None]]:
+    """``custom_ops`` for ``thop.profile``: a rule for each of the package's layer types."""
+    return dict.fromkeys(_THOP_LAYERS, _count_dynamic)
+
+
+def register_thop() -> bool:
+    """Add the rules of :func:`thop_ops` to thop's type-to-rule table, if thop is installed.
+
+    Idempotent, and keeps a rule a user registered before for the same type. Returns whether
+    the rules are in place (False when thop is not installed or cannot be imported).
+    """
+    if "thop" not in sys.modules and importlib.util.find_spec("thop") is None:
+        return False
+    try:
+        import thop  # noqa: F401  (``thop.profile`` is rebound to the function by the package)
+
+        table = sys.modules["thop.profile"].register_hooks
+    except Exception:  # a broken or unexpected thop must not break dynconv
+        return False
+    for layer_type, rule in thop_ops().items():
+        table.setdefault(layer_type, rule)
+    return True
