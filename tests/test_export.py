@@ -13,8 +13,10 @@ from dynconv import DynamicConv2d, ODConv2d
 from dynconv._conv_args import parse_geometry
 from dynconv.cli import main
 from dynconv.convert import convert
+from dynconv.data import load_digits
 from dynconv.export import check_onnx, export_onnx, fixed_batch_layers
 from dynconv.functional import _choose_mixture_method, _choose_per_sample_method, is_exporting
+from dynconv.train import TrainConfig, load_run, train
 
 pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -151,12 +153,22 @@ def test_clear_errors(tmp_path):
         export_onnx(layer, tmp_path / "x.onnx", torch.randn(2, 4, 5, 5), check_batches=[0])
 
 
-def test_cli_exports_a_small_model_with_check(tmp_path, capsys):
-    out = tmp_path / "cli.onnx"
-    assert main(["export", "--model", "small_cnn", "--conv-type", "odconv", "--out", str(out),
-                 "--check"]) == 0
+def test_cli_exports_a_trained_run_with_check(tmp_path, capsys):
+    # trained, so that the logits are far from zero (an untrained small_cnn's are ~1e-10)
+    run = tmp_path / "run"
+    train(TrainConfig(conv_type="odconv", model_args={"width": 8}, epochs=1, batch_size=64,
+                      temperature_epochs=1, threads=1, quiet=True, out=str(run)),
+          dataset=load_digits())
+    assert main(["export", str(run), "--check"]) == 0
     text = capsys.readouterr().out
-    assert out.is_file() and "input ['batch', 1, 8, 8]" in text
+    assert (run / "model.onnx").is_file() and "input ['batch', 1, 8, 8]" in text
     assert text.count("max abs diff") == 3
-    assert main(["export", "--out", str(out)]) == 2
+    model, _, dataset = load_run(run)
+    session = ort.InferenceSession(str(run / "model.onnx"), providers=["CPUExecutionProvider"])
+    images = dataset.normalize(dataset.test.images[:5])
+    logits = torch.from_numpy(session.run(None, {"input": images.numpy()})[0])
+    with torch.no_grad():
+        expected = model(images)
+    assert expected.abs().max() > 0.1 and torch.allclose(logits, expected, atol=ATOL)
+    assert main(["export", "--out", str(tmp_path / "x.onnx")]) == 2
     assert "either RUN_DIR" in capsys.readouterr().err
