@@ -11,7 +11,7 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH_PINS)
-	$(PY) -m pip install --quiet -e '.[dev,thop]' $(TORCH_PINS)
+	$(PY) -m pip install --quiet -e '.[dev,thop,export]' $(TORCH_PINS)
 	touch $(STAMP)
 
 # The main job: train one small network with every convolution type on the digits shipped with

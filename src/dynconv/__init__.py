@@ -3,8 +3,10 @@
 from . import functional
 from .checkpoint import LoadResult, load_checkpoint
 from .counters import register_thop
+from .export import export_onnx
 from .fold import fold
 from .functional import mixture_conv2d, per_sample_conv2d, region_conv2d
+from .inspection import AttentionCapture, inspect_attention
 from .layers import DRConv2d, DynamicConv2d, DynamicConvBase, KernelBankConv, ODConv2d
 from .temperature import dynamic_layers, get_temperature, set_temperature, temperatures
 
@@ -14,6 +16,7 @@ __version__ = "0.1.0"
 register_thop()
 
 __all__ = [
+    "AttentionCapture",
     "DRConv2d",
     "DynamicConv2d",
     "DynamicConvBase",
@@ -21,9 +24,11 @@ __all__ = [
     "LoadResult",
     "ODConv2d",
     "dynamic_layers",
+    "export_onnx",
     "fold",
     "functional",
     "get_temperature",
+    "inspect_attention",
     "load_checkpoint",
     "mixture_conv2d",
     "per_sample_conv2d",

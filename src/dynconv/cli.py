@@ -1,9 +1,11 @@
-"""The ``dynconv`` command: ``compare``, ``train``, ``profile``, ``fold`` and ``list``."""
+"""The ``dynconv`` command: ``compare``, ``train``, ``profile``, ``fold``, ``inspect``, ``export``
+and ``list``."""
 
 from __future__ import annotations
 
 import argparse
 import ast
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -22,6 +24,8 @@ Dynamic convolutions for PyTorch: compare convolution types, train models.
   dynconv compare --data DIR      the same on CIFAR-10/100 or an ImageFolder folder
   dynconv train --model resnet18 --conv-type odconv --data ~/data/cifar-10-batches-py
   dynconv train --out DIR --resume          continue a stopped run
+  dynconv inspect RUN_DIR         plot what the dynamic layers of a trained model decide
+  dynconv export RUN_DIR --check  ONNX file with a dynamic batch, checked in onnxruntime
   dynconv list                    models, convolution types, data sources, schedules
   dynconv profile resnet18 --conv-type dynamic --batch-sizes 1 32
                                   parameters, MACs, latency and memory beside static convs
@@ -179,9 +183,140 @@ def _build_parser() -> argparse.ArgumentParser:
     fold.add_argument("--threads", type=int, default=None, metavar="N",
                       help="CPU threads for torch (default: torch's choice)")
 
+    inspect = commands.add_parser(
+        "inspect", help="plot the attentions of a model's dynamic layers over a dataset",
+        description="Run a model over the test images and record what each dynamic layer "
+                    "decides: kernel attention per sample and its entropy, ODConv's channel, "
+                    "filter and spatial attentions, region maps. Writes PNG plots and "
+                    "attention_summary.csv/.json to --out.")
+    _add_model_source(inspect)
+    inspect.add_argument("--out", default=None, metavar="DIR",
+                         help="output folder (default: runs/inspect-<date>-<time>)")
+    inspect.add_argument("--batch-size", type=int, default=256, metavar="N")
+    inspect.add_argument("--limit", type=int, default=None, metavar="N",
+                         help="use the first N test images only (default: all)")
+
+    export = commands.add_parser(
+        "export", help="export a model to ONNX with a dynamic batch dimension",
+        description="Export a model to ONNX (torch's torch.export-based exporter), in eval "
+                    "mode at temperature 1 for a trained run, with a dynamic batch dimension. "
+                    "Needs the 'export' extra: pip install 'dynconv[export]'.")
+    _add_model_source(export)
+    export.add_argument("--out", default=None, metavar="FILE",
+                        help="the .onnx file (default: RUN_DIR/model.onnx, or "
+                             "<model>-<conv type>.onnx)")
+    export.add_argument("--fixed-batch", type=int, default=None, metavar="N",
+                        help="export for batch size N only (default: a dynamic batch)")
+    export.add_argument("--opset", type=int, default=None, help="ONNX opset (default: torch's)")
+    export.add_argument("--check", action="store_true",
+                        help="run the file in onnxruntime at batch sizes 1, 3 and 8 and report "
+                             "the largest absolute difference from PyTorch")
+
     commands.add_parser("list", help="models, convolution types, data sources and schedules",
                         description="List what the other commands accept.")
     return parser
+
+
+def _add_model_source(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", nargs="?", default=None, metavar="RUN_DIR",
+                        help="the output folder of 'dynconv train' (its model and data)")
+    source = parser.add_argument_group(
+        "untrained model", "instead of RUN_DIR: build a model, initialised with --seed")
+    source.add_argument("--model", default=None, metavar="NAME",
+                        help="a model of 'dynconv list'")
+    source.add_argument("--conv-type", default=None, metavar="TYPE",
+                        help="convolution type (default: the model's own)")
+    source.add_argument("--model-arg", dest="model_args", type=_key_value, action="append",
+                        default=[], metavar="KEY=VALUE", help="keyword for the model, repeatable")
+    source.add_argument("--seed", type=int, default=0, help="(default: 0)")
+    parser.add_argument("--data", default=None, metavar="SOURCE",
+                        help="images to run on and build the model for (default: the run's, "
+                             "or 'digits')")
+
+
+def _load_model(args: argparse.Namespace):
+    """(model in eval mode, dataset, a name) from RUN_DIR or --model."""
+    import torch
+
+    from .data import load_dataset
+    from .models import create_model_for_data
+    from .train import load_run
+
+    if (args.run is None) == (args.model is None):
+        raise ValueError("give either RUN_DIR (a 'dynconv train' output folder) or --model NAME")
+    if args.run is not None:
+        if args.conv_type or args.model_args:
+            raise ValueError("--conv-type and --model-arg build an untrained --model; a RUN_DIR "
+                             "keeps its own")
+        dataset = None if args.data is None else load_dataset(args.data)
+        model, _, dataset = load_run(args.run, dataset)
+        return model, dataset, Path(args.run).name
+    dataset = load_dataset(args.data or "digits")
+    torch.manual_seed(args.seed)
+    model = create_model_for_data(args.model, args.conv_type, dataset.num_classes,
+                                  dataset.in_channels, min(dataset.image_size),
+                                  **dict(args.model_args))
+    return model.eval(), dataset, f"{args.model}-{args.conv_type or 'default'}"
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    import torch
+
+    from .data import iterate_test
+    from .inspection import (
+        inspect_attention,
+        plot_kernel_attention,
+        plot_region_maps,
+        plot_spatial_attention,
+        write_summary,
+    )
+
+    for name in ("batch_size", "limit"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    model, dataset, _ = _load_model(args)
+    test = dataset.test
+    if args.limit is not None:
+        test = type(test)(test.images[: args.limit], test.labels[: args.limit])
+    batches = (dataset.normalize(images) for images, _ in iterate_test(test, args.batch_size))
+    with torch.no_grad():
+        layers = inspect_attention(model, batches)
+    out = Path(args.out or _default_out("inspect"))
+    files = write_summary(layers, out)
+    plots = {
+        "kernel_attention.png": lambda p: plot_kernel_attention(layers, p),
+        "spatial_attention.png": lambda p: plot_spatial_attention(layers, p),
+        "region_maps.png": lambda p: plot_region_maps(layers, test.images, p),
+    }
+    files += [out / name for name, plot in plots.items() if plot(out / name)]
+    for layer in layers.values():
+        if layer.kernel is not None:
+            k = layer.kernel.shape[1]
+            print(f"  {layer.name:<32} {layer.layer_type:<14} K={k}  entropy "
+                  f"{layer.entropy.mean().item():.3f} / {math.log(k):.3f} nats")
+    print(f"{len(layers)} dynamic layers over {len(test)} test images; wrote "
+          f"{', '.join(f.name for f in files)} to {out}/")
+    return 0
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from .export import export_onnx
+
+    if args.fixed_batch is not None and args.fixed_batch < 1:
+        raise ValueError(f"--fixed-batch must be >= 1, got {args.fixed_batch}")
+    model, dataset, name = _load_model(args)
+    default = Path(args.run) / "model.onnx" if args.run else Path(f"{name}.onnx")
+    path = Path(args.out) if args.out else default
+    batch = args.fixed_batch or 2
+    example = dataset.normalize(dataset.test.images[:1]).expand(batch, -1, -1, -1)
+    result = export_onnx(model, path, example, dynamic_batch=args.fixed_batch is None,
+                         opset_version=args.opset, check=args.check)
+    shape = ["batch" if result.dynamic_batch else result.batch_size, *result.input_shape]
+    print(f"wrote {result.path} (input {shape}; passes onnx.checker)")
+    for batch_size, diff in result.max_abs_diff.items():
+        print(f"  onnxruntime vs PyTorch, batch {batch_size}: max abs diff {diff:.3g}")
+    return 0
 
 
 def _training_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -282,11 +417,11 @@ def _run_fold(args: argparse.Namespace) -> int:
 
     from .fold import fold
     from .resume import write_atomically
-    from .train import load_trained
+    from .train import load_run
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    model, dataset, _ = load_trained(args.run)
+    model, _, dataset = load_run(args.run)
     if args.calibration_size < 1:
         raise ValueError(f"--calibration-size must be >= 1, got {args.calibration_size}")
     images = dataset.normalize(dataset.train.images[: args.calibration_size])
@@ -319,11 +454,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_profile(args)
         if args.command == "fold":
             return _run_fold(args)
+        if args.command == "inspect":
+            return _run_inspect(args)
+        if args.command == "export":
+            return _run_export(args)
         return _run_compare(args)
     except (ValueError, TypeError) as error:
         print(f"dynconv {args.command}: error: {error}", file=sys.stderr)
         return 2
-    except FloatingPointError as error:
+    except (FloatingPointError, ImportError) as error:
         print(f"dynconv {args.command}: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -16,6 +16,12 @@ Every layer of dynconv ends in one of these calls:
 
 All formulations compute the same result (up to floating-point rounding); ``method`` forces one,
 which the tests do in turn.
+
+While a model is traced for export (:func:`is_exporting`: ``torch.onnx.export``, ``torch.export``,
+``torch.jit.trace``), ``'auto'`` picks the formulations whose graph holds for any batch size:
+the per-sample kernels assembled with one matrix product, then ``'unfold'`` (im2col and a
+batched matrix product). The grouped formulation folds the batch into the convolution's
+``groups``, a constant of the exported graph, and would freeze the batch size.
 """
 
 from __future__ import annotations
@@ -45,6 +51,14 @@ _MIXOUT_TRAIN_MAX_PIXELS = 16
 
 def _shape(t: Tensor) -> list[int]:
     return list(t.shape)
+
+
+def is_exporting() -> bool:
+    """True while the caller is traced for export (ONNX, ``torch.export`` or TorchScript
+    tracing): ``'auto'`` then dispatches to batch-agnostic formulations only."""
+    return bool(
+        torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+    )
 
 
 def _check_input(x: Tensor) -> None:
@@ -172,6 +186,8 @@ def per_sample_conv2d(
 
 def _choose_per_sample_method(batch: int) -> str:
     """The dispatch rule of :func:`per_sample_conv2d` (see docs/performance.md)."""
+    if is_exporting():
+        return "unfold"
     return "direct" if batch == 1 else "grouped"
 
 
@@ -311,6 +327,8 @@ def mixture_conv2d(
 
 def _choose_mixture_method(x: Tensor, bank: Tensor, geometry: ConvGeometry) -> str:
     """The dispatch rule of :func:`mixture_conv2d` (see docs/performance.md)."""
+    if is_exporting():
+        return "aggregate"  # then 'unfold', see per_sample_conv2d
     if geometry.groups != 1 or x.shape[0] == 1:
         return "aggregate"
     h_out, w_out = geometry.output_size(x.shape[-2], x.shape[-1])

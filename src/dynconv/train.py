@@ -57,7 +57,7 @@ from .resume import (
 )
 from .temperature import TEMPERATURE_SCHEDULES, TemperatureSchedule, set_temperature
 
-__all__ = ["LR_SCHEDULES", "TrainConfig", "TrainResult", "config_for_resume", "load_trained",
+__all__ = ["LR_SCHEDULES", "TrainConfig", "TrainResult", "config_for_resume", "load_run",
            "resolve_defaults", "train"]
 
 LR_SCHEDULES = ("cosine", "multistep", "constant")
@@ -394,25 +394,29 @@ def config_for_resume(out: str | Path, overrides: dict[str, Any]) -> TrainConfig
     return TrainConfig.from_dict({**stored, **overrides, "out": str(out)})
 
 
-def load_trained(out: str | Path) -> tuple[nn.Module, Dataset, TrainConfig]:
-    """The model of the run in ``out`` (from ``model.pt``, or the last checkpoint of an unfinished
-    run) in eval mode on the CPU, its dataset, and its configuration (from ``config.json``)."""
+def load_run(
+    out: str | Path, dataset: Dataset | None = None
+) -> tuple[nn.Module, TrainConfig, Dataset]:
+    """Rebuild the model of the ``dynconv train`` run in the folder ``out``: its configuration
+    and weights (``model.pt`` of a finished run, else the last checkpoint's), on the CPU, in eval
+    mode at the final temperature. Returns (model, configuration, dataset); the dataset is
+    loaded from the configuration unless given (it fixes the model's input and classes)."""
     out = Path(out)
-    if not (out / CONFIG_NAME).is_file():
-        raise ValueError(f"{str(out)!r} is not the output folder of 'dynconv train' (no "
-                         f"{CONFIG_NAME})")
-    config = TrainConfig.from_dict(json.loads((out / CONFIG_NAME).read_text()))
-    if (out / MODEL_NAME).is_file():
-        state = torch.load(out / MODEL_NAME, map_location="cpu", weights_only=True)
-    else:
-        state = read_checkpoint(out / CHECKPOINT_NAME)["model"]
-    dataset = load_dataset(config.data, config.image_size)
-    model = create_model_for_data(config.model, config.conv_type, dataset.num_classes,
-                                  dataset.in_channels, min(dataset.image_size),
-                                  **config.model_args)
+    if not out.is_dir():
+        raise ValueError(f"{str(out)!r} is not a folder of a 'dynconv train' run")
+    checkpoint = read_checkpoint(out / CHECKPOINT_NAME)
+    config = TrainConfig.from_dict({**checkpoint["config"], "out": str(out)})
+    dataset = dataset or load_dataset(config.data, config.image_size)
+    model = create_model_for_data(
+        config.model, config.conv_type, dataset.num_classes, dataset.in_channels,
+        min(dataset.image_size), **config.model_args,
+    )
+    weights = out / MODEL_NAME
+    state = (torch.load(weights, map_location="cpu", weights_only=True) if weights.exists()
+             else checkpoint["model"])
     model.load_state_dict(state)
     set_temperature(model, TemperatureSchedule.final)
-    return model.eval(), dataset, config
+    return model.eval(), config, dataset
 
 
 def _autocast(device: torch.device, enabled: bool):

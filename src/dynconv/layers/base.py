@@ -31,6 +31,10 @@ class DynamicConvBase(nn.Module):
     """
 
     temperature: Tensor
+    #: Whether :func:`dynconv.export_onnx` can give the layer a dynamic batch dimension; a layer
+    #: whose exported graph depends on the batch size sets it to False (the export then warns
+    #: and fixes the batch).
+    export_dynamic_batch: bool = True
 
     def __init__(
         self,
@@ -89,6 +93,15 @@ class DynamicConvBase(nn.Module):
         """Make the layer compute ``scale * y + shift`` per output channel ([C_out] each),
         exactly, in place; raise ``NotImplementedError`` if it cannot."""
         raise NotImplementedError(f"{type(self).__name__} cannot absorb an affine map")
+
+    # -- inspection -----------------------------------------------------------------------------
+
+    def attention_record(self, x: Tensor) -> dict[str, Tensor]:
+        """What the layer decided for input ``x`` [N, C_in, H, W] (or [C_in, H, W]), as tensors
+        with a leading batch dimension N, e.g. ``'kernel'`` [N, K]; called right after the
+        layer's forward on ``x`` by :class:`dynconv.inspection.AttentionCapture`, and must not
+        change the layer's state. A layer type overrides it to be inspected."""
+        return {}
 
     # -- input and padding ---------------------------------------------------------------------
 

@@ -105,6 +105,11 @@ class DynamicConv2d(KernelBankConv):
         """The mixing coefficients [N, K] for input [N, C_in, H, W]."""
         return routing_weights(self.attention(x), self.temperature, self.routing)
 
+    def attention_record(self, x: Tensor) -> dict[str, Tensor]:
+        """``{'kernel': [N, K]}``, the mixing coefficients."""
+        x, _ = self._check_input(x)
+        return {"kernel": self.kernel_attention(x)}
+
     def forward(self, x: Tensor) -> Tensor:
         x, unbatched = self._check_input(x)
         xp, padding = self._pad(x)

@@ -120,6 +120,12 @@ class ODConv2d(KernelBankConv):
         """The four attentions for input [N, C_in, H, W] (see :class:`ODAttentionWeights`)."""
         return self.attention(x, self.temperature)
 
+    def attention_record(self, x: Tensor) -> dict[str, Tensor]:
+        """The attentions the layer has: ``'channel'`` [N, C_in], ``'filter'`` [N, C_out],
+        ``'spatial'`` [N, kH, kW], ``'kernel'`` [N, K] (see :class:`ODAttentionWeights`)."""
+        x, _ = self._check_input(x)
+        return {k: v for k, v in self.attentions(x)._asdict().items() if v is not None}
+
     def forward(self, x: Tensor) -> Tensor:
         x, unbatched = self._check_input(x)
         att = self.attentions(x)

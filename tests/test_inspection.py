@@ -1,0 +1,200 @@
+"""Attention inspection: capture leaves outputs bitwise unchanged, records match the layers'
+own attentions, entropy by hand, accumulation over batches, real PNGs, the CLI on a trained run."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from PIL import Image
+from torch import Tensor, nn
+
+from dynconv import DynamicConv2d, DynamicConvBase, ODConv2d
+from dynconv.cli import main
+from dynconv.convert import convert
+from dynconv.data import load_digits
+from dynconv.inspection import (
+    AttentionCapture,
+    attention_entropy,
+    inspect_attention,
+    plot_kernel_attention,
+    plot_region_maps,
+    plot_spatial_attention,
+    write_summary,
+)
+from dynconv.train import TrainConfig, train
+
+torch.set_num_threads(1)
+
+
+def _resnet18(to: str) -> nn.Module:
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10)
+    convert(model, to, num_kernels=3)
+    with torch.no_grad():  # attentions that differ between samples
+        for name, p in model.named_parameters():
+            if "attention" in name:
+                p.normal_(0, 0.5)
+    return model.eval()
+
+
+@pytest.mark.parametrize("to", ["dynamic", "odconv"])
+def test_capture_leaves_outputs_bitwise_unchanged_and_records_the_layers_attention(to):
+    model = _resnet18(to)
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = model(x)
+        inputs = {}
+
+        def keep_input(module, args, output):
+            inputs["x"] = args[0]
+
+        handle = model.layer2[0].conv1.register_forward_hook(keep_input)
+        with AttentionCapture(model) as capture:
+            captured = model(x)
+        handle.remove()
+        again = model(x)
+    assert torch.equal(plain, captured) and torch.equal(plain, again)
+    layer = model.layer2[0].conv1
+    record = capture.last["layer2.0.conv1"]
+    assert len(capture.last) == len(capture.layers) == sum(
+        isinstance(m, DynamicConvBase) for m in model.modules())
+    if to == "dynamic":
+        assert set(record) == {"kernel"}
+        expected = layer.kernel_attention(inputs["x"])
+        assert torch.equal(record["kernel"], expected)
+    else:
+        att = layer.attentions(inputs["x"])
+        assert set(record) == {"channel", "filter", "spatial", "kernel"}
+        assert record["spatial"].shape == (3, 3, 3)
+        for key in record:
+            assert torch.equal(record[key], getattr(att, key))
+    assert record["kernel"].shape == (3, 3)
+    assert not torch.allclose(record["kernel"][0], record["kernel"][1])
+    assert not model.layer2[0].conv1._forward_hooks  # hooks removed
+
+
+def test_entropy_by_hand():
+    weights = torch.tensor([[0.25, 0.25, 0.25, 0.25], [1.0, 0.0, 0.0, 0.0],
+                            [0.5, 0.5, 0.0, 0.0], [0.7, 0.2, 0.1, 0.0]], dtype=torch.float64)
+    hand = [math.log(4), 0.0, math.log(2),
+            -(0.7 * math.log(0.7) + 0.2 * math.log(0.2) + 0.1 * math.log(0.1))]
+    assert attention_entropy(weights).tolist() == pytest.approx(hand, abs=1e-12)
+    # sigmoid gates: the entropy of their relative sizes
+    gates = torch.tensor([[0.9, 0.9], [0.2, 0.6]], dtype=torch.float64)
+    assert attention_entropy(gates).tolist() == pytest.approx(
+        [math.log(2), -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))], abs=1e-12)
+    with pytest.raises(ValueError, match=r"\[N, K\]"):
+        attention_entropy(torch.ones(3))
+
+
+def test_accumulates_over_batches():
+    torch.manual_seed(0)
+    model = nn.Sequential(DynamicConv2d(3, 4, 3, hidden_channels=4), nn.ReLU(),
+                          ODConv2d(4, 4, 3, padding=1)).eval()
+    batches = [torch.randn(n, 3, 8, 8) for n in (2, 5, 3)]
+    layers = inspect_attention(model, batches)
+    with torch.no_grad():
+        kernels = torch.cat([model[0].kernel_attention(x) for x in batches])
+        hidden = [model[1](model[0](x)) for x in batches]
+        spatial = torch.cat([model[2].attentions(h).spatial for h in hidden])
+        channel = torch.cat([model[2].attentions(h).channel for h in hidden])
+    first, second = layers["0"], layers["2"]
+    assert first.samples == second.samples == 10
+    assert torch.allclose(first.kernel, kernels)
+    assert torch.allclose(first.entropy, attention_entropy(kernels))
+    assert torch.allclose(second.means["spatial"], spatial.mean(0), atol=1e-6)
+    assert torch.allclose(second.means["channel"], channel.mean(0), atol=1e-6)
+    summary = first.summary()
+    assert summary["kernel_entropy_mean"] == pytest.approx(
+        attention_entropy(kernels).mean().item(), abs=1e-6)
+    assert sum(summary["top_kernel_share"]) == pytest.approx(1.0)
+
+
+def test_clear_errors():
+    with pytest.raises(ValueError, match="holds no dynconv layer"):
+        AttentionCapture(nn.Conv2d(3, 3, 3))
+    with pytest.raises(TypeError, match=r"torch\.nn\.Module"):
+        AttentionCapture("model")
+    model = nn.Sequential(ODConv2d(4, 4, 3)).train()
+    with pytest.raises(ValueError, match="eval mode"), AttentionCapture(model):
+        pass
+
+
+class _Regions(DynamicConvBase):
+    """A stand-in for a region-aware layer: the region of each pixel by the sign of two
+    channels; one method makes it inspectable."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.last_region_map = (x[:, 0] > 0).long() + 2 * (x[:, 1] > 0).long()
+        return x
+
+    def attention_record(self, x: Tensor) -> dict[str, Tensor]:
+        return {"region_map": self.last_region_map}
+
+
+def _png_size(path) -> tuple[int, int]:
+    with Image.open(path) as image:
+        image.verify()
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        image.load()  # decodes every pixel
+        return image.size
+
+
+def _figure_pixels(width_in: float, height_in: float, dpi: int = 110) -> tuple[int, int]:
+    return round(width_in * dpi), round(height_in * dpi)
+
+
+def test_plots_and_summary_are_real_files(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(_Regions(3, 3, 1), DynamicConv2d(3, 4, 3, padding=1),
+                          ODConv2d(4, 4, 3, padding=1), ODConv2d(4, 4, 1, num_kernels=1)).eval()
+    images = torch.randn(6, 3, 8, 8)
+    layers = inspect_attention(model, [images[:4], images[4:]], keep_maps=5)
+    regions = layers["0"]
+    assert regions.region_maps.shape == (5, 8, 8)
+    expected = torch.bincount(((images[:, 0] > 0).long() + 2 * (images[:, 1] > 0).long())
+                              .flatten(), minlength=4)
+    assert torch.equal(regions.region_counts, expected)
+
+    assert plot_kernel_attention(layers, tmp_path / "k.png")  # two layers with K = 4
+    assert _png_size(tmp_path / "k.png") == _figure_pixels(3.2 * 2, 2.6)
+    assert plot_spatial_attention(layers, tmp_path / "s.png")  # one 3x3 ODConv
+    assert _png_size(tmp_path / "s.png") == _figure_pixels(2.2, 2.3)
+    assert plot_region_maps(layers, images, tmp_path / "r.png")
+    assert _png_size(tmp_path / "r.png") == _figure_pixels(1.8 * 5, 1.9)
+    only_regions = {"0": regions}
+    assert not plot_kernel_attention(only_regions, tmp_path / "none.png")
+    assert not plot_spatial_attention(only_regions, tmp_path / "none.png")
+    assert not (tmp_path / "none.png").exists()
+
+    json_path, csv_path = write_summary(layers, tmp_path)
+    rows = json.loads(json_path.read_text())
+    assert [r["layer"] for r in rows] == ["0", "1", "2", "3"]
+    assert rows[0]["region_share"] == pytest.approx(
+        (expected / expected.sum()).tolist(), abs=1e-6)  # rounded to 6 digits
+    assert rows[1]["kernel_entropy_max"] == pytest.approx(math.log(4))
+    assert "spatial_mean" in rows[2] and "spatial_mean" not in rows[3]
+    assert csv_path.read_text().splitlines()[0].startswith("layer,type,samples,num_kernels")
+
+
+def test_cli_inspects_a_trained_run(tmp_path, capsys):
+    run = tmp_path / "run"
+    train(TrainConfig(conv_type="odconv", model_args={"width": 8}, epochs=1, batch_size=64,
+                      temperature_epochs=1, threads=1, quiet=True, out=str(run)),
+          dataset=load_digits())
+    out = tmp_path / "inspect"
+    assert main(["inspect", str(run), "--out", str(out), "--limit", "100"]) == 0
+    text = capsys.readouterr().out
+    assert "6 dynamic layers over 100 test images" in text
+    for name in ("kernel_attention.png", "spatial_attention.png"):
+        width, height = _png_size(out / name)
+        assert width > 200 and height > 200
+    rows = json.loads((out / "attention_summary.json").read_text())
+    assert len(rows) == 6 and all(r["samples"] == 100 for r in rows)
+    assert main(["inspect", str(run), "--conv-type", "dynamic"]) == 2
+    assert "keeps its own" in capsys.readouterr().err
