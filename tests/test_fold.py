@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from dynconv import DynamicConv2d, ODConv2d, fold
+from dynconv import DRConv2d, DynamicConv2d, ODConv2d, fold
 from dynconv.cli import main
 from dynconv.convert import static_twin
 from dynconv.data import load_dataset
@@ -60,6 +60,19 @@ def test_fold_flags_a_layer_whose_attention_varies():
     assert not second.flagged and second.spread < 1e-3
     assert "poor approximation" in str(report)
     assert isinstance(model[0], DynamicConv2d)  # the model itself is left as it was
+
+
+def test_region_aware_layers_stay_dynamic_and_are_reported():
+    """A DRConv layer applies a different kernel per region of the image: no single static
+    kernel stands in for it, so fold leaves it and says so."""
+    torch.manual_seed(0)
+    model = nn.Sequential(DRConv2d(6, 8, 3, padding=1, num_regions=4),
+                          DynamicConv2d(8, 8, 3, padding=1)).eval()
+    x = torch.randn(4, 6, 7, 7)
+    report = fold(model, x, measure_speed=False)
+    assert isinstance(report.model[0], DRConv2d) and isinstance(report.model[1], nn.Conv2d)
+    torch.testing.assert_close(report.model[0](x), model[0](x))
+    assert "no fold rule" in str(report)
 
 
 def test_fold_rejects_bad_data():

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from dynconv import DynamicConv2d, DynamicConvBase, ODConv2d
+from dynconv import DRConv2d, DynamicConv2d, DynamicConvBase, ODConv2d
 from dynconv.cli import main
 from dynconv.convert import convert
 from dynconv.data import load_digits
@@ -198,3 +198,17 @@ def test_cli_inspects_a_trained_run(tmp_path, capsys):
     assert len(rows) == 6 and all(r["samples"] == 100 for r in rows)
     assert main(["inspect", str(run), "--conv-type", "dynamic"]) == 2
     assert "keeps its own" in capsys.readouterr().err
+
+
+def test_drconv_region_maps_are_captured_as_the_layer_assigned_them():
+    torch.manual_seed(0)
+    model = nn.Sequential(DRConv2d(3, 4, 3, padding=1, num_regions=4), nn.ReLU()).eval()
+    images = torch.randn(5, 3, 8, 8)
+    expected = model(images)
+    with AttentionCapture(model) as capture:
+        out = model(images)
+    assert torch.equal(out, expected)
+    assert torch.equal(capture.last["0"]["region_map"], model[0].last_region_map)
+    counts = torch.bincount(model[0].last_region_map.flatten(), minlength=4)  # all 5 images
+    layers = inspect_attention(model, [images[:2], images[2:]])
+    assert torch.equal(layers["0"].region_counts, counts)

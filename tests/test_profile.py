@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from dynconv import DynamicConv2d, ODConv2d, functional
+from dynconv import DRConv2d, DynamicConv2d, ODConv2d, functional
 from dynconv.cli import main
 from dynconv.convert import static_twin
 from dynconv.cost import LayerMacs, count_macs, layer_macs, peak_memory_bytes
@@ -44,6 +44,13 @@ def _layers() -> dict[str, tuple[nn.Module, LayerMacs]]:
         # 1x1 with K = 1: no spatial and no kernel head, nothing mixed
         "odconv 1x1 K=1": (ODConv2d(8, 12, 1, num_kernels=1),
                            LayerMacs(12 * 8 * hw, 8 * 16 + 16 * (8 + 12))),
+        # DRConv: one region's kernel per pixel (a static conv's MACs); attention: the guide
+        # C_in -> R at every output pixel, the generator's 1x1 C_in -> R*R and grouped 1x1
+        # (R groups of R inputs) -> R * C_out * C_in/g, both on the k*k pooled positions
+        "drconv": (DRConv2d(8, 12, 3, padding=1, num_regions=4),
+                   LayerMacs(12 * 8 * 9 * hw, 4 * 8 * 9 * hw + (8 * 16 + 16 * 12 * 8) * 9)),
+        "drconv stride 2": (DRConv2d(8, 12, 3, stride=2, padding=1, num_regions=2),
+                            LayerMacs(12 * 8 * 9 * 25, 2 * 8 * 9 * 25 + (8 * 4 + 4 * 12 * 8) * 9)),
         "static": (nn.Conv2d(8, 12, 3, padding=1, groups=2), LayerMacs(12 * 4 * 9 * hw)),
     }
 
@@ -64,10 +71,13 @@ def _counted_by_flop_counter(model: nn.Module, x: torch.Tensor) -> float:
 @pytest.mark.parametrize("case", list(_layers()))
 def test_flop_counter_agrees_with_the_aggregate_formulation(case, monkeypatch):
     """With the kernels assembled per sample, FlopCounterMode counts the grouped convolution and
-    the matrix products: exactly the analytic count."""
+    the matrix products: exactly the analytic count. DRConv's restricted formulation (each pixel
+    with its region's kernel only) is counted exactly too; its dense one runs all R kernels."""
     monkeypatch.setattr(functional, "_choose_mixture_method", lambda *a: "aggregate")
     layer, expected = _layers()[case]
     layer.eval()
+    if isinstance(layer, DRConv2d):
+        layer.method = "restricted"
     assert _counted_by_flop_counter(layer, torch.randn(3, 8, 10, 10)) == expected.total
 
 

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .layers.base import DynamicConvBase
+from .layers.drconv import DRConv2d
 from .layers.dynamic import DynamicConv2d
 from .layers.odconv import ODConv2d
 from .temperature import TemperatureSchedule, set_temperature
@@ -151,9 +152,22 @@ def _odconv_rule(layer: ODConv2d, input_size: tuple[int, int]) -> LayerMacs:
     return LayerMacs(conv, attention, mixing)
 
 
+def _drconv_rule(layer: DRConv2d, input_size: tuple[int, int]) -> LayerMacs:
+    """Each output pixel with one region's kernel: a static convolution's MACs. Attention: the
+    guide (C_in -> R at the layer's geometry) and the filter generator on the kH x kW pooled
+    input (1x1 to R*R, then R groups of R inputs to R * C_out * C_in/g outputs)."""
+    r = layer.num_regions
+    h_out, w_out = _output_size(layer, input_size)
+    kh, kw = layer.kernel_size
+    guide = r * layer.in_channels * kh * kw * h_out * w_out
+    generator = (r * r * layer.in_channels + r * r * (_kernel_numel(layer) // (kh * kw))) * kh * kw
+    return LayerMacs(_conv_part(layer, input_size), guide + generator)
+
+
 register_mac_rule(nn.Conv2d, _static_rule)
 register_mac_rule(DynamicConv2d, _dynamic_rule)
 register_mac_rule(ODConv2d, _odconv_rule)
+register_mac_rule(DRConv2d, _drconv_rule)
 
 
 def _counted_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:

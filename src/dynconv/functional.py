@@ -512,7 +512,7 @@ def _choose_region_method(weight: Tensor, geometry: ConvGeometry, pixels: int) -
 
     ``pixels``: output pixels per sample.
     """
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+    if torch.compiler.is_compiling() or is_exporting():
         return "dense"  # the restricted method has data-dependent shapes
     num_regions, c_out, c_in_g, kh, kw = weight.shape[1:]
     # MACs of one product: a region's pixels (P / R on average) times one group's kernel

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .._conv_args import PaddingArg, check_int
-from ..functional import RegionMethod, assign_regions, region_conv2d
+from ..functional import RegionMethod, assign_regions, is_exporting, region_conv2d
 from .base import DynamicConvBase
 
 
@@ -149,9 +149,17 @@ class DRConv2d(DynamicConvBase):
         )
         if self.bias is not None:
             out = out + self.bias.reshape(1, -1, 1, 1)
-        region_map = assign_regions(guide.detach())
-        self.last_region_map = region_map.squeeze(0) if unbatched else region_map
+        if not is_exporting():  # a plain attribute: not part of an exported graph
+            region_map = assign_regions(guide.detach())
+            self.last_region_map = region_map.squeeze(0) if unbatched else region_map
         return out.squeeze(0) if unbatched else out
+
+    def attention_record(self, x: Tensor) -> dict[str, Tensor]:
+        """``'region_map'``: the region of every output pixel [N, H_out, W_out] (int64) for input
+        [N, C_in, H, W] (or [C_in, H, W])."""
+        x, _ = self._check_input(x)
+        xp, padding = self._pad(x)
+        return {"region_map": assign_regions(self._guide(xp, padding))}
 
     def _guide(self, xp: Tensor, padding: Any) -> Tensor:
         """Guide logits over the temperature [N, R, H_out, W_out], on the padded input."""
