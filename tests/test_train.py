@@ -48,7 +48,8 @@ def test_every_type_learns_the_digits(tmp_path: Path, conv_type: str) -> None:
     losses = [r["train_loss"] for r in result.metrics]
     assert losses[-1] < losses[0], f"{conv_type}: training loss did not fall: {losses}"
     # DRConv starts slowly here (its generated kernels start nearly constant over their kH x kW
-    # positions; docs/layers.md): 0.23-0.28 after 3 epochs (seeds 0, 1), against 0.84-0.97 for the rest
+    # positions; docs/layers.md): 0.23-0.28 after 3 epochs (seeds 0, 1), against 0.84-0.97 for
+    # the other types
     floor = 0.2 if conv_type == "drconv" else 0.6
     assert accuracy > floor, f"{conv_type}: {accuracy:.3f} after 3 epochs (chance is 0.1)"
     assert all(torch.isfinite(torch.tensor(list(r.values()))).all() for r in result.metrics)
