@@ -211,8 +211,9 @@ def _markdown(result: CompareResult) -> str:
     lines += ["", format_table(result.summaries, markdown=True), "",
               "Accuracy: the final epoch's test accuracy over the seeds (not the best epoch). "
               "Δ vs static: mean difference to the static network trained with the same seed, "
-              "in points. MACs per image at batch 1, counted by FlopCounterMode (per-sample "
-              "convolutions and attention included). Training time: median seconds per epoch. "
+              "in points. MACs per image: each convolution layer by its analytic rule (the "
+              "per-sample convolution, attention and kernel aggregation; docs/tools.md), the "
+              "rest by FlopCounterMode. Training time: median seconds per epoch. "
               "Latency: median ms per forward pass, eval mode.", ""]
     return "\n".join(lines)
 
