@@ -152,12 +152,6 @@ class ODConv2d(KernelBankConv):
             out = out + bias
         return out.squeeze(0) if unbatched else out
 
-    @property
-    def _sigmoid_heads(self) -> int:
-        """How many of the sigmoid attentions (channel, filter, spatial) the layer has."""
-        depthwise = self.in_channels == self.groups == self.out_channels
-        return 1 + (not depthwise) + (self.kernel_size != (1, 1))
-
     @torch.no_grad()
     def init_from_conv(self, conv: torch.nn.Conv2d) -> None:
         """Copy a static kernel (and bias) into every kernel of the bank.
@@ -168,7 +162,9 @@ class ODConv2d(KernelBankConv):
         matches ``conv`` when the attentions sit at their centre. The bias is copied unscaled
         (it is added after the attentions).
         """
-        self._fill_bank(conv, 2.0 ** self._sigmoid_heads, 1.0)
+        att = self.attention  # the sigmoid heads the official layout gives this layer
+        heads = sum(fc is not None for fc in (att.channel_fc, att.filter_fc, att.spatial_fc))
+        self._fill_bank(conv, 2.0**heads, 1.0)
 
     @torch.no_grad()
     def fold_output_affine(self, scale: Tensor, shift: Tensor) -> None:

@@ -22,7 +22,8 @@ __all__ = ["SmallCNN", "small_cnn"]
 # BatchNorm normalises the pooled features over the batch; in this narrow network their spread
 # across samples is tiny, the norm divides by it, and training diverges (digits, 3 epochs, lr
 # 0.1: 25% test accuracy, training loss stuck near 2). Its per-sample GroupNorm ('layer') trains
-# (84% after 3 epochs, as the static network); so does 'none'.
+# (84% after 3 epochs, static 97%; 95% after 15 epochs). 'none' also trained (120 SGD steps:
+# loss 2.1 to 0.3).
 TYPE_DEFAULTS: dict[str, dict[str, Any]] = {"odconv": {"attention_norm": "layer"}}
 
 
