@@ -27,6 +27,7 @@ __all__ = [
     "conv_layer_macs",
     "count_macs",
     "count_parameters",
+    "functional_macs",
     "inference_latency_ms",
     "layer_macs",
     "peak_memory_bytes",
@@ -152,16 +153,35 @@ def _odconv_rule(layer: ODConv2d, input_size: tuple[int, int]) -> LayerMacs:
     return LayerMacs(conv, attention, mixing)
 
 
-def _drconv_rule(layer: DRConv2d, input_size: tuple[int, int]) -> LayerMacs:
-    """Each output pixel with one region's kernel: a static convolution's MACs. Attention: the
-    guide (C_in -> R at the layer's geometry) and the filter generator on the kH x kW pooled
-    input (1x1 to R*R, then R groups of R inputs to R * C_out * C_in/g outputs)."""
+def _drconv_parts(layer: DRConv2d, input_size: tuple[int, int]) -> tuple[int, int, int]:
+    """DRConv's attention MACs per image: the guide (C_in -> R, dense, at the layer's geometry)
+    and the filter generator on the kH x kW pooled input, first 1x1 (C_in -> R*R) then last
+    (R groups of R inputs to R * C_out * C_in/g outputs)."""
     r = layer.num_regions
-    h_out, w_out = _output_size(layer, input_size)
     kh, kw = layer.kernel_size
+    h_out, w_out = _output_size(layer, input_size)
     guide = r * layer.in_channels * kh * kw * h_out * w_out
-    generator = (r * r * layer.in_channels + r * r * (_kernel_numel(layer) // (kh * kw))) * kh * kw
-    return LayerMacs(_conv_part(layer, input_size), guide + generator)
+    first = r * r * layer.in_channels * kh * kw
+    last = r * r * (_kernel_numel(layer) // (kh * kw)) * kh * kw
+    return guide, first, last
+
+
+def _drconv_rule(layer: DRConv2d, input_size: tuple[int, int]) -> LayerMacs:
+    """Each output pixel with one region's kernel: a static convolution's MACs; the attention is
+    the guide and the filter generator (:func:`_drconv_parts`)."""
+    return LayerMacs(_conv_part(layer, input_size), sum(_drconv_parts(layer, input_size)))
+
+
+def functional_macs(layer: DynamicConvBase, input_size: tuple[int, int]) -> int:
+    """The MACs of ``layer`` per image that are not computed by calling a child module: what a
+    counter that hooks modules (thop) misses. The per-sample convolution and the kernel
+    aggregation; for DRConv also the guide and the generator's last convolution, which run as
+    ``F.conv2d`` and a batched matrix product on the modules' weights."""
+    macs = layer_macs(layer, input_size)
+    if isinstance(layer, DRConv2d):
+        guide, _, last = _drconv_parts(layer, input_size)
+        return macs.conv + guide + last
+    return macs.conv + macs.aggregation
 
 
 register_mac_rule(nn.Conv2d, _static_rule)

@@ -20,6 +20,13 @@ from .layers.odconv import ODConv2d
 ConvBuilder = Callable[..., nn.Module]
 _REGISTRY: dict[str, ConvBuilder] = {}
 
+ANY_BATCH_DEFAULTS: dict[str, dict[str, Any]] = {"odconv": {"attention_norm": "layer"}}
+"""Per-type keywords for networks that must train at any batch size (the small CNN, the YOLO
+blocks): ODConv's official attention BatchNorm normalises pooled features over the batch, which
+fails at batch 1 and diverged at small batches in our runs; LayerNorm over the attention's
+hidden units
+(a per-sample GroupNorm) does not depend on the batch."""
+
 
 def register_conv(name: str, builder: ConvBuilder, *, overwrite: bool = False) -> None:
     """Register ``builder`` (called with ``nn.Conv2d``'s arguments plus its own keywords)."""

@@ -2,7 +2,9 @@
 
 ``Conv``, ``Bottleneck``, ``C3``, ``C2f``, ``C3k`` and ``C3k2`` behave as Ultralytics' blocks of
 the same name (so the stock model's weights map onto them), and take a keyword-only
-``conv_type`` (and ``conv_kwargs``) for their inner convolutions. Each has dynamic variants named
+``conv_type`` (and ``conv_kwargs``, on top of :data:`dynconv.factory.ANY_BATCH_DEFAULTS`: ODConv's
+attention uses ``attention_norm='layer'``, since detection trains at small and odd batch sizes)
+for their inner convolutions. Each has dynamic variants named
 after the type, ``C2f_ODConv``, ``C3k2_DynamicConv``, ``Bottleneck_CondConv``, ``DRConv`` (a
 ``Conv`` with a DRConv inside), ...: in the CSP blocks the bottleneck convolutions become
 dynamic and the 1x1 convolutions around them stay static, as in the community's ``C2f_ODConv``.
@@ -18,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..factory import create_conv2d
+from ..factory import ANY_BATCH_DEFAULTS, create_conv2d
 from ..fuse import fold_batchnorm
 
 __all__ = ["C3", "Bottleneck", "C2f", "C3k", "C3k2", "Conv", "autopad", "fuse_blocks"]
@@ -62,8 +64,9 @@ class Conv(_ConvTyped):
         kernel = k if isinstance(k, int) else tuple(k)
         padding = autopad(k, p, d)
         padding = padding if isinstance(padding, int) else tuple(padding)
+        kwargs = {**ANY_BATCH_DEFAULTS.get(self.conv_type, {}), **(conv_kwargs or {})}
         self.conv = create_conv2d(self.conv_type, c1, c2, kernel, s, padding, d, g, bias=False,
-                                  **(conv_kwargs or {}))
+                                  **kwargs)
         self.bn: nn.Module = nn.BatchNorm2d(c2)
         self.act = self.default_act if act is True else act if isinstance(act, nn.Module) else (
             nn.Identity())

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..factory import ConvBuilder, conv_builder
+from ..factory import ANY_BATCH_DEFAULTS, ConvBuilder, conv_builder
 from ._common import init_weights
 
 __all__ = ["SmallCNN", "small_cnn"]
@@ -24,7 +24,7 @@ __all__ = ["SmallCNN", "small_cnn"]
 # 0.1: 25% test accuracy, training loss stuck near 2). Its per-sample GroupNorm ('layer') trains
 # (84% after 3 epochs, static 97%; 95% after 15 epochs). 'none' also trained (120 SGD steps:
 # loss 2.1 to 0.3).
-TYPE_DEFAULTS: dict[str, dict[str, Any]] = {"odconv": {"attention_norm": "layer"}}
+TYPE_DEFAULTS: dict[str, dict[str, Any]] = ANY_BATCH_DEFAULTS
 
 
 def _conv_bn_relu(conv: ConvBuilder, c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:

@@ -1,0 +1,223 @@
+"""Ultralytics YOLO with dynamic convolutions, without editing Ultralytics.
+
+Importing this module (``pip install 'dynconv[yolo]'``) registers the package's YOLO blocks
+(:mod:`dynconv.blocks.yolo`: ``C2f_ODConv``, ``C3k2_DynamicConv``, ``DRConv``, ...) with
+Ultralytics, so that model YAMLs naming them build, train, validate, fuse and export with the
+usual API::
+
+    import dynconv.integrations.ultralytics  # noqa: F401  (registers the blocks)
+    from ultralytics import YOLO
+
+    model = YOLO("yolo11n-odconv.yaml")  # a YAML shipped with dynconv, found by name
+    model.train(data="data.yaml", epochs=100)
+
+What :func:`register` does, all in memory and undone by :func:`unregister`:
+
+- puts the block classes (and the seed-compatible name ``Dynamic_conv2d``) in
+  ``ultralytics.nn.tasks``' namespace, where ``parse_model`` looks YAML names up;
+- installs a ``parse_model`` recompiled from Ultralytics' own source in which every class test
+  on the block reads the stock class it stands in for (:mod:`dynconv.integrations._patching`),
+  so a ``C3k2_ODConv`` gets exactly ``C3k2``'s channels, width and depth scaling, repeats and
+  special cases (the inner C3k forced at scales m/l/x, the v11 head);
+- makes ``yaml_model_load`` find the YAMLs shipped in ``cfg/`` by name (a file of the same name
+  in the working directory still wins);
+- wraps ``BaseModel.fuse`` to fold BatchNorm into the dynamic blocks as well (exact);
+- allows the classes in Ultralytics' safe-load mode (``torch.serialization.add_safe_globals``).
+
+GFLOPs in ``model.info()`` are right because ``import dynconv`` registers the layers' FLOP rules
+with thop (:mod:`dynconv.counters`). Checkpoints pickle the block classes by their
+``dynconv.blocks.yolo`` path, so a saved ``best.pt`` loads wherever dynconv is installed.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...blocks import yolo as blocks
+from .._patching import ALIAS_FUNCTION, AliasTable, alias_parse_model
+
+__all__ = [
+    "BLOCKS",
+    "CFG_DIR",
+    "SUPPORTED_VERSIONS",
+    "cfg_path",
+    "is_registered",
+    "register",
+    "safe_globals",
+    "shipped_cfgs",
+    "unregister",
+]
+
+SUPPORTED_VERSIONS = ((8, 4), (8, 5))
+"""Ultralytics versions tested: ``>=8.4,<8.5`` (8.4.190)."""
+
+CFG_DIR = Path(__file__).parent / "cfg"
+"""The model YAMLs shipped with dynconv (scale-free names, ``scales:`` inside)."""
+
+_STOCK_NAMES = {blocks.Conv: "Conv", blocks.Bottleneck: "Bottleneck", blocks.C3: "C3",
+                blocks.C3k: "C3k", blocks.C2f: "C2f", blocks.C3k2: "C3k2"}
+
+BLOCKS: dict[str, type[nn.Module]] = {
+    **blocks.VARIANTS,
+    "Dynamic_conv2d": blocks.VARIANTS["DynamicConv"],  # the name seed 001's YAMLs use
+}
+"""YAML name -> block class registered with Ultralytics."""
+
+_lock = threading.Lock()
+_state: dict[str, Any] = {}
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", text)[:3])
+
+
+def _check_version(version: str) -> None:
+    low, high = SUPPORTED_VERSIONS
+    if not low <= _version(version)[:2] < high:
+        raise RuntimeError(
+            f"dynconv.integrations.ultralytics supports ultralytics >={low[0]}.{low[1]},"
+            f"<{high[0]}.{high[1]} (tested with 8.4.190), found {version}; install a tested "
+            f"version: pip install 'ultralytics>={low[0]}.{low[1]},<{high[0]}.{high[1]}'"
+        )
+
+
+def _stock_class(block: type, *stock_modules: Any) -> type:
+    """The Ultralytics class that ``block`` (one of :data:`BLOCKS`) stands in for."""
+    stock = next(base for base in block.__mro__ if base in _STOCK_NAMES)  # C3k2 before C2f
+    name = _STOCK_NAMES[stock]
+    return next(vars(module)[name] for module in stock_modules if name in vars(module))
+
+
+def shipped_cfgs() -> list[str]:
+    """Names of the model YAMLs shipped with dynconv, e.g. ``['yolo11-odconv.yaml', ...]``."""
+    return sorted(path.name for path in CFG_DIR.glob("*.yaml"))
+
+
+def cfg_path(name: str) -> str:
+    """Absolute path for a shipped model YAML, keeping the scale letter Ultralytics reads:
+    ``cfg_path('yolov8s-odconv.yaml')`` -> ``.../cfg/yolov8s-odconv.yaml`` (built from
+    ``yolov8-odconv.yaml`` at scale s). Raises ``ValueError`` for a name not shipped."""
+    path = Path(name)
+    unified = re.sub(r"(\d+)([nslmx])(.+)?$", r"\1\3", path.stem) + (path.suffix or ".yaml")
+    if unified not in shipped_cfgs():
+        raise ValueError(
+            f"no shipped model YAML named {name!r}; expected one of {shipped_cfgs()} with an "
+            "optional scale letter after the version (e.g. 'yolo11s-odconv.yaml')"
+        )
+    return str(CFG_DIR / (path.stem + (path.suffix or ".yaml")))
+
+
+def safe_globals() -> list[type]:
+    """The classes a checkpoint of a model built from :data:`BLOCKS` may reference."""
+    found = {
+        obj for name, module in list(sys.modules.items())
+        if name == "dynconv" or name.startswith("dynconv.")
+        for obj in vars(module).values()
+        if isinstance(obj, type) and issubclass(obj, nn.Module) and obj.__module__ == name
+    }
+    return sorted(found, key=lambda cls: f"{cls.__module__}.{cls.__qualname__}")
+
+
+def _resolve_cfg(path: Any) -> Any:
+    """A shipped YAML's path for a bare name that is not a file here; ``path`` otherwise."""
+    if isinstance(path, (str, Path)) and not Path(path).exists() and Path(path).parent == Path():
+        try:
+            return cfg_path(str(path))
+        except ValueError:
+            return path
+    return path
+
+
+def _fuse_blocks_first(fuse):
+    @functools.wraps(fuse)
+    def wrapper(self, *args, **kwargs):
+        if not self.is_fused():
+            blocks.fuse_blocks(self)
+        return fuse(self, *args, **kwargs)
+
+    wrapper.__dynconv_original__ = fuse
+    return wrapper
+
+
+def register() -> None:
+    """Register the blocks with the installed Ultralytics (idempotent, thread-safe).
+
+    Raises ``RuntimeError`` naming the tested range if the Ultralytics version is not supported
+    or its ``parse_model`` no longer has the class tests this relies on.
+    """
+    with _lock:
+        if _state:
+            return
+        import ultralytics
+        import ultralytics.engine.model as engine_model
+        from ultralytics.nn import tasks
+        from ultralytics.nn.modules import block as stock_blocks
+        from ultralytics.nn.modules import conv as stock_convs
+
+        _check_version(ultralytics.__version__)
+        aliases = AliasTable(
+            {cls: _stock_class(cls, stock_blocks, stock_convs) for cls in set(BLOCKS.values())}
+        )
+        parse_model, rewritten = alias_parse_model(tasks, aliases)
+        if rewritten == 0:
+            raise RuntimeError(
+                "ultralytics.nn.tasks.parse_model has no class tests on 'm' to alias; this "
+                f"ultralytics ({ultralytics.__version__}) is not one dynconv supports "
+                f"(>={SUPPORTED_VERSIONS[0]}, <{SUPPORTED_VERSIONS[1]})"
+            )
+        load = tasks.yaml_model_load
+
+        @functools.wraps(load)
+        def yaml_model_load(path):
+            return load(_resolve_cfg(path))
+
+        _state.update(
+            names={name: vars(tasks).get(name, _MISSING) for name in BLOCKS},
+            parse_model=tasks.parse_model,
+            yaml_model_load=(load, engine_model.yaml_model_load),
+            fuse=tasks.BaseModel.fuse,
+        )
+        vars(tasks).update(BLOCKS)
+        tasks.parse_model = parse_model
+        tasks.yaml_model_load = engine_model.yaml_model_load = yaml_model_load
+        tasks.BaseModel.fuse = _fuse_blocks_first(tasks.BaseModel.fuse)
+        torch.serialization.add_safe_globals(safe_globals())
+
+
+_MISSING = object()
+
+
+def unregister() -> None:
+    """Undo :func:`register` (the safe-load allow-list of torch keeps the classes)."""
+    with _lock:
+        if not _state:
+            return
+        import ultralytics.engine.model as engine_model
+        from ultralytics.nn import tasks
+
+        for name, old in _state["names"].items():
+            if old is _MISSING:
+                vars(tasks).pop(name, None)
+            else:
+                vars(tasks)[name] = old
+        tasks.parse_model = _state["parse_model"]
+        tasks.yaml_model_load, engine_model.yaml_model_load = _state["yaml_model_load"]
+        tasks.BaseModel.fuse = _state["fuse"]
+        vars(tasks).pop(ALIAS_FUNCTION, None)
+        _state.clear()
+
+
+def is_registered() -> bool:
+    """Whether :func:`register` is in effect."""
+    return bool(_state)
+
+
+register()
