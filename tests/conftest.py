@@ -1,4 +1,10 @@
 import os
+import tempfile
+
+# Ultralytics (tests of dynconv.integrations): never reach the network or ~/.config
+os.environ.setdefault("YOLO_OFFLINE", "1")
+os.environ.setdefault("YOLO_AUTOINSTALL", "0")
+os.environ.setdefault("YOLO_CONFIG_DIR", tempfile.mkdtemp(prefix="dynconv-tests-yolo-"))
 
 import torch
 from hypothesis import HealthCheck, settings

@@ -1,7 +1,7 @@
 """dynconv: dynamic convolutions for PyTorch, exact, fast and drop-in for ``nn.Conv2d``."""
 
 from . import functional
-from .checkpoint import LoadResult, load_checkpoint
+from .checkpoint import LoadResult, allow_weights_only_load, load_checkpoint
 from .counters import register_thop
 from .export import export_onnx
 from .fold import fold
@@ -14,6 +14,8 @@ __version__ = "0.1.0"
 
 # thop (Ultralytics' FLOP counter), if installed, counts the dynamic layers from now on
 register_thop()
+# a weights_only torch.load (Ultralytics' safe-load mode) may build the package's modules
+allow_weights_only_load()
 
 __all__ = [
     "AttentionCapture",

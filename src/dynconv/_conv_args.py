@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
+
 Pair = tuple[int, int]
 PaddingArg = int | Sequence[int] | str
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
@@ -22,6 +24,8 @@ def _is_int(value: object) -> bool:
 
 def check_int(value: object, name: str, minimum: int = 1) -> int:
     """Return ``value`` if it is an int >= ``minimum``; raise a clear error otherwise."""
+    if isinstance(value, torch.Tensor) and torch.jit.is_tracing() and value.dim() == 0:
+        value = int(value)  # a shape element recorded by the TorchScript tracer: static here
     if not _is_int(value):
         raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
     if value < minimum:

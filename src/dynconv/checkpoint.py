@@ -197,3 +197,38 @@ def _describe(missing: list[str], unexpected: list[str]) -> str:
             more = f", ... and {len(keys) - _LISTED_KEYS} more" if len(keys) > _LISTED_KEYS else ""
             lines.append(f"{len(keys)} key(s) {title}: {shown}{more}")
     return "\n".join(lines)
+
+
+_MODULE_PACKAGES = ("dynconv.layers", "dynconv.blocks", "dynconv.models")
+_STATE_MODULES = ("dynconv._conv_args",)  # dataclasses held by the layers (their geometry)
+
+
+def module_classes() -> list[type]:
+    """The classes a pickled model of the package (an Ultralytics ``best.pt``) may reference:
+    every ``nn.Module`` that dynconv defines in its layers, blocks and models, and the
+    dataclasses the layers keep as attributes."""
+    import dataclasses
+    import importlib
+    import pkgutil
+    import sys
+
+    for name in _MODULE_PACKAGES:
+        package = importlib.import_module(name)
+        for info in pkgutil.iter_modules(package.__path__, name + "."):
+            importlib.import_module(info.name)
+    for name in _STATE_MODULES:
+        importlib.import_module(name)
+    found = {
+        obj for name, module in list(sys.modules.items())
+        if name.startswith(_MODULE_PACKAGES + _STATE_MODULES)
+        for obj in vars(module).values()
+        if isinstance(obj, type) and obj.__module__ == name
+        and (issubclass(obj, nn.Module) or dataclasses.is_dataclass(obj))
+    }
+    return sorted(found, key=lambda cls: f"{cls.__module__}.{cls.__qualname__}")
+
+
+def allow_weights_only_load() -> None:
+    """Let ``torch.load(..., weights_only=True)`` build dynconv's modules, as Ultralytics'
+    safe-load mode (``ULTRALYTICS_SAFE_LOAD=1``) does for its own (called by ``import dynconv``)."""
+    torch.serialization.add_safe_globals(module_classes())

@@ -224,6 +224,7 @@ def _loop(x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilat
 def _unfold(x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation, groups):
     n, _c_in, h, w = x.shape
     _, c_out, c_in_g, kh, kw = weight.shape
+    kh, kw = int(kh), int(kw)  # constants for F.unfold when the TorchScript tracer records shapes
     h_out = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     w_out = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
     cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)
@@ -745,3 +746,31 @@ def _region_scores(
         grad = grad_out[i].reshape(1, g, 1, c_out // g, y.shape[-2], y.shape[-1])
         scores.append((y * grad).sum((1, 3)))
     return torch.cat(scores)
+
+
+# ----------------------------------------------------------------------------------------------
+# adaptive average pooling that exports at any input size
+# ----------------------------------------------------------------------------------------------
+
+
+def _pooling_matrix(size_in: int | Tensor, size_out: int, like: Tensor) -> Tensor:
+    """[size_out, size_in] averaging matrix of adaptive average pooling: output cell ``i``
+    averages inputs ``floor(i * n / k)`` to ``ceil((i + 1) * n / k) - 1``, as torch does."""
+    positions = torch.arange(size_in, device=like.device)
+    cells = torch.arange(size_out, device=like.device).unsqueeze(1)
+    start = cells * size_in // size_out
+    end = ((cells + 1) * size_in + size_out - 1) // size_out
+    inside = (positions >= start) & (positions < end)
+    return inside.to(like.dtype) / (end - start).to(like.dtype)
+
+
+def adaptive_avg_pool2d(x: Tensor, output_size: Pair, *, as_matmul: bool | None = None) -> Tensor:
+    """``F.adaptive_avg_pool2d`` for [N, C, H, W] -> [N, C, *output_size], which while exporting
+    (or with ``as_matmul=True``) runs as two products with averaging matrices: the TorchScript
+    ONNX exporter (Ultralytics' ``export``) supports adaptive pooling only to a factor of the
+    input size, and a dynamic input size has none."""
+    if not (is_exporting() if as_matmul is None else as_matmul):
+        return F.adaptive_avg_pool2d(x, output_size)
+    rows = _pooling_matrix(x.shape[-2], output_size[0], x)
+    cols = _pooling_matrix(x.shape[-1], output_size[1], x)
+    return rows @ x @ cols.transpose(0, 1)

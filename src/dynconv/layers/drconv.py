@@ -10,7 +10,13 @@ import torch
 from torch import Tensor, nn
 
 from .._conv_args import PaddingArg, check_int
-from ..functional import RegionMethod, assign_regions, is_exporting, region_conv2d
+from ..functional import (
+    RegionMethod,
+    adaptive_avg_pool2d,
+    assign_regions,
+    is_exporting,
+    region_conv2d,
+)
 from .base import DynamicConvBase
 
 
@@ -130,7 +136,9 @@ class DRConv2d(DynamicConvBase):
         n, r, (kh, kw) = x.shape[0], self.num_regions, self.kernel_size
         c_out, c_in_g = self.out_channels, self.in_channels // self.groups
         pool, first, sigmoid, last = self.conv_kernel
-        hidden = sigmoid(first(pool(x)))  # [N, R * R, kH, kW]
+        # the module (FLOP counters see it), or a form that exports at any input size
+        pooled = adaptive_avg_pool2d(x, self.kernel_size) if is_exporting() else pool(x)
+        hidden = sigmoid(first(pooled))  # [N, R * R, kH, kW]
         hidden = hidden.reshape(n, r, r, kh * kw).permute(1, 0, 3, 2).reshape(r, n * kh * kw, r)
         weight = last.weight.reshape(r, c_out, c_in_g, r).permute(0, 3, 2, 1)
         bias = last.bias.reshape(r, 1, c_out, c_in_g).transpose(2, 3)

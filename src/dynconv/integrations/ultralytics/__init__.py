@@ -22,23 +22,21 @@ What :func:`register` does, all in memory and undone by :func:`unregister`:
 - makes ``yaml_model_load`` find the YAMLs shipped in ``cfg/`` by name (a file of the same name
   in the working directory still wins);
 - wraps ``BaseModel.fuse`` to fold BatchNorm into the dynamic blocks as well (exact);
-- allows the classes in Ultralytics' safe-load mode (``torch.serialization.add_safe_globals``).
 
 GFLOPs in ``model.info()`` are right because ``import dynconv`` registers the layers' FLOP rules
 with thop (:mod:`dynconv.counters`). Checkpoints pickle the block classes by their
-``dynconv.blocks.yolo`` path, so a saved ``best.pt`` loads wherever dynconv is installed.
+``dynconv.blocks.yolo`` path, so a saved ``best.pt`` loads wherever dynconv is installed, also
+in Ultralytics' safe-load mode (``import dynconv`` allows its classes in a weights_only load).
 """
 
 from __future__ import annotations
 
 import functools
 import re
-import sys
 import threading
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from ...blocks import yolo as blocks
@@ -51,7 +49,6 @@ __all__ = [
     "cfg_path",
     "is_registered",
     "register",
-    "safe_globals",
     "shipped_cfgs",
     "unregister",
 ]
@@ -113,17 +110,6 @@ def cfg_path(name: str) -> str:
             "optional scale letter after the version (e.g. 'yolo11s-odconv.yaml')"
         )
     return str(CFG_DIR / (path.stem + (path.suffix or ".yaml")))
-
-
-def safe_globals() -> list[type]:
-    """The classes a checkpoint of a model built from :data:`BLOCKS` may reference."""
-    found = {
-        obj for name, module in list(sys.modules.items())
-        if name == "dynconv" or name.startswith("dynconv.")
-        for obj in vars(module).values()
-        if isinstance(obj, type) and issubclass(obj, nn.Module) and obj.__module__ == name
-    }
-    return sorted(found, key=lambda cls: f"{cls.__module__}.{cls.__qualname__}")
 
 
 def _resolve_cfg(path: Any) -> Any:
@@ -189,14 +175,13 @@ def register() -> None:
         tasks.parse_model = parse_model
         tasks.yaml_model_load = engine_model.yaml_model_load = yaml_model_load
         tasks.BaseModel.fuse = _fuse_blocks_first(tasks.BaseModel.fuse)
-        torch.serialization.add_safe_globals(safe_globals())
 
 
 _MISSING = object()
 
 
 def unregister() -> None:
-    """Undo :func:`register` (the safe-load allow-list of torch keeps the classes)."""
+    """Undo :func:`register`."""
     with _lock:
         if not _state:
             return
