@@ -11,7 +11,8 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH_PINS)
-	$(PY) -m pip install --quiet -e '.[dev,thop,export]' $(TORCH_PINS)
+	$(PY) -m pip install --quiet -e '.[dev,thop,export,yolov5]' $(TORCH_PINS)
+	$(PY) -m pip install --quiet --no-deps yolov5==7.0.14
 	touch $(STAMP)
 
 # The main job: train one small network with every convolution type on the digits shipped with

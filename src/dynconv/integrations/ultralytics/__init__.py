@@ -40,7 +40,14 @@ from typing import Any
 from torch import nn
 
 from ...blocks import yolo as blocks
-from .._patching import ALIAS_FUNCTION, AliasTable, alias_parse_model
+from .._patching import (
+    ALIAS_FUNCTION,
+    Patches,
+    alias_parse_model,
+    check_version,
+    fuse_blocks_first,
+    stock_aliases,
+)
 
 __all__ = [
     "BLOCKS",
@@ -69,28 +76,7 @@ BLOCKS: dict[str, type[nn.Module]] = {
 """YAML name -> block class registered with Ultralytics."""
 
 _lock = threading.Lock()
-_state: dict[str, Any] = {}
-
-
-def _version(text: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in re.findall(r"\d+", text)[:3])
-
-
-def _check_version(version: str) -> None:
-    low, high = SUPPORTED_VERSIONS
-    if not low <= _version(version)[:2] < high:
-        raise RuntimeError(
-            f"dynconv.integrations.ultralytics supports ultralytics >={low[0]}.{low[1]},"
-            f"<{high[0]}.{high[1]} (tested with 8.4.190), found {version}; install a tested "
-            f"version: pip install 'ultralytics>={low[0]}.{low[1]},<{high[0]}.{high[1]}'"
-        )
-
-
-def _stock_class(block: type, *stock_modules: Any) -> type:
-    """The Ultralytics class that ``block`` (one of :data:`BLOCKS`) stands in for."""
-    stock = next(base for base in block.__mro__ if base in _STOCK_NAMES)  # C3k2 before C2f
-    name = _STOCK_NAMES[stock]
-    return next(vars(module)[name] for module in stock_modules if name in vars(module))
+_patches = Patches()
 
 
 def shipped_cfgs() -> list[str]:
@@ -122,17 +108,6 @@ def _resolve_cfg(path: Any) -> Any:
     return path
 
 
-def _fuse_blocks_first(fuse):
-    @functools.wraps(fuse)
-    def wrapper(self, *args, **kwargs):
-        if not self.is_fused():
-            blocks.fuse_blocks(self)
-        return fuse(self, *args, **kwargs)
-
-    wrapper.__dynconv_original__ = fuse
-    return wrapper
-
-
 def register() -> None:
     """Register the blocks with the installed Ultralytics (idempotent, thread-safe).
 
@@ -140,7 +115,7 @@ def register() -> None:
     or its ``parse_model`` no longer has the class tests this relies on.
     """
     with _lock:
-        if _state:
+        if _patches:
             return
         import ultralytics
         import ultralytics.engine.model as engine_model
@@ -148,10 +123,8 @@ def register() -> None:
         from ultralytics.nn.modules import block as stock_blocks
         from ultralytics.nn.modules import conv as stock_convs
 
-        _check_version(ultralytics.__version__)
-        aliases = AliasTable(
-            {cls: _stock_class(cls, stock_blocks, stock_convs) for cls in set(BLOCKS.values())}
-        )
+        check_version("ultralytics", ultralytics.__version__, SUPPORTED_VERSIONS, "8.4.190")
+        aliases = stock_aliases(set(BLOCKS.values()), _STOCK_NAMES, stock_blocks, stock_convs)
         parse_model, rewritten = alias_parse_model(tasks, aliases)
         if rewritten == 0:
             raise RuntimeError(
@@ -165,44 +138,26 @@ def register() -> None:
         def yaml_model_load(path):
             return load(_resolve_cfg(path))
 
-        _state.update(
-            names={name: vars(tasks).get(name, _MISSING) for name in BLOCKS},
-            parse_model=tasks.parse_model,
-            yaml_model_load=(load, engine_model.yaml_model_load),
-            fuse=tasks.BaseModel.fuse,
-        )
-        vars(tasks).update(BLOCKS)
-        tasks.parse_model = parse_model
-        tasks.yaml_model_load = engine_model.yaml_model_load = yaml_model_load
-        tasks.BaseModel.fuse = _fuse_blocks_first(tasks.BaseModel.fuse)
-
-
-_MISSING = object()
+        _patches.update(tasks, BLOCKS)
+        _patches.set(tasks, "parse_model", parse_model)
+        _patches.set(tasks, "yaml_model_load", yaml_model_load)
+        _patches.set(engine_model, "yaml_model_load", yaml_model_load)
+        _patches.set(tasks.BaseModel, "fuse", fuse_blocks_first(tasks.BaseModel.fuse))
 
 
 def unregister() -> None:
     """Undo :func:`register`."""
     with _lock:
-        if not _state:
-            return
-        import ultralytics.engine.model as engine_model
+        _patches.undo()
+        # alias_parse_model put its lookup table in the module: drop it too
         from ultralytics.nn import tasks
 
-        for name, old in _state["names"].items():
-            if old is _MISSING:
-                vars(tasks).pop(name, None)
-            else:
-                vars(tasks)[name] = old
-        tasks.parse_model = _state["parse_model"]
-        tasks.yaml_model_load, engine_model.yaml_model_load = _state["yaml_model_load"]
-        tasks.BaseModel.fuse = _state["fuse"]
         vars(tasks).pop(ALIAS_FUNCTION, None)
-        _state.clear()
 
 
 def is_registered() -> bool:
     """Whether :func:`register` is in effect."""
-    return bool(_state)
+    return bool(_patches)
 
 
 register()
