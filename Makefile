@@ -11,7 +11,7 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH_PINS)
-	$(PY) -m pip install --quiet -e '.[dev,thop,export,yolov5]' $(TORCH_PINS)
+	$(PY) -m pip install --quiet -e '.[dev,thop,export,yolo,yolov5]' $(TORCH_PINS)
 	$(PY) -m pip install --quiet --no-deps yolov5==7.0.14
 	touch $(STAMP)
 
