@@ -253,7 +253,16 @@ def test_onnx_export_matches_pytorch_in_onnxruntime(cfg, tmp_path, monkeypatch):
 TRAIN_CFGS = ["yolov8n-odconv.yaml", "yolo11n-drconv.yaml"]
 
 
+@pytest.fixture
+def keep_torch_threads():
+    """Ultralytics' CPU trainer sets torch's thread count to cores - 1: put it back after."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("cfg", TRAIN_CFGS)
+@pytest.mark.usefixtures("keep_torch_threads")
 def test_trains_offline_then_reloads_and_predicts_in_a_fresh_process(cfg, tmp_path):
     data = write_shapes_dataset(tmp_path / "data", train=6, val=4, imgsz=64)
     model = YOLO(cfg)

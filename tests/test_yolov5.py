@@ -14,7 +14,6 @@ import sys
 import types
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
@@ -25,6 +24,7 @@ pytest.importorskip("yolov5.models.yolo", exc_type=ImportError)
 from dynconv.blocks import yolo as blocks
 from dynconv.cost import count_macs
 from dynconv.integrations import yolov5 as dyn_yolov5
+from dynconv.integrations.shapes import write_shapes_dataset
 
 SCALES = list(dyn_yolov5.SCALES)
 
@@ -213,25 +213,6 @@ def test_odconv_neck_trains_as_c3(yolo, quiet_info, tmp_path) -> None:
         assert layers[i].cv3.conv.out_channels == stock[i].cv3.conv.out_channels
 
 
-def write_dataset(root: Path) -> Path:
-    rng = np.random.default_rng(0)
-    from PIL import Image
-
-    for split in ("train", "val"):
-        (root / "images" / split).mkdir(parents=True)
-        (root / "labels" / split).mkdir(parents=True)
-        for i in range(4):
-            image = np.full((64, 64, 3), 40, np.uint8)
-            x, y = (int(v) for v in rng.integers(4, 40, 2))
-            image[y:y + 20, x:x + 20] = 220
-            Image.fromarray(image).save(root / "images" / split / f"{i}.jpg")
-            box = f"0 {(x + 10) / 64:.4f} {(y + 10) / 64:.4f} {20 / 64:.4f} {20 / 64:.4f}\n"
-            (root / "labels" / split / f"{i}.txt").write_text(box)
-    data = root / "data.yaml"
-    data.write_text(f"path: {root}\ntrain: images/train\nval: images/val\nnames:\n  0: square\n")
-    return data
-
-
 def test_launcher_trains_an_epoch_and_the_checkpoint_loads_elsewhere(
     yolo, tmp_path, monkeypatch
 ) -> None:
@@ -240,7 +221,7 @@ def test_launcher_trains_an_epoch_and_the_checkpoint_loads_elsewhere(
 
     from dynconv.integrations.yolov5.__main__ import main
 
-    data = write_dataset(tmp_path / "data")
+    data = write_shapes_dataset(tmp_path / "data", train=4, val=4, imgsz=64)
     fonts = tmp_path / "fonts"  # YOLOv5 downloads Arial.ttf for its plots unless it is here
     fonts.mkdir()
     ttf = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
@@ -272,8 +253,8 @@ print(type(layer).__module__, type(layer).__name__, shape)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           env=env, timeout=120, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
-    # one class: 3 anchors x (8x8 + 4x4 + 2x2) cells, 5 + 1 outputs each
-    assert "dynconv.blocks.yolo DynamicConv (1, 252, 6)" in done.stdout, done.stdout
+    # three classes: 3 anchors x (8x8 + 4x4 + 2x2) cells, 5 + 3 outputs each
+    assert "dynconv.blocks.yolo DynamicConv (1, 252, 8)" in done.stdout, done.stdout
 
 
 def yolov5_gflops(model, imgsz: int) -> tuple[float, float]:

@@ -39,6 +39,7 @@ def fold_batchnorm(conv: nn.Module, bn: nn.BatchNorm2d) -> bool:
     if type(conv) is nn.Conv2d:
         conv.weight.mul_(scale.reshape(-1, 1, 1, 1).to(conv.weight.dtype))
         bias = shift if conv.bias is None else conv.bias * scale + shift
-        conv.bias = nn.Parameter(bias.to(conv.weight.dtype))
+        conv.bias = nn.Parameter(bias.to(conv.weight.dtype),
+                                 requires_grad=conv.weight.requires_grad)
         return True
     return False

@@ -248,7 +248,8 @@ class KernelBankConv(DynamicConvBase):
         # row k * C_out + o of the stored bank is output channel o of kernel k
         self.weight.mul_(scale.repeat(self.num_kernels).reshape(-1, 1, 1, 1).to(self.weight.dtype))
         bias = torch.zeros_like(self.kernels[:, :, 0, 0, 0]) if self.bias is None else self.bias
-        self.bias = nn.Parameter(bias * scale.to(bias.dtype) + shift.to(bias.dtype))
+        self.bias = nn.Parameter(bias * scale.to(bias.dtype) + shift.to(bias.dtype),
+                                 requires_grad=self.weight.requires_grad)
 
     def _reference_weight_shape(self) -> list[int]:
         return [self.num_kernels, self.out_channels, *self.weight.shape[1:]]

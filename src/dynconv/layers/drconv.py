@@ -199,7 +199,8 @@ class DRConv2d(DynamicConvBase):
         last.weight.mul_(factor.reshape(-1, 1, 1, 1))
         last.bias.mul_(factor)
         bias = torch.zeros_like(scale) if self.bias is None else self.bias
-        self.bias = nn.Parameter((bias * scale + shift).to(last.weight.dtype))
+        self.bias = nn.Parameter((bias * scale + shift).to(last.weight.dtype),
+                                 requires_grad=last.weight.requires_grad)
 
     def extra_repr(self) -> str:
         s = super().extra_repr() + f", num_regions={self.num_regions}"

@@ -1,0 +1,84 @@
+"""Stock Ultralytics YOLO against the YAMLs dynconv ships: parameters, GFLOPs, time per epoch.
+
+Run: ``PYTHONPATH=src python benchmarks/yolo.py [--scale n] [--imgsz 320] [--images 64]``
+(about 5 minutes on 2 idle CPU cores at the defaults; needs the ``yolo`` extra).
+
+Each model trains from scratch for ``--epochs`` epochs on the generated shapes dataset
+(:mod:`dynconv.integrations.shapes`, offline) with ``val=False``; the table shows the last
+epoch's time as the trainer measures it (``trainer.epoch_time``), so the first epoch's warm-up
+is left out. Parameters and GFLOPs are those of ``model.info()`` at 640x640 (thop, with the
+dynamic layers counted by dynconv's rules), next to dynconv's own count
+(:func:`dynconv.cost.count_macs`, convolutions and matrix products only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("YOLO_OFFLINE", "1")
+os.environ.setdefault("YOLO_AUTOINSTALL", "0")
+
+import torch
+
+import dynconv.integrations.ultralytics as dy_ultralytics
+from dynconv.cost import count_macs
+from dynconv.integrations.shapes import write_shapes_dataset
+
+
+def _models(scale: str) -> list[str]:
+    names = []
+    for family in ("yolov8", "yolo11", "yolov5"):
+        names.append(f"{family}{scale}.yaml")
+        names += [cfg.replace(family, family + scale, 1) for cfg in dy_ultralytics.shipped_cfgs()
+                  if cfg.startswith(family + "-")]
+    return names
+
+
+def _row(name: str, data: Path, args: argparse.Namespace, workdir: Path) -> dict[str, object]:
+    from ultralytics import YOLO
+    from ultralytics.utils.torch_utils import get_flops
+
+    model = YOLO(name)
+    params = sum(p.numel() for p in model.model.parameters())
+    gflops = get_flops(model.model, 640)
+    model.model.eval()
+    ours = 2 * count_macs(model.model, torch.zeros(1, 3, 640, 640)) / 1e9
+    model.train(data=str(data), epochs=args.epochs, imgsz=args.imgsz, batch=args.batch,
+                workers=0, device="cpu", amp=False, plots=False, val=False, verbose=False,
+                project=str(workdir), name=Path(name).stem, exist_ok=True, seed=0)
+    return {"model": Path(name).stem, "params_m": params / 1e6, "gflops": gflops,
+            "count_macs_gflops": ours, "epoch_s": model.trainer.epoch_time}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scale", default="n", choices=list("nsmlx"))
+    parser.add_argument("--imgsz", type=int, default=320)
+    parser.add_argument("--images", type=int, default=64, help="training images")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--only", nargs="*", help="model YAML names to run (default: all)")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory(prefix="dynconv-yolo-bench-") as tmp:
+        os.environ.setdefault("YOLO_CONFIG_DIR", tmp)
+        data = write_shapes_dataset(Path(tmp) / "shapes", train=args.images, val=4,
+                                    imgsz=args.imgsz)
+        rows = [_row(name, data, args, Path(tmp) / "runs")
+                for name in (args.only or _models(args.scale))]
+    print(f"\n{platform.machine()} CPU, {torch.get_num_threads()} threads, torch "
+          f"{torch.__version__}; {args.images} images at {args.imgsz}px, batch {args.batch}, "
+          f"time of epoch {args.epochs}\n")
+    print("| model | params (M) | GFLOPs (info, 640) | dynconv count (640) | s / epoch |")
+    print("|---|---:|---:|---:|---:|")
+    for row in rows:
+        print(f"| {row['model']} | {row['params_m']:.2f} | {row['gflops']:.2f} | "
+              f"{row['count_macs_gflops']:.2f} | {row['epoch_s']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
