@@ -298,3 +298,17 @@ def test_trains_offline_then_reloads_and_predicts_in_a_fresh_process(cfg, tmp_pa
                              env=env, cwd=tmp_path, timeout=300)
         assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
         assert "PREDICTED 1 6" in run.stdout
+
+
+def test_the_launcher_runs_the_yolo_command_line_with_the_blocks(tmp_path):
+    data = write_shapes_dataset(tmp_path / "data", train=2, val=2, imgsz=64)
+    image = next((data.parent / "images" / "val").glob("*.jpg"))
+    env = {**os.environ, "PYTHONPATH": str(SRC / "src")}
+    run = subprocess.run(
+        [sys.executable, "-m", "dynconv.integrations.ultralytics", "predict",
+         "model=yolov8n-dynconv-down.yaml", f"source={image}", "imgsz=64", "device=cpu",
+         f"project={tmp_path / 'runs'}", "name=p", "save=False"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    assert "image 1/1" in run.stdout and "64x64" in run.stdout  # built from the shipped YAML
