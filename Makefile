@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # The torch builds we develop and test against (the package itself keeps a lower bound only).
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench bench-yolo clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/odconv.py
 	$(PY) benchmarks/drconv.py
+
+# Stock Ultralytics YOLO against the shipped dynamic YAMLs: params, GFLOPs, s/epoch (~20 min).
+bench-yolo: $(STAMP)
+	$(PY) benchmarks/yolo.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .hypothesis

@@ -334,7 +334,9 @@ def _read_images(files: list[Path], image_size: int | None) -> Tensor:
                     image = _resize_and_crop(image, image_size)
                 arrays.append(torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
                               .reshape(image.height, image.width, 3))
-        except OSError as error:
+        except (OSError, ImportError) as error:
+            # ImportError: Ultralytics, once imported, patches Image.open to load an optional
+            # HEIF plugin for files Pillow cannot identify, and fails when it is not installed
             raise ValueError(f"cannot read image {str(file)!r}: {error}") from None
     sizes = {tuple(a.shape[:2]) for a in arrays}
     if len(sizes) > 1:
