@@ -27,11 +27,13 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-# The layer benchmarks that exist so far (the full suite is issue 10's): time ratios to nn.Conv2d
-# and to the seeds' formulation, printed as tables.
+# The benchmark suite (docs/performance.md): every layer type against nn.Conv2d and the seeds'
+# formulation, whole ResNet-18s, and the formulations behind the dispatch rule, as markdown
+# tables (also written to runs/bench.md). About 20 minutes on 2 cores; `make bench ARGS=--quick`
+# takes a few.
 bench: $(STAMP)
-	$(PY) benchmarks/odconv.py
-	$(PY) benchmarks/drconv.py
+	mkdir -p runs
+	PYTHONPATH=src $(PY) benchmarks/run.py --output runs/bench.md $(ARGS)
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .hypothesis

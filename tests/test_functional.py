@@ -11,6 +11,7 @@ from dynconv.functional import (
     MIXTURE_METHODS,
     PER_SAMPLE_METHODS,
     _choose_mixture_method,
+    _choose_per_sample_method,
     mixture_conv2d,
     per_sample_conv2d,
 )
@@ -135,6 +136,13 @@ def test_mixture_dispatch_rule() -> None:
     assert choose(32, 64, 32) == "aggregate"  # large maps: grouped is near nn.Conv2d
     assert choose(32, 512, 4, groups=512) == "aggregate"  # depthwise
     assert choose(1, 512, 4) == "aggregate"  # batch 1: one plain convolution
+
+
+def test_per_sample_dispatch_rule() -> None:
+    assert _choose_per_sample_method(1, 16, True) == "direct"  # batch 1: one plain convolution
+    assert _choose_per_sample_method(8, 64, True) == "unfold"  # training on small maps
+    assert _choose_per_sample_method(8, 64, False) == "grouped"
+    assert _choose_per_sample_method(8, 256, True) == "grouped"  # large maps: near nn.Conv2d
 
 
 def test_torch_compile_small_case() -> None:

@@ -37,9 +37,9 @@ from torch.autograd.function import once_differentiable
 from ._conv_args import ConvGeometry, PaddingArg, Pair, parse_geometry
 
 PerSampleMethod = Literal["auto", "direct", "grouped", "loop", "unfold"]
-MixtureMethod = Literal["auto", "aggregate", "mixout", "tiled"]
+MixtureMethod = Literal["auto", "aggregate", "mixout"]
 PER_SAMPLE_METHODS = ("auto", "direct", "grouped", "loop", "unfold")
-MIXTURE_METHODS = ("auto", "aggregate", "mixout", "tiled")
+MIXTURE_METHODS = ("auto", "aggregate", "mixout")
 
 # Dispatch thresholds for the mixture (see docs/performance.md): below this many output pixels
 # per sample, mixing the K dense outputs beats assembling per-sample kernels once those kernels
@@ -47,6 +47,9 @@ MIXTURE_METHODS = ("auto", "aggregate", "mixout", "tiled")
 _MIXOUT_MAX_PIXELS = 256
 _MIXOUT_MIN_KERNEL_BYTES = 32 * 2**20
 _MIXOUT_TRAIN_MAX_PIXELS = 16
+# per_sample_conv2d with gradients: up to this many output pixels per sample (8x8), im2col and a
+# batched matrix product beat the grouped convolution, whose backward is slow on small maps.
+_UNFOLD_TRAIN_MAX_PIXELS = 64
 
 
 def _shape(t: Tensor) -> list[int]:
@@ -175,7 +178,9 @@ def per_sample_conv2d(
         raise ValueError(f"method must be one of {PER_SAMPLE_METHODS}, got {method!r}")
 
     if method == "auto":
-        method = _choose_per_sample_method(n)
+        h_out, w_out = geometry.output_size(x.shape[-2], x.shape[-1])
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+        method = _choose_per_sample_method(n, h_out * w_out, needs_grad)
     elif method == "direct" and n != 1:
         raise ValueError(f"method='direct' needs batch size 1, got {n}")
     xp, pad = _prepare(x, geometry)
@@ -184,11 +189,16 @@ def per_sample_conv2d(
     return _match_memory_format(out, x)
 
 
-def _choose_per_sample_method(batch: int) -> str:
-    """The dispatch rule of :func:`per_sample_conv2d` (see docs/performance.md)."""
+def _choose_per_sample_method(batch: int, pixels: int, needs_grad: bool) -> str:
+    """The dispatch rule of :func:`per_sample_conv2d` (see docs/performance.md); ``pixels``:
+    output pixels per sample."""
     if is_exporting():
         return "unfold"
-    return "direct" if batch == 1 else "grouped"
+    if batch == 1:
+        return "direct"
+    if needs_grad and pixels <= _UNFOLD_TRAIN_MAX_PIXELS:
+        return "unfold"
+    return "grouped"
 
 
 def _direct(x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation, groups):
@@ -313,14 +323,11 @@ def mixture_conv2d(
         return per_sample_conv2d(
             x, weight, bias, stride, padding, dilation, groups, method=per_sample_method
         )
-    xp, pad = _prepare(x, geometry)
-    args = (geometry.stride, pad, geometry.dilation, geometry.groups)
-    if method == "tiled":
-        out = _mixture_tiled(xp, coefficients, bank, spatial, bias, *args)
-        return _match_memory_format(out, x)
     if spatial is not None and spatial[0].numel() == 1:  # a 1x1 kernel: one weight per sample
         coefficients = coefficients * spatial.reshape(n, 1).to(coefficients.dtype)
         spatial = None
+    xp, pad = _prepare(x, geometry)
+    args = (geometry.stride, pad, geometry.dilation, geometry.groups)
     if spatial is None:
         out = _mixout(xp, coefficients, bank, bias, *args)
     else:
@@ -406,102 +413,6 @@ def _mixout_unfold(
     if bias is not None:
         out = out + bias.reshape(n, c_out, 1, 1)
     return out
-
-
-# Tiles of the 'tiled' mixture: about this many kernel values are assembled at a time (16 MB in
-# float32, within the last-level cache), so that no batch-sized tensor of kernels exists.
-_TILE_ELEMENTS = 2**22
-
-
-def _mixture_tiled(
-    x: Tensor,
-    coefficients: Tensor,
-    bank: Tensor,
-    spatial: Tensor | None,
-    bias: Tensor | None,
-    stride,
-    padding,
-    dilation,
-    groups: int,
-) -> Tensor:
-    """The mixture as a matrix product per sample on the unfolded input (im2col), with the
-    per-sample kernels assembled tile by tile inside :class:`_TiledMixture` (forward and
-    backward) and never held for the whole batch. ``spatial`` weights the input's columns."""
-    num_kernels, c_out, c_in_g, kh, kw = bank.shape
-    n = x.shape[0]
-    cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)
-    pixels = cols.shape[-1]
-    if spatial is not None:
-        cols = cols.reshape(n, -1, kh * kw, pixels) * spatial.reshape(n, 1, kh * kw, 1).to(
-            cols.dtype
-        )
-    cols = cols.reshape(n, groups, c_in_g * kh * kw, pixels)
-    tiles = bank.reshape(num_kernels, groups, c_out // groups, c_in_g * kh * kw)
-    out = _TiledMixture.apply(cols, coefficients.to(cols.dtype), tiles)
-    h_out = (x.shape[-2] + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    out = out.reshape(n, c_out, h_out, pixels // h_out)
-    if bias is not None:
-        out = out + bias.reshape(n, c_out, 1, 1)
-    return out
-
-
-def _tiles(n: int, groups: int, c_out_g: int, row: int):
-    """(group, output channels, samples) of every tile: about ``_TILE_ELEMENTS`` kernel values
-    (output channels of ``row`` values each) per tile."""
-    channels = min(c_out_g, max(1, _TILE_ELEMENTS // row))
-    batch = min(n, max(1, _TILE_ELEMENTS // (channels * row)))
-    for g in range(groups):
-        for o in range(0, c_out_g, channels):
-            for i in range(0, n, batch):
-                yield g, slice(o, min(o + channels, c_out_g)), slice(i, min(i + batch, n))
-
-
-class _TiledMixture(torch.autograd.Function):
-    """``out[n, g] = (sum_k coefficients[n, k] * bank[k, g]) @ cols[n, g]``, tile by tile.
-
-    cols [N, g, C_in/g * kH * kW, P], coefficients [N, K], bank [K, g, C_out/g, C_in/g * kH * kW]
-    -> [N, g, C_out/g, P]. A tile is a block of output channels for a block of samples: its
-    kernels are assembled (one small matrix product), used and dropped. Backward assembles them
-    again for the input's gradient and reduces the per-sample kernel gradients of each tile to
-    the bank's and the coefficients' at once. Saves only the inputs.
-    """
-
-    @staticmethod
-    def forward(ctx, cols: Tensor, coefficients: Tensor, bank: Tensor) -> Tensor:
-        n, groups, row, pixels = cols.shape
-        num_kernels, _, c_out_g, _ = bank.shape
-        out = cols.new_empty(n, groups, c_out_g, pixels)
-        for g, o, i in _tiles(n, groups, c_out_g, row):
-            kernels = torch.mm(coefficients[i], bank[:, g, o].reshape(num_kernels, -1))
-            out[i, g, o] = torch.bmm(kernels.view(kernels.shape[0], -1, row), cols[i, g])
-        ctx.save_for_backward(cols, coefficients, bank)
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out: Tensor):
-        cols, coefficients, bank = ctx.saved_tensors
-        need_cols, need_coeff, need_bank = ctx.needs_input_grad[:3]
-        n, groups, row, _ = cols.shape
-        num_kernels, _, c_out_g, _ = bank.shape
-        grad_out = grad_out.contiguous()
-        grad_cols = torch.zeros_like(cols) if need_cols else None
-        grad_coeff = torch.zeros_like(coefficients) if need_coeff else None
-        grad_bank = torch.zeros_like(bank) if need_bank else None
-        for g, o, i in _tiles(n, groups, c_out_g, row):
-            tile = bank[:, g, o].reshape(num_kernels, -1)  # [K, channels * row]
-            grad = grad_out[i, g, o]  # [samples, channels, P]
-            if need_cols:
-                kernels = torch.mm(coefficients[i], tile).view(grad.shape[0], -1, row)
-                grad_cols[i, g].baddbmm_(kernels.transpose(1, 2), grad)
-            if need_coeff or need_bank:
-                grad_kernels = torch.bmm(grad, cols[i, g].transpose(1, 2)).view(grad.shape[0], -1)
-                if need_bank:
-                    grad_bank[:, g, o].view(num_kernels, -1).addmm_(coefficients[i].t(),
-                                                                    grad_kernels)
-                if need_coeff:
-                    grad_coeff[i] += grad_kernels @ tile.t()
-        return grad_cols, grad_coeff, grad_bank
 
 
 # ----------------------------------------------------------------------------------------------
