@@ -22,7 +22,7 @@ from dynconv.cost import peak_bytes_of
 # The seeds' formulations live with the tests (tests/seed_layouts.py); one copy is enough.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from seed_layouts import OfficialODConv2d, SeedDRConv2d, SeedDynamicConv2d  # noqa: E402
+from seed_layouts import OfficialODConv2d, SeedDRConv2d, SeedDynamicConv2d
 
 __all__ = [
     "OfficialODConv2d",

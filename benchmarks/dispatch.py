@@ -9,12 +9,11 @@ to ``nn.Conv2d`` of the same shape, with the one ``'auto'`` picks marked.
 from __future__ import annotations
 
 import torch
+from common import markdown_table, median_times, step
+from layers import SHAPES, Shape, path
 from torch import nn
 
 from dynconv import DRConv2d, DynamicConv2d, ODConv2d
-
-from common import markdown_table, median_times, step
-from layers import SHAPES, Shape, path
 
 MIXTURE_VARIANTS = {  # name: (mixture method, per-sample method)
     "grouped": ("aggregate", "grouped"),
@@ -95,11 +94,11 @@ def region_rows(device, budget, rounds) -> list[list]:
         conv = nn.Conv2d(shape.c_in, shape.c_out, 3, padding=1, groups=shape.groups,
                          bias=False, device=device).eval()
 
-        def forced(method: str):
-            def run(x):
+        def forced(method: str, layer: DRConv2d = layer):
+            def run(inputs):
                 layer.method = method
                 try:
-                    return layer(x)
+                    return layer(inputs)
                 finally:
                     layer.method = "auto"
             return run

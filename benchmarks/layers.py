@@ -13,11 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
-
-from dynconv import DRConv2d, DynamicConv2d, ODConv2d
-from dynconv.functional import _choose_mixture_method, _choose_region_method
-
 from common import (
     OfficialODConv2d,
     SeedDRConv2d,
@@ -27,6 +22,10 @@ from common import (
     peak_megabytes,
     step,
 )
+from torch import Tensor, nn
+
+from dynconv import DRConv2d, DynamicConv2d, ODConv2d
+from dynconv.functional import _choose_mixture_method, _choose_region_method
 
 
 @dataclass(frozen=True)
@@ -133,7 +132,7 @@ def _mark(value: float, limit: float | None) -> str:
 
 def rows_for(kind: str, shape: Shape, batch: int, cell) -> list[object]:
     seed = SEED_OF[kind]
-    (tf, mf, pf), (tb, mb, pb) = cell[False], cell[True]
+    (tf, _, pf), (tb, mb, pb) = cell[False], cell[True]
 
     def ratio(t: dict, a: str, b: str) -> str:
         return f"{t[a] / t[b]:.2f}" if a in t and b in t and t[b] > 0 else "-"

@@ -19,10 +19,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import dispatch  # noqa: E402
-import layers  # noqa: E402
-import models  # noqa: E402
-from common import machine  # noqa: E402
+import dispatch
+import layers
+import models
+from common import machine
 
 TABLES = ("layers", "models", "dispatch")
 
@@ -38,7 +38,8 @@ def main() -> None:
                         help="torch threads (default: torch's, at most the cores)")
     parser.add_argument("--budget", type=float, default=None,
                         help="seconds of timed rounds per table cell")
-    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile rows")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="skip the torch.compile rows (--quick skips them)")
     parser.add_argument("--output", type=Path, default=None, help="also write the tables here")
     args = parser.parse_args()
     tables = [t for t in args.tables.split(",") if t]
@@ -49,7 +50,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     budget = args.budget if args.budget is not None else (0.3 if args.quick else 1.0)
-    rounds = (3, 5) if args.quick else (5, 15)
+    rounds = (3, 5) if args.quick else (3, 9)
     header = (f"dynconv benchmarks on {machine(device)}; float32, K = 4, R = 8; medians of "
               f"{rounds[0]}-{rounds[1]} interleaved rounds; ratios within one process")
     print(header + "\n", flush=True)
@@ -60,7 +61,8 @@ def main() -> None:
         if table == "layers":
             text = layers.run(device, args.quick, budget, rounds, memory=True)
         elif table == "models":
-            text = models.run(device, args.quick, budget, rounds, not args.no_compile)
+            compile_ = not (args.no_compile or args.quick)
+            text = models.run(device, args.quick, budget, rounds, compile_)
         else:
             text = dispatch.run(device, args.quick, budget, rounds)
         print("\n" + text + "\n", flush=True)
