@@ -175,9 +175,9 @@ def run(device: torch.device, quick: bool, budget: float, rounds, memory: bool) 
             cell = measure_cell(modules, shape, batch, device, budget, rounds, memory)
             for kind in TYPES:
                 rows[kind].append(rows_for(kind, shape, batch, cell))
-            tb = cell[True][0]
-            print(f"  {shape.name} N={batch}: f+b x conv "
-                  + ", ".join(f"{k} {tb[k] / tb['conv']:.2f}" for k in TYPES), flush=True)
+                # each row as soon as it is measured, so that an interrupted run still tells
+                print(f"  {kind}: " + markdown_table(HEADER, rows[kind][-1:]).splitlines()[-1],
+                      flush=True)
     out = []
     for kind in TYPES:
         out.append(f"### {kind}\n\n" + markdown_table(HEADER, rows[kind]))
