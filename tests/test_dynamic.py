@@ -10,6 +10,7 @@ from torch import nn
 
 import dynconv
 from dynconv import DynamicConv2d
+from dynconv.functional import MIXTURE_METHODS
 from dynconv.testing import reference_dynamic_conv2d
 
 from helpers import assert_same_outputs_and_grads
@@ -34,11 +35,15 @@ def _layer(cfg: ConvConfig, num_kernels: int, routing: str, temperature: float =
     routing=st.sampled_from(["softmax", "sigmoid"]),
     temperature=st.sampled_from([1.0, 0.5, 30.0]),
     train=st.booleans(),
+    method=st.sampled_from(MIXTURE_METHODS),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_layer_matches_per_sample_reference(cfg, num_kernels, routing, temperature, train, seed):
+def test_layer_matches_per_sample_reference(
+    cfg, num_kernels, routing, temperature, train, method, seed
+):
     torch.manual_seed(seed)
     layer = _layer(cfg, num_kernels, routing, temperature).train(train)
+    layer.method = method  # every formulation of the mixture in turn
     with torch.no_grad():  # larger attention weights, so that the attention is far from uniform
         for p in layer.attention.parameters():
             p.normal_(0, 1.0)
@@ -208,3 +213,10 @@ def test_drop_in_for_nn_conv2d_arguments_device_dtype_repr() -> None:
     layer.reset_parameters()
     assert not torch.equal(before, layer.weight)
     assert layer(torch.randn(2, 4, 9, 9, dtype=F64)).shape == (2, 8, 5, 9)
+
+
+def test_forced_method_is_checked() -> None:
+    layer = DynamicConv2d(4, 4, 3, padding=1)
+    layer.method = "fast"
+    with pytest.raises(ValueError, match="method must be one of"):
+        layer(torch.randn(2, 4, 6, 6))

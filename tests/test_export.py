@@ -100,13 +100,13 @@ def test_converted_torchvision_resnet18(tmp_path):
 
 def test_dispatch_is_batch_agnostic_only_while_exporting():
     assert not is_exporting()
-    assert _choose_per_sample_method(4) == "grouped"
+    assert _choose_per_sample_method(4, 1024, False) == "grouped"
     seen = {}
 
     class Probe(nn.Module):
         def forward(self, x):
             seen["exporting"] = is_exporting()
-            seen["per_sample"] = _choose_per_sample_method(4)
+            seen["per_sample"] = _choose_per_sample_method(4, 1024, False)
             return x + 1
 
     torch.export.export(Probe(), (torch.randn(2, 3),))

@@ -8,8 +8,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dynconv.functional import (
+    MIXTURE_METHODS,
     PER_SAMPLE_METHODS,
     _choose_mixture_method,
+    _choose_per_sample_method,
     mixture_conv2d,
     per_sample_conv2d,
 )
@@ -67,7 +69,7 @@ def test_mixture_conv2d_matches_reference(cfg: ConvConfig, num_kernels: int, see
         bias = None if bias_bank is None else coeffs @ bias_bank
         return reference_per_sample_conv2d(x, weight, bias, **kw)
 
-    for method in ("auto", "aggregate", "mixout"):
+    for method in MIXTURE_METHODS:
         assert_same_outputs_and_grads(
             lambda m=method: mixture_conv2d(x, coeffs, bank, bias_bank, **kw, method=m),
             reference,
@@ -90,7 +92,7 @@ def test_gradcheck_small_cases() -> None:
         )
     coeffs = torch.randn(2, 3, dtype=F64, generator=gen, requires_grad=True)
     bank = torch.randn(3, 6, 4, 3, 3, dtype=F64, generator=gen, requires_grad=True)
-    for method in ("aggregate", "mixout"):
+    for method in MIXTURE_METHODS[1:]:
         assert torch.autograd.gradcheck(
             lambda x, c, k, m=method: mixture_conv2d(x, c, k, padding="same", method=m),
             (x, coeffs, bank),
@@ -136,6 +138,13 @@ def test_mixture_dispatch_rule() -> None:
     assert choose(1, 512, 4) == "aggregate"  # batch 1: one plain convolution
 
 
+def test_per_sample_dispatch_rule() -> None:
+    assert _choose_per_sample_method(1, 16, True) == "direct"  # batch 1: one plain convolution
+    assert _choose_per_sample_method(8, 64, True) == "unfold"  # training on small maps
+    assert _choose_per_sample_method(8, 64, False) == "grouped"
+    assert _choose_per_sample_method(8, 256, True) == "grouped"  # large maps: near nn.Conv2d
+
+
 def test_torch_compile_small_case() -> None:
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(2, 4, 6, 6, generator=gen)
@@ -168,7 +177,7 @@ def test_mixture_conv2d_with_spatial_weight_matches_reference(
         bias = None if bias_bank is None else coeffs @ bias_bank
         return reference_per_sample_conv2d(x, weight, bias, **kw)
 
-    for method in ("auto", "aggregate", "mixout"):
+    for method in MIXTURE_METHODS:
         assert_same_outputs_and_grads(
             lambda m=method: mixture_conv2d(x, coeffs, bank, bias_bank, **kw, spatial=spatial,
                                             method=m),
@@ -183,7 +192,7 @@ def test_gradcheck_mixture_with_spatial_weight() -> None:
     coeffs = torch.randn(2, 3, dtype=F64, generator=gen, requires_grad=True)
     bank = torch.randn(3, 6, 2, 3, 2, dtype=F64, generator=gen, requires_grad=True)
     spatial = torch.randn(2, 3, 2, dtype=F64, generator=gen, requires_grad=True)
-    for method in ("aggregate", "mixout"):
+    for method in MIXTURE_METHODS[1:]:
         assert torch.autograd.gradcheck(
             lambda x, c, k, s, m=method: mixture_conv2d(
                 x, c, k, stride=(2, 1), padding=1, dilation=(1, 2), groups=2, spatial=s,

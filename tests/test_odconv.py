@@ -13,6 +13,7 @@ from torch.func import functional_call
 
 import dynconv
 from dynconv import ODConv2d
+from dynconv.functional import MIXTURE_METHODS
 from dynconv.testing import reference_odconv2d
 
 from helpers import assert_same_outputs_and_grads
@@ -51,16 +52,18 @@ def _randomize(layer: nn.Module, scale: float = 1.0) -> None:
     norm=st.sampled_from(["batch", "batch", "layer", "none"]),
     temperature=st.sampled_from([1.0, 0.5, 30.0]),
     train=st.booleans(),
+    method=st.sampled_from(MIXTURE_METHODS),
     seed=st.integers(0, 2**31 - 1),
 )
 def test_layer_matches_per_sample_reference(
-    cfg, pointwise, num_kernels, min_channels, norm, temperature, train, seed
+    cfg, pointwise, num_kernels, min_channels, norm, temperature, train, method, seed
 ):
     if pointwise:  # 1x1 kernels, and with K = 1 the plain-convolution fast path
         cfg = dataclasses.replace(cfg, kernel_size=(1, 1))
     torch.manual_seed(seed)
     layer = _layer(cfg, num_kernels=num_kernels, min_channels=min_channels,
                    attention_norm=norm, temperature=temperature).train(train)
+    layer.method = method  # every formulation of the mixture in turn
     _randomize(layer)
     x = torch.randn(cfg.batch, cfg.in_channels, cfg.height, cfg.width, dtype=F64)
     x.requires_grad_()

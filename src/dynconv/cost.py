@@ -30,6 +30,7 @@ __all__ = [
     "functional_macs",
     "inference_latency_ms",
     "layer_macs",
+    "peak_bytes_of",
     "peak_memory_bytes",
     "register_mac_rule",
 ]
@@ -317,11 +318,8 @@ def _import_benchmark():
 def peak_memory_bytes(model: nn.Module, inputs: Tensor) -> int:
     """Peak bytes of tensor memory allocated during one inference forward pass on ``inputs``
     (activations and temporaries; the parameters and ``inputs``, allocated before, are not
-    included), in eval mode without gradients, at the final temperature.
-
-    On CUDA: ``torch.cuda.max_memory_allocated`` above what was allocated before the pass. On
-    the CPU: the running total of the allocations and frees that ``torch.profiler`` records with
-    ``profile_memory=True``, in the order they happened.
+    included), in eval mode without gradients, at the final temperature (see
+    :func:`peak_bytes_of`).
     """
     was_training = model.training
     model.eval()
@@ -329,18 +327,31 @@ def peak_memory_bytes(model: nn.Module, inputs: Tensor) -> int:
     try:
         with torch.no_grad():
             model(inputs)  # warm-up: lazy initialisation and caches are not the pass's memory
-            if inputs.device.type == "cuda":
-                torch.cuda.synchronize(inputs.device)
-                before = torch.cuda.memory_allocated(inputs.device)
-                torch.cuda.reset_peak_memory_stats(inputs.device)
-                model(inputs)
-                torch.cuda.synchronize(inputs.device)
-                return torch.cuda.max_memory_allocated(inputs.device) - before
-            activities = [torch.profiler.ProfilerActivity.CPU]
-            with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
-                model(inputs)
+            return peak_bytes_of(lambda: model(inputs), inputs.device)
     finally:
         model.train(was_training)
+
+
+def peak_bytes_of(fn: Callable[[], object], device: torch.device | str = "cpu") -> int:
+    """Peak bytes of tensor memory allocated while ``fn()`` runs, above what was allocated
+    before (so tensors made earlier, such as parameters and inputs, are not included; what
+    ``fn`` keeps alive counts until it returns).
+
+    On CUDA: ``torch.cuda.max_memory_allocated`` above what was allocated before. On the CPU:
+    the running total of the allocations and frees that ``torch.profiler`` records with
+    ``profile_memory=True``, in the order they happened.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
+        fn()
     events = [e for e in prof.profiler.kineto_results.events()
               if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
     current = peak = 0

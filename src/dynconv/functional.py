@@ -47,6 +47,9 @@ MIXTURE_METHODS = ("auto", "aggregate", "mixout")
 _MIXOUT_MAX_PIXELS = 256
 _MIXOUT_MIN_KERNEL_BYTES = 32 * 2**20
 _MIXOUT_TRAIN_MAX_PIXELS = 16
+# per_sample_conv2d with gradients: up to this many output pixels per sample (8x8), im2col and a
+# batched matrix product beat the grouped convolution, whose backward is slow on small maps.
+_UNFOLD_TRAIN_MAX_PIXELS = 64
 
 
 def _shape(t: Tensor) -> list[int]:
@@ -175,7 +178,9 @@ def per_sample_conv2d(
         raise ValueError(f"method must be one of {PER_SAMPLE_METHODS}, got {method!r}")
 
     if method == "auto":
-        method = _choose_per_sample_method(n)
+        h_out, w_out = geometry.output_size(x.shape[-2], x.shape[-1])
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+        method = _choose_per_sample_method(n, h_out * w_out, needs_grad)
     elif method == "direct" and n != 1:
         raise ValueError(f"method='direct' needs batch size 1, got {n}")
     xp, pad = _prepare(x, geometry)
@@ -184,11 +189,16 @@ def per_sample_conv2d(
     return _match_memory_format(out, x)
 
 
-def _choose_per_sample_method(batch: int) -> str:
-    """The dispatch rule of :func:`per_sample_conv2d` (see docs/performance.md)."""
+def _choose_per_sample_method(batch: int, pixels: int, needs_grad: bool) -> str:
+    """The dispatch rule of :func:`per_sample_conv2d` (see docs/performance.md); ``pixels``:
+    output pixels per sample."""
     if is_exporting():
         return "unfold"
-    return "direct" if batch == 1 else "grouped"
+    if batch == 1:
+        return "direct"
+    if needs_grad and pixels <= _UNFOLD_TRAIN_MAX_PIXELS:
+        return "unfold"
+    return "grouped"
 
 
 def _direct(x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation, groups):

@@ -175,7 +175,14 @@ class KernelBankConv(DynamicConvBase):
     ``model.to(memory_format=torch.channels_last)`` works (a 5-D parameter makes it fail) and the
     bank reaches a dense convolution as a free view. The state_dict shows it in the reference
     layout [K, C_out, C_in/groups, kH, kW], and both layouts load. ``kernels`` is the 5-D view.
+
+    Attributes:
+        method: the formulation handed to :func:`~dynconv.functional.mixture_conv2d`,
+            ``'auto'`` by default (the dispatch rule); forcing one changes the speed, not the
+            result.
     """
+
+    method: str
 
     def __init__(
         self,
@@ -203,6 +210,7 @@ class KernelBankConv(DynamicConvBase):
         if not isinstance(bias, bool):
             raise TypeError(f"bias must be a bool, got {bias!r}")
         self.num_kernels = num_kernels
+        self.method = "auto"
         kh, kw = self.kernel_size
         self.weight = nn.Parameter(
             torch.empty(

@@ -119,7 +119,8 @@ class DynamicConv2d(KernelBankConv):
         else:
             coefficients = self.kernel_attention(x).to(self.weight.dtype)
             out = mixture_conv2d(
-                xp, coefficients, self.kernels, self.bias, **self._conv_kwargs(padding)
+                xp, coefficients, self.kernels, self.bias, **self._conv_kwargs(padding),
+                method=self.method,
             )
         return out.squeeze(0) if unbatched else out
 

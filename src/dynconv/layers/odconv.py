@@ -141,7 +141,7 @@ class ODConv2d(KernelBankConv):
             )
             spatial = None if att.spatial is None else att.spatial.to(self.weight.dtype)
             out = mixture_conv2d(xp, coefficients, self.kernels, None, **conv_kwargs,
-                                 spatial=spatial)
+                                 spatial=spatial, method=self.method)
         if att.filter is not None:
             out = out * att.filter.to(out.dtype).reshape(n, -1, 1, 1)
         if self.bias is not None:

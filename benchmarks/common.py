@@ -1,0 +1,118 @@
+"""What every table of the benchmark suite shares: interleaved timing, peak memory, the seeds'
+layers, and printing.
+
+Times are medians of rounds in which every variant of a table cell runs once, in turn, so that
+a load from other processes hits them alike; ratios are taken within the cell. Peak memory is
+:func:`dynconv.cost.peak_bytes_of` of one call.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from dynconv.cost import peak_bytes_of
+
+# The seeds' formulations live with the tests (tests/seed_layouts.py); one copy is enough.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from seed_layouts import OfficialODConv2d, SeedDRConv2d, SeedDynamicConv2d
+
+__all__ = [
+    "OfficialODConv2d",
+    "SeedDRConv2d",
+    "SeedDynamicConv2d",
+    "Step",
+    "markdown_table",
+    "median_times",
+    "peak_megabytes",
+    "step",
+    "sync",
+]
+
+Step = Callable[[], None]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def step(module: nn.Module | Callable[[Tensor], Tensor], x: Tensor, backward: bool) -> Step:
+    """One forward (without gradients) or forward+backward of ``module`` on ``x``, as a
+    callable; parameter gradients are dropped before each call, as ``zero_grad`` does."""
+    params = list(module.parameters()) if isinstance(module, nn.Module) else []
+
+    def run() -> None:
+        if not backward:
+            with torch.no_grad():
+                module(x)
+            return
+        for p in params:
+            p.grad = None
+        x.grad = None
+        out = module(x)
+        out.backward(torch.ones_like(out))
+
+    return run
+
+
+def median_times(
+    steps: dict[str, Step],
+    device: torch.device,
+    budget_s: float,
+    rounds: tuple[int, int],
+    warm_up: bool = True,
+) -> dict[str, float]:
+    """Median seconds per call of every step, interleaved: one warm-up call each (unless the
+    caller made one), then ``rounds[0]`` to ``rounds[1]`` rounds, as many as fit in about
+    ``budget_s``."""
+    def timed(fn: Step) -> float:
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        return time.perf_counter() - start
+
+    if warm_up:
+        for fn in steps.values():
+            fn()
+    times = {name: [timed(fn)] for name, fn in steps.items()}
+    first = sum(t[0] for t in times.values())
+    count = max(rounds[0], min(rounds[1], int(budget_s / max(first, 1e-9))))
+    for _ in range(count - 1):
+        for name, fn in steps.items():
+            times[name].append(timed(fn))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def peak_megabytes(fn: Step, device: torch.device) -> float:
+    """Peak MB allocated during one call of ``fn`` (inputs and parameters excluded)."""
+    return peak_bytes_of(fn, device) / 2**20
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A GitHub markdown table (floats with 2 decimals)."""
+    def cell(v: object) -> str:
+        return f"{v:.2f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def machine(device: torch.device) -> str:
+    """The machine in words: CPU model and threads, or the GPU; and torch's version."""
+    if device.type == "cuda":
+        where = torch.cuda.get_device_name(device)
+    else:
+        import platform
+
+        where = f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+    return f"{where}, torch {torch.__version__}"
