@@ -12,6 +12,7 @@ from dynconv.functional import (
     PER_SAMPLE_METHODS,
     _choose_mixture_method,
     _choose_per_sample_method,
+    adaptive_avg_pool2d,
     mixture_conv2d,
     per_sample_conv2d,
 )
@@ -207,3 +208,14 @@ def test_mixture_spatial_weight_errors() -> None:
     bank = torch.randn(3, 6, 4, 3, 3)
     with pytest.raises(ValueError, match=r"spatial must have shape \[N, kH, kW\] = \[2, 3, 3\]"):
         mixture_conv2d(x, torch.randn(2, 3), bank, spatial=torch.randn(2, 9))
+
+
+@given(h=st.integers(1, 23), w=st.integers(1, 23), oh=st.integers(1, 5), ow=st.integers(1, 5))
+@settings(max_examples=60)
+def test_adaptive_avg_pool_as_matmul_matches_torch(h, w, oh, ow):
+    """The form DRConv exports with (any input size) is torch's adaptive pooling, exactly."""
+    x = torch.randn(2, 3, h, w, dtype=torch.float64)
+    expected = torch.nn.functional.adaptive_avg_pool2d(x, (oh, ow))
+    got = adaptive_avg_pool2d(x, (oh, ow), as_matmul=True)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    assert torch.equal(adaptive_avg_pool2d(x, (oh, ow)), expected)
