@@ -126,14 +126,17 @@ def test_batch_one_uses_a_plain_convolution() -> None:
 def test_mixture_dispatch_rule() -> None:
     from dynconv._conv_args import parse_geometry
 
-    def choose(n, c, size, groups=1, grad=False):
+    def choose(n, c, size, groups=1, grad=False, spatial=False):
         x = torch.zeros(n, c, size, size, requires_grad=grad)
         bank = torch.zeros(4, c, c // groups, 3, 3)
-        return _choose_mixture_method(x, bank, parse_geometry(3, 1, 1, 1, groups))
+        return _choose_mixture_method(x, bank, parse_geometry(3, 1, 1, 1, groups), spatial)
 
     assert choose(32, 512, 4) == "mixout"  # wide, tiny maps: the per-sample kernels are huge
     assert choose(8, 16, 4, grad=True) == "mixout"  # training on tiny maps
     assert choose(8, 16, 4) == "aggregate"
+    assert choose(32, 256, 8, grad=True) == "aggregate"  # training, 8x8: kernels + im2col
+    assert choose(32, 256, 8, grad=True, spatial=True) == "mixout"  # ODConv: K outputs
+    assert choose(32, 256, 8) == "mixout"  # inference: the batch's kernels are 75 MB
     assert choose(32, 64, 32) == "aggregate"  # large maps: grouped is near nn.Conv2d
     assert choose(32, 512, 4, groups=512) == "aggregate"  # depthwise
     assert choose(1, 512, 4) == "aggregate"  # batch 1: one plain convolution
@@ -219,3 +222,23 @@ def test_adaptive_avg_pool_as_matmul_matches_torch(h, w, oh, ow):
     got = adaptive_avg_pool2d(x, (oh, ow), as_matmul=True)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
     assert torch.equal(adaptive_avg_pool2d(x, (oh, ow)), expected)
+
+
+@pytest.mark.parametrize("size", [3, 4, 5, 9])  # mix-out runs through im2col up to 16 pixels
+@pytest.mark.parametrize("groups", [1, 2])
+def test_mixout_on_both_sides_of_its_im2col_threshold(size, groups):
+    gen = torch.Generator().manual_seed(size)
+    x = torch.randn(3, 4, size, size, dtype=F64, generator=gen, requires_grad=True)
+    coefficients = torch.randn(3, 3, dtype=F64, generator=gen, requires_grad=True)
+    bank = torch.randn(3, 6, 4 // groups, 3, 3, dtype=F64, generator=gen, requires_grad=True)
+    bias = torch.randn(3, 6, dtype=F64, generator=gen, requires_grad=True)
+
+    def run(method):
+        out = mixture_conv2d(x, coefficients, bank, bias, 1, 1, 1, groups, method=method)
+        grads = torch.autograd.grad(out.square().sum(), (x, coefficients, bank, bias))
+        return out, grads
+
+    (out, grads), (ref, ref_grads) = run("mixout"), run("aggregate")
+    torch.testing.assert_close(out, ref)
+    for got, expected in zip(grads, ref_grads):
+        torch.testing.assert_close(got, expected)
