@@ -787,13 +787,11 @@ def _pooling_matrix(size_in: int | Tensor, size_out: int, like: Tensor) -> Tenso
     return inside.to(like.dtype) / (end - start).to(like.dtype)
 
 
-def adaptive_avg_pool2d(x: Tensor, output_size: Pair, *, as_matmul: bool | None = None) -> Tensor:
-    """``F.adaptive_avg_pool2d`` for [N, C, H, W] -> [N, C, *output_size], which while exporting
-    (or with ``as_matmul=True``) runs as two products with averaging matrices: the TorchScript
-    ONNX exporter (Ultralytics' ``export``) supports adaptive pooling only to a factor of the
-    input size, and a dynamic input size has none."""
-    if not (is_exporting() if as_matmul is None else as_matmul):
-        return F.adaptive_avg_pool2d(x, output_size)
+def adaptive_avg_pool2d_matmul(x: Tensor, output_size: Pair) -> Tensor:
+    """``F.adaptive_avg_pool2d`` for [N, C, H, W] -> [N, C, *output_size] as two products with
+    averaging matrices: the form DRConv exports with, because the TorchScript ONNX exporter
+    (Ultralytics' ``export``) supports adaptive pooling only to a factor of the input size, and
+    a dynamic input size has none."""
     rows = _pooling_matrix(x.shape[-2], output_size[0], x)
     cols = _pooling_matrix(x.shape[-1], output_size[1], x)
     return rows @ x @ cols.transpose(0, 1)

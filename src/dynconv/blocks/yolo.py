@@ -223,3 +223,9 @@ for _conv_type, _suffix in TYPE_SUFFIXES.items():
         VARIANTS[_cls.__name__] = _cls
         globals()[_cls.__name__] = _cls
         __all__.append(_cls.__name__)
+
+YAML_NAMES: dict[str, type[nn.Module]] = {
+    **VARIANTS,
+    "Dynamic_conv2d": VARIANTS["DynamicConv"],  # the name seed 001's YOLOv5 YAMLs use
+}
+"""Name in a YOLO model YAML -> block class: what the integrations register."""

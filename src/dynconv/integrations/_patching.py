@@ -71,14 +71,14 @@ class _AliasTests(ast.NodeTransformer):
 
 def alias_parse_model(
     module: ModuleType, aliases: AliasTable, function: str = "parse_model", variable: str = "m"
-) -> tuple[Callable, int]:
+) -> Callable:
     """Compile ``module.<function>`` again with its class tests on ``variable`` aliased.
 
     The source is read from the module file (not from the function, whose source lookup is
     wrong once a patched copy is installed), and the new function shares the module's globals,
     where ``aliases`` is placed under :data:`ALIAS_FUNCTION`. Returns the new function (not yet
-    installed; its ``__wrapped__`` is the original) and the number of tests rewritten; raises
-    ``RuntimeError`` if the function is not found.
+    installed; its ``__wrapped__`` is the original); raises ``RuntimeError`` if the function is not
+    found or has no such test (a layout this was not written for), before changing anything.
     """
     tree = ast.parse(inspect.getsource(module))
     found = [node for node in tree.body
@@ -89,6 +89,11 @@ def alias_parse_model(
     definition.decorator_list = []
     rewriter = _AliasTests(variable)
     rewriter.visit(definition)
+    if rewriter.count == 0:
+        raise RuntimeError(
+            f"{module.__name__}.{function} has no class tests on {variable!r} to alias: not a "
+            "version dynconv supports (see the integration's SUPPORTED_VERSIONS)"
+        )
     code = compile(ast.fix_missing_locations(ast.Module([definition], type_ignores=[])),
                    filename=inspect.getsourcefile(module) or module.__name__, mode="exec")
     namespace = vars(module)
@@ -100,7 +105,7 @@ def alias_parse_model(
     assert isinstance(patched, FunctionType)
     patched.__wrapped__ = getattr(original, "__wrapped__", original)
     patched.__doc__ = original.__doc__
-    return patched, rewriter.count
+    return patched
 
 
 def stock_aliases(

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from .._conv_args import PaddingArg, check_int
 from ..functional import (
     RegionMethod,
-    adaptive_avg_pool2d,
+    adaptive_avg_pool2d_matmul,
     assign_regions,
     is_exporting,
     region_conv2d,
@@ -137,7 +137,7 @@ class DRConv2d(DynamicConvBase):
         c_out, c_in_g = self.out_channels, self.in_channels // self.groups
         pool, first, sigmoid, last = self.conv_kernel
         # the module (FLOP counters see it), or a form that exports at any input size
-        pooled = adaptive_avg_pool2d(x, self.kernel_size) if is_exporting() else pool(x)
+        pooled = adaptive_avg_pool2d_matmul(x, self.kernel_size) if is_exporting() else pool(x)
         hidden = sigmoid(first(pooled))  # [N, R * R, kH, kW]
         hidden = hidden.reshape(n, r, r, kh * kw).permute(1, 0, 3, 2).reshape(r, n * kh * kw, r)
         weight = last.weight.reshape(r, c_out, c_in_g, r).permute(0, 3, 2, 1)

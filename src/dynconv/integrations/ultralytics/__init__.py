@@ -37,8 +37,6 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from torch import nn
-
 from ...blocks import yolo as blocks
 from .._patching import (
     ALIAS_FUNCTION,
@@ -69,11 +67,8 @@ CFG_DIR = Path(__file__).parent / "cfg"
 _STOCK_NAMES = {blocks.Conv: "Conv", blocks.Bottleneck: "Bottleneck", blocks.C3: "C3",
                 blocks.C3k: "C3k", blocks.C2f: "C2f", blocks.C3k2: "C3k2"}
 
-BLOCKS: dict[str, type[nn.Module]] = {
-    **blocks.VARIANTS,
-    "Dynamic_conv2d": blocks.VARIANTS["DynamicConv"],  # the name seed 001's YAMLs use
-}
-"""YAML name -> block class registered with Ultralytics."""
+BLOCKS = blocks.YAML_NAMES
+"""YAML name -> block class registered (:data:`dynconv.blocks.yolo.YAML_NAMES`)."""
 
 _lock = threading.Lock()
 _patches = Patches()
@@ -125,13 +120,7 @@ def register() -> None:
 
         check_version("ultralytics", ultralytics.__version__, SUPPORTED_VERSIONS, "8.4.190")
         aliases = stock_aliases(set(BLOCKS.values()), _STOCK_NAMES, stock_blocks, stock_convs)
-        parse_model, rewritten = alias_parse_model(tasks, aliases)
-        if rewritten == 0:
-            raise RuntimeError(
-                "ultralytics.nn.tasks.parse_model has no class tests on 'm' to alias; this "
-                f"ultralytics ({ultralytics.__version__}) is not one dynconv supports "
-                f"(>={SUPPORTED_VERSIONS[0]}, <{SUPPORTED_VERSIONS[1]})"
-            )
+        parse_model = alias_parse_model(tasks, aliases)
         load = tasks.yaml_model_load
 
         @functools.wraps(load)

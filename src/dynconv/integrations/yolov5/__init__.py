@@ -43,8 +43,6 @@ import threading
 from pathlib import Path
 from types import ModuleType
 
-from torch import nn
-
 from ...blocks import yolo as blocks
 from .._patching import (
     ALIAS_FUNCTION,
@@ -82,11 +80,8 @@ SCALES = {"n": (0.33, 0.25), "s": (0.33, 0.50), "m": (0.67, 0.75), "l": (1.0, 1.
           "x": (1.33, 1.25)}
 """YOLOv5's (depth_multiple, width_multiple) per scale letter."""
 
-BLOCKS: dict[str, type[nn.Module]] = {
-    **blocks.VARIANTS,
-    "Dynamic_conv2d": blocks.VARIANTS["DynamicConv"],  # the name seed 001's YAMLs use
-}
-"""YAML name -> block class registered with YOLOv5."""
+BLOCKS = blocks.YAML_NAMES
+"""YAML name -> block class registered (:data:`dynconv.blocks.yolo.YAML_NAMES`)."""
 
 # YOLOv5 has no C2f/C3k/C3k2: their variants take C3's arguments (c1, c2, n, shortcut, ...),
 # so parse_model treats them as C3 (channels, width, repeats folded into the arguments).
@@ -164,12 +159,7 @@ def register(module: ModuleType | str | None = None) -> ModuleType:
             return module
         _check_layout(module)
         aliases = stock_aliases(set(BLOCKS.values()), _STOCK_NAMES, module)
-        parse_model, rewritten = alias_parse_model(module, aliases)
-        if rewritten == 0:
-            raise RuntimeError(
-                f"{module.__name__}.parse_model has no class tests on 'm' to alias; this YOLOv5 "
-                "is not one dynconv supports (tested with ultralytics/yolov5 v7.0, pip 7.0.14)"
-            )
+        parse_model = alias_parse_model(module, aliases)
         patches = Patches()
         patches.update(module, BLOCKS)
         patches.set(module, "parse_model", parse_model)
