@@ -100,19 +100,19 @@ def test_converted_torchvision_resnet18(tmp_path):
 
 def test_dispatch_is_batch_agnostic_only_while_exporting():
     assert not is_exporting()
-    assert _choose_per_sample_method(4, 1024, False) == "grouped"
+    geometry = parse_geometry(3, 1, 1, 1, 1)
+    assert _choose_per_sample_method(4, 1024, False, geometry) == "grouped"
     seen = {}
 
     class Probe(nn.Module):
         def forward(self, x):
             seen["exporting"] = is_exporting()
-            seen["per_sample"] = _choose_per_sample_method(4, 1024, False)
+            seen["per_sample"] = _choose_per_sample_method(4, 1024, False, geometry)
             return x + 1
 
     torch.export.export(Probe(), (torch.randn(2, 3),))
     assert seen == {"exporting": True, "per_sample": "unfold"}
     bank = torch.randn(2, 8, 4, 3, 3)
-    geometry = parse_geometry(3, 1, 1, 1, 1)
     assert _choose_mixture_method(torch.randn(4, 4, 5, 5), bank, geometry) in {
         "aggregate", "mixout"}
 

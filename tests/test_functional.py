@@ -143,10 +143,40 @@ def test_mixture_dispatch_rule() -> None:
 
 
 def test_per_sample_dispatch_rule() -> None:
-    assert _choose_per_sample_method(1, 16, True) == "direct"  # batch 1: one plain convolution
-    assert _choose_per_sample_method(8, 64, True) == "unfold"  # training on small maps
-    assert _choose_per_sample_method(8, 64, False) == "grouped"
-    assert _choose_per_sample_method(8, 256, True) == "grouped"  # large maps: near nn.Conv2d
+    from dynconv._conv_args import parse_geometry
+
+    def choose(batch, pixels, grad, kernel=3, stride=1, padding=1):
+        geometry = parse_geometry(kernel, stride, padding, 1, 1)
+        return _choose_per_sample_method(batch, pixels, grad, geometry)
+
+    assert choose(1, 16, True) == "direct"  # batch 1: one plain convolution
+    assert choose(8, 64, True) == "unfold"  # training on small maps
+    assert choose(8, 64, False) == "grouped"
+    assert choose(8, 256, True) == "grouped"  # large maps: near nn.Conv2d
+    # 1x1 kernels without padding: a batched matrix product on the input, at any batch
+    assert choose(8, 1600, False, kernel=1, padding=0) == "unfold"
+    assert choose(1, 1600, True, kernel=1, stride=2, padding=0) == "unfold"
+    assert choose(8, 1600, False, kernel=1, padding=1) == "grouped"  # padded: no shortcut
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize(("stride", "groups"), [(1, 1), (2, 2), ((1, 2), 3)])
+def test_pointwise_unfold_reads_the_input_itself(stride, groups, channels_last) -> None:
+    """A 1x1 kernel's im2col is the strided input: checked on odd sizes, with groups, against
+    one convolution per sample, with gradients."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 6, 7, 9, dtype=F64, generator=gen)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(3, 12, 6 // groups, 1, 1, dtype=F64, generator=gen)
+    b = torch.randn(3, 12, dtype=F64, generator=gen)
+    x, w, b = (t.requires_grad_() for t in (x, w, b))
+    for method in ("unfold", "auto"):
+        assert_same_outputs_and_grads(
+            lambda m=method: per_sample_conv2d(x, w, b, stride, 0, 1, groups, method=m),
+            lambda: reference_per_sample_conv2d(x, w, b, stride, 0, 1, groups),
+            [x, w, b],
+        )
 
 
 def test_torch_compile_small_case() -> None:
