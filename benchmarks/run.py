@@ -24,6 +24,8 @@ import layers
 import models
 from common import machine
 
+from dynconv import keep_freed_memory
+
 TABLES = ("layers", "models", "dispatch")
 
 
@@ -41,6 +43,9 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true",
                         help="skip the torch.compile rows (--quick skips them)")
     parser.add_argument("--output", type=Path, default=None, help="also write the tables here")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="leave glibc's malloc as it is (default: dynconv.keep_freed_memory, "
+                             "as dynconv's train and compare commands do)")
     args = parser.parse_args()
     tables = [t for t in args.tables.split(",") if t]
     unknown = sorted(set(tables) - set(TABLES))
@@ -49,10 +54,12 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    kept = not args.default_malloc and keep_freed_memory()
+    allocator = "freed memory kept (keep_freed_memory)" if kept else "malloc as is"
     budget = args.budget if args.budget is not None else (0.3 if args.quick else 1.0)
     rounds = (3, 5) if args.quick else (3, 9)
     header = (f"dynconv benchmarks on {machine(device)}; float32, K = 4, R = 8; medians of "
-              f"{rounds[0]}-{rounds[1]} interleaved rounds; ratios within one process")
+              f"{rounds[0]}-{rounds[1]} interleaved rounds; ratios within one process; {allocator}")
     print(header + "\n", flush=True)
     sections = [header]
     start = time.perf_counter()

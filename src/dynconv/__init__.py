@@ -1,6 +1,7 @@
 """dynconv: dynamic convolutions for PyTorch, exact, fast and drop-in for ``nn.Conv2d``."""
 
 from . import functional
+from .allocator import keep_freed_memory
 from .checkpoint import LoadResult, allow_weights_only_load, load_checkpoint
 from .counters import register_thop
 from .export import export_onnx
@@ -31,6 +32,7 @@ __all__ = [
     "functional",
     "get_temperature",
     "inspect_attention",
+    "keep_freed_memory",
     "load_checkpoint",
     "mixture_conv2d",
     "per_sample_conv2d",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import ast
 import math
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -13,8 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .allocator import keep_freed_memory
 
-__all__ = ["main"]
+__all__ = ["KEEP_MEMORY_ENV", "main"]
+
+# train and compare call keep_freed_memory() unless this is "0"
+KEEP_MEMORY_ENV = "DYNCONV_KEEP_FREED_MEMORY"
 
 _DESCRIPTION = """\
 Dynamic convolutions for PyTorch: compare convolution types, train models.
@@ -445,6 +450,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    if args.command in ("train", "compare") and os.environ.get(KEEP_MEMORY_ENV, "1") != "0":
+        keep_freed_memory()  # a step's large tensors are reused, not page-faulted in again
     try:
         if args.command == "list":
             return _run_list()

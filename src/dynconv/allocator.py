@@ -1,0 +1,55 @@
+"""Keep freed CPU memory for reuse instead of handing it back to the OS after every step.
+
+glibc's ``malloc`` serves every block above 32 MB with a fresh ``mmap`` and unmaps it on
+``free``, so a training loop that allocates the same large tensors every step (a kernel bank's
+gradient is K times a static kernel's: 38 MB for K = 4, 512 -> 512, 3x3) page-faults them in
+again each time: a 38 MB gradient costs about 12 ms of page faults on the 2-core machine of
+docs/performance.md, more than the convolution it belongs to. PyTorch's tuning guide suggests
+preloading jemalloc or tcmalloc; :func:`keep_freed_memory` gets the same reuse from glibc itself
+(``mallopt``): no block is unmapped, and the heap is not trimmed below 2 GB of free memory.
+
+It changes the whole process (every library's allocations), so it is never called on import:
+dynconv's own commands (``python -m dynconv train|compare``, the benchmark suite) call it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+
+# mallopt parameters (glibc's malloc.h)
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
+_TRIM_THRESHOLD_BYTES = 2**31 - 1  # mallopt takes a C int
+
+_applied = False
+
+
+def _glibc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None)
+    except OSError:
+        return None
+    if not hasattr(libc, "gnu_get_libc_version") or not hasattr(libc, "mallopt"):
+        return None  # another C library (musl): its mallopt does nothing
+    return libc
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc reuse freed large blocks (no ``mmap`` per block, trimming only above
+    2 GB free). Idempotent; returns whether it is in effect (``False`` off glibc)."""
+    global _applied
+    if _applied:
+        return True
+    libc = _glibc()
+    if libc is None:
+        return False
+    libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    libc.mallopt.restype = ctypes.c_int
+    # order matters: with trimming still dynamic, a large free could shrink the heap first
+    ok = libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES) == 1
+    ok = ok and libc.mallopt(_M_MMAP_MAX, 0) == 1
+    _applied = ok
+    return ok
