@@ -74,9 +74,7 @@ def mixture_rows(kind: str, shapes, batches, device, budget, rounds) -> list[lis
                 x.requires_grad_(backward)
                 steps = {name: step(m, x, backward) for name, m in variants.items()}
                 t = median_times(steps, device, budget, rounds)
-                auto = path(kind, layer, x, backward)
-                if auto == "aggregate":
-                    auto = "grouped"  # per_sample_conv2d's pick for N > 1
+                auto = path(kind, layer, x, backward).split()[0]
                 rows.append([shape.name, batch, "f+b" if backward else "fwd",
                              f"{t['conv'] * 1e3:.2f}"]
                             + [f"{t[v] / t['conv']:.2f}" + (" *" if v == auto else "")

@@ -25,7 +25,12 @@ from common import (
 from torch import Tensor, nn
 
 from dynconv import DRConv2d, DynamicConv2d, ODConv2d
-from dynconv.functional import _choose_mixture_method, _choose_region_method
+from dynconv.functional import (
+    _MIXOUT_UNFOLD_MAX_PIXELS,
+    _choose_mixture_method,
+    _choose_per_sample_method,
+    _choose_region_method,
+)
 
 
 @dataclass(frozen=True)
@@ -96,12 +101,19 @@ def attention(kind: str, layer: nn.Module):
 
 
 def path(kind: str, layer: nn.Module, x: Tensor, backward: bool) -> str:
-    """The formulation the dispatch rule picks for this call."""
+    """The formulation the dispatch rules pick for this call: ``dense``/``restricted`` (DRConv),
+    ``mixout`` (``mixout im2col`` through im2col) or the per-sample method after aggregating
+    (``direct``, ``grouped``, ``unfold``)."""
+    geometry = layer._geometry
+    h, w = geometry.output_size(*x.shape[-2:])
     with torch.set_grad_enabled(backward):
         if kind == "DRConv":
-            h, w = layer._geometry.output_size(*x.shape[-2:])
-            return _choose_region_method(layer.region_kernels(x), layer._geometry, h * w)
-        return _choose_mixture_method(x, layer.kernels, layer._geometry)
+            return _choose_region_method(layer.region_kernels(x), geometry, h * w)
+        spatial = kind == "ODConv" and layer.attention.spatial_fc is not None
+        method = _choose_mixture_method(x, layer.kernels, geometry, spatial)
+    if method == "mixout":
+        return "mixout im2col" if spatial or h * w <= _MIXOUT_UNFOLD_MAX_PIXELS else "mixout"
+    return _choose_per_sample_method(x.shape[0], h * w, backward, geometry)
 
 
 def measure_cell(modules, shape: Shape, batch: int, device, budget: float, rounds, memory: bool):

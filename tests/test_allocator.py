@@ -54,3 +54,20 @@ def test_is_idempotent_and_says_whether_it_applies() -> None:
                          check=True).stdout.split()
     expected = "True" if _glibc() is not None else "False"
     assert out == [expected, expected]
+
+
+def test_freed_memory_is_kept_reads_the_environment(monkeypatch) -> None:
+    from dynconv import allocator
+
+    monkeypatch.setattr(allocator, "_applied", False)
+    monkeypatch.delenv("MALLOC_MMAP_MAX_", raising=False)
+    monkeypatch.setenv("LD_PRELOAD", "")
+    assert not allocator.freed_memory_is_kept()
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
+    assert allocator.freed_memory_is_kept()
+    monkeypatch.setenv("LD_PRELOAD", "")
+    monkeypatch.setenv("MALLOC_MMAP_MAX_", "0")
+    assert allocator.freed_memory_is_kept()
+    monkeypatch.delenv("MALLOC_MMAP_MAX_")
+    monkeypatch.setattr(allocator, "_applied", True)
+    assert allocator.freed_memory_is_kept()

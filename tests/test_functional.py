@@ -123,8 +123,12 @@ def test_batch_one_uses_a_plain_convolution() -> None:
     )
 
 
-def test_mixture_dispatch_rule() -> None:
+@pytest.mark.parametrize("kept", [False, True])
+def test_mixture_dispatch_rule(kept: bool, monkeypatch) -> None:
+    from dynconv import functional
     from dynconv._conv_args import parse_geometry
+
+    monkeypatch.setattr(functional, "freed_memory_is_kept", lambda: kept)
 
     def choose(n, c, size, groups=1, grad=False, spatial=False):
         x = torch.zeros(n, c, size, size, requires_grad=grad)
@@ -135,15 +139,20 @@ def test_mixture_dispatch_rule() -> None:
     assert choose(8, 16, 4, grad=True) == "mixout"  # training on tiny maps
     assert choose(8, 16, 4) == "aggregate"
     assert choose(32, 256, 8, grad=True) == "aggregate"  # training, 8x8: kernels + im2col
-    assert choose(32, 256, 8, grad=True, spatial=True) == "mixout"  # ODConv: K outputs
-    assert choose(32, 256, 8) == "mixout"  # inference: the batch's kernels are 75 MB
+    assert choose(32, 256, 8, grad=True, spatial=True) == "aggregate"  # ODConv too
+    # inference: the batch's kernels are 75 MB, page-faulted in on every call unless kept
+    assert choose(32, 256, 8) == ("aggregate" if kept else "mixout")
     assert choose(32, 64, 32) == "aggregate"  # large maps: grouped is near nn.Conv2d
     assert choose(32, 512, 4, groups=512) == "aggregate"  # depthwise
     assert choose(1, 512, 4) == "aggregate"  # batch 1: one plain convolution
 
 
-def test_per_sample_dispatch_rule() -> None:
+@pytest.mark.parametrize("kept", [False, True])
+def test_per_sample_dispatch_rule(kept: bool, monkeypatch) -> None:
+    from dynconv import functional
     from dynconv._conv_args import parse_geometry
+
+    monkeypatch.setattr(functional, "freed_memory_is_kept", lambda: kept)
 
     def choose(batch, pixels, grad, kernel=3, stride=1, padding=1):
         geometry = parse_geometry(kernel, stride, padding, 1, 1)
@@ -151,7 +160,7 @@ def test_per_sample_dispatch_rule() -> None:
 
     assert choose(1, 16, True) == "direct"  # batch 1: one plain convolution
     assert choose(8, 64, True) == "unfold"  # training on small maps
-    assert choose(8, 64, False) == "grouped"
+    assert choose(8, 64, False) == ("unfold" if kept else "grouped")  # a large im2col buffer
     assert choose(8, 256, True) == "grouped"  # large maps: near nn.Conv2d
     # 1x1 kernels without padding: a batched matrix product on the input, at any batch
     assert choose(8, 1600, False, kernel=1, padding=0) == "unfold"

@@ -10,11 +10,15 @@ preloading jemalloc or tcmalloc; :func:`keep_freed_memory` gets the same reuse f
 
 It changes the whole process (every library's allocations), so it is never called on import:
 dynconv's own commands (``python -m dynconv train|compare``, the benchmark suite) call it.
+The dispatch rules of :mod:`dynconv.functional` ask :func:`freed_memory_is_kept`: whether a
+tensor of the batch's per-sample kernels costs its page faults on every call decides between
+formulations on small maps.
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 
 # mallopt parameters (glibc's malloc.h)
@@ -23,6 +27,7 @@ _M_MMAP_MAX = -4
 _TRIM_THRESHOLD_BYTES = 2**31 - 1  # mallopt takes a C int
 
 _applied = False
+_REUSING_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -53,3 +58,12 @@ def keep_freed_memory() -> bool:
     ok = ok and libc.mallopt(_M_MMAP_MAX, 0) == 1
     _applied = ok
     return ok
+
+
+def freed_memory_is_kept() -> bool:
+    """Whether large freed blocks are reused: :func:`keep_freed_memory` was applied, glibc's
+    ``MALLOC_MMAP_MAX_=0`` is set, or jemalloc, tcmalloc or mimalloc is preloaded."""
+    if _applied or os.environ.get("MALLOC_MMAP_MAX_") == "0":
+        return True
+    preload = os.environ.get("LD_PRELOAD", "")
+    return any(name in preload for name in _REUSING_ALLOCATORS)

@@ -36,21 +36,25 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ._conv_args import ConvGeometry, PaddingArg, Pair, parse_geometry
+from .allocator import freed_memory_is_kept
 
 PerSampleMethod = Literal["auto", "direct", "grouped", "loop", "unfold"]
 MixtureMethod = Literal["auto", "aggregate", "mixout"]
 PER_SAMPLE_METHODS = ("auto", "direct", "grouped", "loop", "unfold")
 MIXTURE_METHODS = ("auto", "aggregate", "mixout")
 
-# Dispatch thresholds for the mixture (see docs/performance.md): below this many output pixels
-# per sample, mixing the K dense outputs beats assembling per-sample kernels once those kernels
-# are large (bytes over the whole batch) or when gradients are needed on tiny maps.
+# Dispatch thresholds (see docs/performance.md). The mixture: on maps of at most 16 output pixels
+# per sample, mixing the K outputs of one matrix product beats assembling per-sample kernels;
+# below 256 pixels, so does the dense convolution's mix-out in inference once the batch's
+# per-sample kernels are over glibc's 32 MB mmap threshold and freed memory is not kept (see
+# dynconv.allocator): such a tensor is page-faulted in afresh on every call.
 _MIXOUT_MAX_PIXELS = 256
 _MIXOUT_MIN_KERNEL_BYTES = 32 * 2**20
-_MIXOUT_TRAIN_MAX_PIXELS = 16
-# per_sample_conv2d with gradients: up to this many output pixels per sample (8x8), im2col and a
-# batched matrix product beat the grouped convolution, whose backward is slow on small maps.
-_UNFOLD_TRAIN_MAX_PIXELS = 64
+_MIXOUT_UNFOLD_MAX_PIXELS = 16
+# per_sample_conv2d: up to this many output pixels per sample (8x8), im2col and a batched matrix
+# product beat the grouped convolution (with gradients always; without, once freed memory is
+# kept: its im2col buffer is large).
+_UNFOLD_MAX_PIXELS = 64
 
 
 def _shape(t: Tensor) -> list[int]:
@@ -206,7 +210,7 @@ def _choose_per_sample_method(
         return "unfold"
     if batch == 1:
         return "direct"
-    if needs_grad and pixels <= _UNFOLD_TRAIN_MAX_PIXELS:
+    if pixels <= _UNFOLD_MAX_PIXELS and (needs_grad or freed_memory_is_kept()):
         return "unfold"
     return "grouped"
 
@@ -344,7 +348,7 @@ def mixture_conv2d(
     xp, pad = _prepare(x, geometry)
     args = (geometry.stride, pad, geometry.dilation, geometry.groups)
     pixels = math.prod(geometry.output_size(x.shape[-2], x.shape[-1]))
-    if spatial is None and pixels > _MIXOUT_TRAIN_MAX_PIXELS:
+    if spatial is None and pixels > _MIXOUT_UNFOLD_MAX_PIXELS:
         out = _mixout(xp, coefficients, bank, bias, *args)
     else:
         out = _mixout_unfold(xp, coefficients, bank, spatial, bias, *args)
@@ -365,14 +369,17 @@ def _choose_mixture_method(
     if pixels >= _MIXOUT_MAX_PIXELS:
         return "aggregate"
     training = torch.is_grad_enabled() and (x.requires_grad or bank.requires_grad)
-    if training and pixels <= _MIXOUT_TRAIN_MAX_PIXELS:
-        return "mixout"
-    if training and not spatial:
-        # with gradients, per-sample kernels and im2col (per_sample_conv2d's 'unfold' up to 8x8)
-        # beat the K dense outputs: DY-Conv C=256 8x8, N=32: 2.9x nn.Conv2d against 4.2x
-        return "aggregate"
     kernel_bytes = x.shape[0] * bank[0].numel() * bank.element_size()
-    return "mixout" if kernel_bytes > _MIXOUT_MIN_KERNEL_BYTES else "aggregate"
+    large_kernels = kernel_bytes > _MIXOUT_MIN_KERNEL_BYTES
+    if pixels <= _MIXOUT_UNFOLD_MAX_PIXELS and (training or large_kernels):
+        # one matrix product with all K kernels: DY-Conv C=512 4x4, N=8-64: 2.9-3.2x nn.Conv2d
+        # against 3.8-4.8x for per-sample kernels and im2col
+        return "mixout"
+    if large_kernels and not training and not freed_memory_is_kept():
+        return "mixout"  # inference C=256 8x8, N=32, malloc as is: 4.4x against 6.4x
+    # per-sample kernels and im2col (per_sample_conv2d's 'unfold' up to 8x8): C=256 8x8, N=32-64,
+    # freed memory kept: DY-Conv 2.1-2.3x nn.Conv2d f+b, ODConv 2.6-2.8x, against 4.3-4.6x mixout
+    return "aggregate"
 
 
 def _mixout(
