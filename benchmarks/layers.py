@@ -63,6 +63,9 @@ TARGETS = {"DY-Conv": (1.3, 2.0, 3.5), "CondConv": (1.3, 2.0, 3.5), "ODConv": (1
 BATCH1_TARGET = 1.2  # forward at batch 1 over nn.Conv2d plus the layer's attention
 MEMORY_TARGET = 1.5  # forward+backward peak memory over nn.Conv2d's
 SEED_DR_MAX_BYTES = 2**28  # seed 003's R-fold output above this: not measured (time budget)
+# DRConv's generated kernels (N x R x C_out x C_in x kH x kW) above this: not measured (their
+# gradients and the seeds' copies took over 20 GB at C = 512, N = 64)
+DRCONV_MAX_KERNEL_BYTES = 2**32
 
 
 def target(kind: str, size: int) -> float | None:
@@ -128,10 +131,14 @@ def measure_cell(modules, shape: Shape, batch: int, device, budget: float, round
                 steps["att " + kind] = step(attention(kind, modules[kind]), x, False)
         if "seed DR" in steps and batch * 8 * shape.c_out * shape.size**2 * 4 > SEED_DR_MAX_BYTES:
             del steps["seed DR"]  # its R-fold output alone: minutes per call on 2 cores
+        kernel_bytes = batch * 8 * shape.c_out * shape.c_in // shape.groups * shape.kernel**2 * 4
+        if kernel_bytes > DRCONV_MAX_KERNEL_BYTES:
+            for name in ("DRConv", "seed DR", "att DRConv"):
+                steps.pop(name, None)
         # the memory measurement is also the warm-up call
         mem = {name: peak_megabytes(fn, device) for name, fn in steps.items()} if memory else {}
         times = median_times(steps, device, budget, rounds, warm_up=not memory)
-        paths = {kind: path(kind, modules[kind], x, backward) for kind in TYPES}
+        paths = {kind: path(kind, modules[kind], x, backward) for kind in TYPES if kind in steps}
         result[backward] = (times, mem, paths)
     return result
 
@@ -186,6 +193,8 @@ def run(device: torch.device, quick: bool, budget: float, rounds, memory: bool) 
         for batch in batches:
             cell = measure_cell(modules, shape, batch, device, budget, rounds, memory)
             for kind in TYPES:
+                if kind not in cell[True][0]:
+                    continue  # not measured (DRCONV_MAX_KERNEL_BYTES)
                 rows[kind].append(rows_for(kind, shape, batch, cell))
                 # each row as soon as it is measured, so that an interrupted run still tells
                 print(f"  {kind}: " + markdown_table(HEADER, rows[kind][-1:]).splitlines()[-1],

@@ -6,7 +6,8 @@ gradient is K times a static kernel's: 38 MB for K = 4, 512 -> 512, 3x3) page-fa
 again each time: a 38 MB gradient costs about 12 ms of page faults on the 2-core machine of
 docs/performance.md, more than the convolution it belongs to. PyTorch's tuning guide suggests
 preloading jemalloc or tcmalloc; :func:`keep_freed_memory` gets the same reuse from glibc itself
-(``mallopt``): no block is unmapped, and the heap is not trimmed below 2 GB of free memory.
+(``mallopt``): blocks of up to 256 MB come from the heap and are reused, larger ones are still
+mapped per block and returned, and the heap keeps up to 512 MB of free memory.
 
 It changes the whole process (every library's allocations), so it is never called on import:
 dynconv's own commands (``python -m dynconv train|compare``, the benchmark suite) call it.
@@ -23,8 +24,12 @@ import sys
 
 # mallopt parameters (glibc's malloc.h)
 _M_TRIM_THRESHOLD = -1
-_M_MMAP_MAX = -4
-_TRIM_THRESHOLD_BYTES = 2**31 - 1  # mallopt takes a C int
+_M_MMAP_THRESHOLD = -3
+# Blocks up to this size come from the heap and are reused; larger ones are still mapped per
+# block and returned when freed, so that a few huge tensors (DRConv's kernels at a large batch:
+# GBs) cannot leave the heap fragmented and the process holding their memory.
+_MMAP_THRESHOLD_BYTES = 256 * 2**20
+_TRIM_THRESHOLD_BYTES = 512 * 2**20  # free memory above this at the heap's top is returned
 
 _applied = False
 _REUSING_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
@@ -43,8 +48,9 @@ def _glibc() -> ctypes.CDLL | None:
 
 
 def keep_freed_memory() -> bool:
-    """Make glibc's malloc reuse freed large blocks (no ``mmap`` per block, trimming only above
-    2 GB free). Idempotent; returns whether it is in effect (``False`` off glibc)."""
+    """Make glibc's malloc reuse freed blocks of up to 256 MB (served from the heap, not mapped
+    per block; the heap trimmed only above 512 MB free). Idempotent; returns whether it is in
+    effect (``False`` off glibc, or where glibc refuses a threshold that high)."""
     global _applied
     if _applied:
         return True
@@ -53,17 +59,20 @@ def keep_freed_memory() -> bool:
         return False
     libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     libc.mallopt.restype = ctypes.c_int
-    # order matters: with trimming still dynamic, a large free could shrink the heap first
     ok = libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES) == 1
-    ok = ok and libc.mallopt(_M_MMAP_MAX, 0) == 1
+    ok = ok and libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES) == 1
     _applied = ok
     return ok
 
 
 def freed_memory_is_kept() -> bool:
     """Whether large freed blocks are reused: :func:`keep_freed_memory` was applied, glibc's
-    ``MALLOC_MMAP_MAX_=0`` is set, or jemalloc, tcmalloc or mimalloc is preloaded."""
+    ``MALLOC_MMAP_MAX_=0`` or ``MALLOC_MMAP_THRESHOLD_`` is set, or jemalloc, tcmalloc or
+    mimalloc is preloaded."""
     if _applied or os.environ.get("MALLOC_MMAP_MAX_") == "0":
+        return True
+    threshold = os.environ.get("MALLOC_MMAP_THRESHOLD_", "")
+    if threshold.isdigit() and int(threshold) >= _MMAP_THRESHOLD_BYTES:
         return True
     preload = os.environ.get("LD_PRELOAD", "")
     return any(name in preload for name in _REUSING_ALLOCATORS)
