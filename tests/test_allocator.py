@@ -61,6 +61,7 @@ def test_freed_memory_is_kept_reads_the_environment(monkeypatch) -> None:
 
     monkeypatch.setattr(allocator, "_applied", False)
     monkeypatch.delenv("MALLOC_MMAP_MAX_", raising=False)
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
     monkeypatch.setenv("LD_PRELOAD", "")
     assert not allocator.freed_memory_is_kept()
     monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
@@ -69,5 +70,10 @@ def test_freed_memory_is_kept_reads_the_environment(monkeypatch) -> None:
     monkeypatch.setenv("MALLOC_MMAP_MAX_", "0")
     assert allocator.freed_memory_is_kept()
     monkeypatch.delenv("MALLOC_MMAP_MAX_")
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", str(2**20))  # 1 MB: large blocks still mapped
+    assert not allocator.freed_memory_is_kept()
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", str(2**28))
+    assert allocator.freed_memory_is_kept()
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
     monkeypatch.setattr(allocator, "_applied", True)
     assert allocator.freed_memory_is_kept()
