@@ -6,6 +6,7 @@ and what was given, so that mistakes surface at construction instead of deep ins
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -97,6 +98,20 @@ class ConvGeometry:
         return sizes[0], sizes[1]
 
 
+def _plain_key(args: tuple) -> tuple | None:
+    """``args`` as a hashable key if each is a plain int, str or tuple of ints (no bools, no
+    tensors), else None."""
+    key = []
+    for a in args:
+        if type(a) is int or type(a) is str:
+            key.append(a)
+        elif isinstance(a, tuple) and all(type(e) is int for e in a):
+            key.append(tuple(a))  # torch.Size included
+        else:
+            return None
+    return tuple(key)
+
+
 def parse_geometry(
     kernel_size: object,
     stride: object = 1,
@@ -104,7 +119,21 @@ def parse_geometry(
     dilation: object = 1,
     groups: object = 1,
 ) -> ConvGeometry:
-    """Check ``F.conv2d``-style arguments and return a :class:`ConvGeometry`."""
+    """Check ``F.conv2d``-style arguments and return a :class:`ConvGeometry` (immutable; plain
+    arguments are parsed once and the result reused: the functional ops parse on every call)."""
+    args = (kernel_size, stride, padding, dilation, groups)
+    key = _plain_key(args)
+    return _parse_geometry(*args) if key is None else _parse_plain_geometry(key)
+
+
+@functools.lru_cache(maxsize=512)
+def _parse_plain_geometry(key: tuple) -> ConvGeometry:
+    return _parse_geometry(*key)
+
+
+def _parse_geometry(
+    kernel_size: object, stride: object, padding: object, dilation: object, groups: object
+) -> ConvGeometry:
     kernel = to_pair(kernel_size, "kernel_size")
     stride_ = to_pair(stride, "stride")
     dilation_ = to_pair(dilation, "dilation")

@@ -179,15 +179,25 @@ def per_sample_conv2d(
     if bias is not None and (not isinstance(bias, Tensor) or _shape(bias) != [n, c_out]):
         got = _shape(bias) if isinstance(bias, Tensor) else type(bias).__name__
         raise ValueError(f"bias must have shape [N, C_out] = {[n, c_out]} or be None, got {got}")
+    _check_per_sample_method(method, n)
+    return _per_sample_conv2d(x, weight, bias, geometry, method)
+
+
+def _check_per_sample_method(method: str, batch: int) -> None:
     if method not in PER_SAMPLE_METHODS:
         raise ValueError(f"method must be one of {PER_SAMPLE_METHODS}, got {method!r}")
+    if method == "direct" and batch != 1:
+        raise ValueError(f"method='direct' needs batch size 1, got {batch}")
 
+
+def _per_sample_conv2d(
+    x: Tensor, weight: Tensor, bias: Tensor | None, geometry: ConvGeometry, method: str
+) -> Tensor:
+    """:func:`per_sample_conv2d` on checked arguments."""
     if method == "auto":
         h_out, w_out = geometry.output_size(x.shape[-2], x.shape[-1])
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-        method = _choose_per_sample_method(n, h_out * w_out, needs_grad, geometry)
-    elif method == "direct" and n != 1:
-        raise ValueError(f"method='direct' needs batch size 1, got {n}")
+        method = _choose_per_sample_method(x.shape[0], h_out * w_out, needs_grad, geometry)
     xp, pad = _prepare(x, geometry)
     args = (geometry.stride, pad, geometry.dilation, geometry.groups)
     out = _PER_SAMPLE_IMPLS[method](xp, weight, bias, *args)
@@ -339,9 +349,8 @@ def mixture_conv2d(
         weight = (coefficients @ bank.reshape(num_kernels, -1)).reshape(n, *bank.shape[1:])
         if spatial is not None:
             weight = weight * spatial.to(weight.dtype).reshape(n, 1, 1, *kernel_size)
-        return per_sample_conv2d(
-            x, weight, bias, stride, padding, dilation, groups, method=per_sample_method
-        )
+        _check_per_sample_method(per_sample_method, n)
+        return _per_sample_conv2d(x, weight, bias, geometry, per_sample_method)
     if spatial is not None and spatial[0].numel() == 1:  # a 1x1 kernel: one weight per sample
         coefficients = coefficients * spatial.reshape(n, 1).to(coefficients.dtype)
         spatial = None
@@ -360,10 +369,8 @@ def _choose_mixture_method(
 ) -> str:
     """The dispatch rule of :func:`mixture_conv2d` (see docs/performance.md); ``spatial``:
     whether the kernel positions are weighted per sample (ODConv)."""
-    if is_exporting():
-        return "aggregate"  # then 'unfold', see per_sample_conv2d
-    if geometry.groups != 1 or x.shape[0] == 1:
-        return "aggregate"
+    if geometry.groups != 1 or x.shape[0] == 1 or is_exporting():
+        return "aggregate"  # exporting: then 'unfold', see per_sample_conv2d
     h_out, w_out = geometry.output_size(x.shape[-2], x.shape[-1])
     pixels = h_out * w_out
     if pixels >= _MIXOUT_MAX_PIXELS:

@@ -18,9 +18,13 @@ def routing_weights(logits: Tensor, temperature: Tensor, routing: Routing = "sof
     attention saturate or overflow; the result keeps that dtype.
     """
     dtype = torch.promote_types(logits.dtype, torch.float32)
-    with torch.autocast(device_type=logits.device.type, enabled=False):
-        z = logits.to(dtype) / temperature.to(dtype)
-        return z.softmax(dim=-1) if routing == "softmax" else z.sigmoid()
+    if torch.is_autocast_enabled(logits.device.type):
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            return routing_weights(logits, temperature, routing)
+    if logits.dtype != dtype:
+        logits = logits.to(dtype)
+    z = logits / (temperature if temperature.dtype == dtype else temperature.to(dtype))
+    return z.softmax(dim=-1) if routing == "softmax" else z.sigmoid()
 
 
 class KernelAttention(nn.Module):
