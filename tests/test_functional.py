@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dynconv import functional
 from dynconv.functional import (
     MIXTURE_METHODS,
     PER_SAMPLE_METHODS,
@@ -22,6 +25,11 @@ from helpers import assert_same_outputs_and_grads
 from strategies import ConvConfig, conv_configs
 
 F64 = torch.float64
+
+
+def _recomputing():
+    """Per-sample kernels recomputed in backward at any size (the aggregate method)."""
+    return mock.patch.object(functional, "_RECOMPUTE_MIN_KERNEL_BYTES", 0)
 
 
 def _tensors(cfg: ConvConfig, generator: torch.Generator, num_kernels: int | None = None):
@@ -73,6 +81,12 @@ def test_mixture_conv2d_matches_reference(cfg: ConvConfig, num_kernels: int, see
     for method in MIXTURE_METHODS:
         assert_same_outputs_and_grads(
             lambda m=method: mixture_conv2d(x, coeffs, bank, bias_bank, **kw, method=m),
+            reference,
+            inputs,
+        )
+    with _recomputing():
+        assert_same_outputs_and_grads(
+            lambda: mixture_conv2d(x, coeffs, bank, bias_bank, **kw, method="aggregate"),
             reference,
             inputs,
         )
@@ -227,6 +241,53 @@ def test_mixture_conv2d_with_spatial_weight_matches_reference(
             reference,
             inputs,
         )
+    with _recomputing():
+        assert_same_outputs_and_grads(
+            lambda: mixture_conv2d(x, coeffs, bank, bias_bank, **kw, spatial=spatial,
+                                   method="aggregate"),
+            reference,
+            inputs,
+        )
+
+
+@pytest.mark.parametrize("with_spatial", [False, True])
+def test_recomputed_kernels_support_double_backward(with_spatial: bool) -> None:
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 4, 5, 4, dtype=F64, generator=gen, requires_grad=True)
+    coeffs = torch.randn(2, 3, dtype=F64, generator=gen, requires_grad=True)
+    bank = torch.randn(3, 6, 4, 3, 2, dtype=F64, generator=gen, requires_grad=True)
+    spatial = torch.randn(2, 3, 2, dtype=F64, generator=gen, requires_grad=True)
+    inputs = (x, coeffs, bank, spatial) if with_spatial else (x, coeffs, bank)
+
+    def fn(x, c, k, s=None):
+        return mixture_conv2d(x, c, k, padding=1, spatial=s, method="aggregate",
+                              per_sample_method="unfold")
+
+    with _recomputing():
+        assert torch.autograd.gradgradcheck(fn, inputs)
+
+
+def test_recomputed_kernels_are_not_kept_between_forward_and_backward() -> None:
+    """A stack of mixtures holds every layer's per-sample kernels until backward unless they
+    are recomputed; the recomputed ones live during their layer's backward only."""
+    from dynconv.cost import peak_bytes_of
+
+    gen = torch.Generator().manual_seed(5)
+    banks = [torch.randn(4, 64, 64, 3, 3, generator=gen, requires_grad=True) for _ in range(4)]
+    x = torch.randn(16, 64, 8, 8, generator=gen, requires_grad=True)
+    coeffs = torch.randn(16, 4, generator=gen).softmax(1)
+
+    def step():
+        out = x
+        for bank in banks:
+            out = mixture_conv2d(out, coeffs, bank, padding=1, method="aggregate")
+        out.sum().backward()
+
+    kept = peak_bytes_of(step)
+    with _recomputing():
+        recomputed = peak_bytes_of(step)
+    kernels = 16 * banks[0][0].numel() * 4  # one layer's per-sample kernels: 2.4 MB
+    assert kept - recomputed > 2 * kernels, (kept, recomputed)
 
 
 def test_gradcheck_mixture_with_spatial_weight() -> None:
