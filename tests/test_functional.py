@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from unittest import mock
 
 import pytest
@@ -265,6 +266,27 @@ def test_recomputed_kernels_support_double_backward(with_spatial: bool) -> None:
 
     with _recomputing():
         assert torch.autograd.gradgradcheck(fn, inputs)
+
+
+def test_callers_saved_tensor_hooks_see_every_tensor() -> None:
+    """Inside the caller's own hooks (save_on_cpu, checkpointing), the mixture does not push
+    hooks of its own, which would take precedence: every saved tensor reaches the caller's."""
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(4, 8, 6, 6, dtype=F64, generator=gen, requires_grad=True)
+    coeffs = torch.randn(4, 3, dtype=F64, generator=gen, requires_grad=True)
+    bank = torch.randn(3, 8, 8, 3, 3, dtype=F64, generator=gen, requires_grad=True)
+    seen = []
+
+    def pack(t):
+        seen.append(t.shape)
+        return t
+
+    with _recomputing(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = mixture_conv2d(x, coeffs, bank, padding=1, method="aggregate")
+    # the per-sample kernels (4 x 8 x 8 x 3 x 3 values, in whatever view the matmul saved)
+    assert any(math.prod(shape) == 4 * 8 * 8 * 9 for shape in seen), seen
+    out.sum().backward()
+    assert bank.grad is not None and x.grad is not None
 
 
 def test_recomputed_kernels_are_not_kept_between_forward_and_backward() -> None:

@@ -415,6 +415,8 @@ class _MixedKernels:
     def recompute_in_backward(self) -> bool:
         if not torch.is_grad_enabled() or torch.compiler.is_compiling() or is_exporting():
             return False
+        if _saved_tensor_hooks_active():
+            return False  # the caller's own hooks (save_on_cpu, checkpoint) keep every tensor
         needs_grad = self.coefficients.requires_grad or self.bank.requires_grad or (
             self.spatial is not None and self.spatial.requires_grad)
         kernel_bytes = self.coefficients.shape[0] * self.bank[0].numel() * self.bank.element_size()
@@ -429,6 +431,13 @@ class _MixedKernels:
             return packed
         which, shape, stride, offset = packed
         return self.mixed(weighted=bool(which)).as_strided(shape, stride, offset)
+
+
+def _saved_tensor_hooks_active() -> bool:
+    """Whether saved-tensor hooks are in effect: ours would take precedence over them inside the
+    layer. (torch has no public query; without this private one, assume none.)"""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is not None and top(False) is not None
 
 
 def _choose_mixture_method(
