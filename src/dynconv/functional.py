@@ -387,6 +387,8 @@ class _MixedKernels:
         self._tracked: dict[int, int] = {}  # storage address -> 0 (mix) or 1 (weighted)
         self._alive: list[Tensor] = []  # tracked tensors, alive until forward ends: a freed
         # storage could be reused by another tensor that autograd saves
+        self._stash: Tensor | None = None  # the mix recomputed for the weighted kernels, kept
+        # for the spatial product's backward, which runs right after the convolution's
 
     def mixed(self, track: bool = False, weighted: bool = True) -> Tensor:
         """The kernels (``weighted=False``: before the spatial weight); ``track``: remember
@@ -430,7 +432,16 @@ class _MixedKernels:
         if isinstance(packed, Tensor):
             return packed
         which, shape, stride, offset = packed
-        return self.mixed(weighted=bool(which)).as_strided(shape, stride, offset)
+        if which == 0 and self._stash is not None:
+            mix, self._stash = self._stash, None
+            return mix.as_strided(shape, stride, offset)
+        if which == 0 or self.spatial is None:
+            return self.mixed(weighted=False).as_strided(shape, stride, offset)
+        mix = self.mixed(weighted=False)
+        self._stash = mix
+        n, kernel_size = mix.shape[0], mix.shape[-2:]
+        weight = mix * self.spatial.to(mix.dtype).reshape(n, 1, 1, *kernel_size)
+        return weight.as_strided(shape, stride, offset)
 
 
 def _saved_tensor_hooks_active() -> bool:
