@@ -26,10 +26,10 @@ from torch import Tensor, nn
 
 from dynconv import DRConv2d, DynamicConv2d, ODConv2d
 from dynconv.functional import (
-    _MIXOUT_UNFOLD_MAX_PIXELS,
     _choose_mixture_method,
     _choose_per_sample_method,
     _choose_region_method,
+    mixout_through_im2col,
 )
 
 
@@ -66,6 +66,7 @@ SEED_DR_MAX_BYTES = 2**28  # seed 003's R-fold output above this: not measured (
 # DRConv's generated kernels (N x R x C_out x C_in x kH x kW) above this: not measured (their
 # gradients and the seeds' copies took over 20 GB at C = 512, N = 64)
 DRCONV_MAX_KERNEL_BYTES = 2**32
+REGION_STEPS = ("DRConv", "seed DR", "att DRConv")  # timed in rounds of their own
 
 
 def target(kind: str, size: int) -> float | None:
@@ -115,7 +116,7 @@ def path(kind: str, layer: nn.Module, x: Tensor, backward: bool) -> str:
         spatial = kind == "ODConv" and layer.attention.spatial_fc is not None
         method = _choose_mixture_method(x, layer.kernels, geometry, spatial)
     if method == "mixout":
-        return "mixout im2col" if spatial or h * w <= _MIXOUT_UNFOLD_MAX_PIXELS else "mixout"
+        return "mixout im2col" if mixout_through_im2col(spatial, h * w) else "mixout"
     return _choose_per_sample_method(x.shape[0], h * w, backward, geometry)
 
 
@@ -133,14 +134,14 @@ def measure_cell(modules, shape: Shape, batch: int, device, budget: float, round
             del steps["seed DR"]  # its R-fold output alone: minutes per call on 2 cores
         kernel_bytes = batch * 8 * shape.c_out * shape.c_in // shape.groups * shape.kernel**2 * 4
         if kernel_bytes > DRCONV_MAX_KERNEL_BYTES:
-            for name in ("DRConv", "seed DR", "att DRConv"):
+            for name in REGION_STEPS:
                 steps.pop(name, None)
         # the memory measurement is also the warm-up call
         mem = {name: peak_megabytes(fn, device) for name, fn in steps.items()} if memory else {}
         # DRConv and its seed are timed in their own rounds, against their own nn.Conv2d: their
         # gigabytes of kernels would otherwise leave the next step of a round (nn.Conv2d, the
         # first) paying page faults for memory the heap handed back
-        region = {n: fn for n, fn in steps.items() if "DR" in n}
+        region = {n: fn for n, fn in steps.items() if n in REGION_STEPS}
         times = median_times({n: fn for n, fn in steps.items() if n not in region}, device,
                              budget, rounds, warm_up=not memory)
         if region:

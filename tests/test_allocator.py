@@ -22,10 +22,13 @@ def step():
     layer(x).sum().backward()
 for _ in range(3):
     step()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(4):
+per_step = []
+for _ in range(5):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     step()
-faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 4
+    per_step.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+# the median: now and then the heap's layout makes one step fault a block in again
+faults = sorted(per_step)[2]
 print(json.dumps({"applied": applied, "faults": faults, "pages": layer.kernels.numel() // 1024}))
 """
 
@@ -59,21 +62,22 @@ def test_is_idempotent_and_says_whether_it_applies() -> None:
 def test_freed_memory_is_kept_reads_the_environment(monkeypatch) -> None:
     from dynconv import allocator
 
+    def kept(**env) -> bool:
+        for name in ("MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "LD_PRELOAD"):
+            monkeypatch.delenv(name, raising=False)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        allocator._started_with_reuse.cache_clear()  # read once per process otherwise
+        return allocator.freed_memory_is_kept()
+
     monkeypatch.setattr(allocator, "_applied", False)
-    monkeypatch.delenv("MALLOC_MMAP_MAX_", raising=False)
-    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
-    monkeypatch.setenv("LD_PRELOAD", "")
-    assert not allocator.freed_memory_is_kept()
-    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
-    assert allocator.freed_memory_is_kept()
-    monkeypatch.setenv("LD_PRELOAD", "")
-    monkeypatch.setenv("MALLOC_MMAP_MAX_", "0")
-    assert allocator.freed_memory_is_kept()
-    monkeypatch.delenv("MALLOC_MMAP_MAX_")
-    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", str(2**20))  # 1 MB: large blocks still mapped
-    assert not allocator.freed_memory_is_kept()
-    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", str(2**28))
-    assert allocator.freed_memory_is_kept()
-    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
-    monkeypatch.setattr(allocator, "_applied", True)
-    assert allocator.freed_memory_is_kept()
+    try:
+        assert not kept()
+        assert kept(LD_PRELOAD="/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
+        assert kept(MALLOC_MMAP_MAX_="0")
+        assert not kept(MALLOC_MMAP_THRESHOLD_=str(2**20))  # 1 MB: large blocks still mapped
+        assert kept(MALLOC_MMAP_THRESHOLD_=str(2**28))
+        monkeypatch.setattr(allocator, "_applied", True)
+        assert kept()
+    finally:
+        allocator._started_with_reuse.cache_clear()

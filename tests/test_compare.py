@@ -135,3 +135,19 @@ def test_command_line_errors_are_one_clear_line(tmp_path: Path, capsys) -> None:
     assert "expected KEY=VALUE" in capsys.readouterr().err
     assert main(["list"]) == 0
     assert "small_cnn" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("env", "expected"), [(None, True), ("1", True), ("0", False)])
+def test_train_keeps_freed_memory_unless_told_not_to(tmp_path: Path, monkeypatch, env,
+                                                     expected) -> None:
+    from dynconv import cli
+
+    calls = []
+    monkeypatch.setattr(cli, "keep_freed_memory", lambda: calls.append(True))
+    if env is None:
+        monkeypatch.delenv(cli.KEEP_MEMORY_ENV, raising=False)
+    else:
+        monkeypatch.setenv(cli.KEEP_MEMORY_ENV, env)
+    assert main(["train", "--conv-type", "deform", "--out", str(tmp_path)]) == 2  # stops early
+    assert main(["list"]) == 0  # not a training command: never
+    assert calls == ([True] if expected else [])

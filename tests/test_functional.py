@@ -289,27 +289,36 @@ def test_callers_saved_tensor_hooks_see_every_tensor() -> None:
     assert bank.grad is not None and x.grad is not None
 
 
-def test_recomputed_kernels_are_not_kept_between_forward_and_backward() -> None:
-    """A stack of mixtures holds every layer's per-sample kernels until backward unless they
-    are recomputed; the recomputed ones live during their layer's backward only."""
+@pytest.mark.parametrize("with_spatial", [False, True])
+@pytest.mark.parametrize("per_sample_method", ["unfold", "grouped"])
+def test_recomputed_kernels_are_not_kept_between_forward_and_backward(
+    with_spatial: bool, per_sample_method: str
+) -> None:
+    """A stack of mixtures holds every layer's per-sample kernels (and, with a spatial weight,
+    the unweighted mix) until backward unless they are recomputed; the recomputed ones live
+    during their layer's backward only. Fails if the hooks stop recognising what is saved."""
     from dynconv.cost import peak_bytes_of
 
     gen = torch.Generator().manual_seed(5)
     banks = [torch.randn(4, 64, 64, 3, 3, generator=gen, requires_grad=True) for _ in range(4)]
     x = torch.randn(16, 64, 8, 8, generator=gen, requires_grad=True)
     coeffs = torch.randn(16, 4, generator=gen).softmax(1)
+    spatial = torch.rand(16, 3, 3, generator=gen, requires_grad=True) if with_spatial else None
 
     def step():
         out = x
         for bank in banks:
-            out = mixture_conv2d(out, coeffs, bank, padding=1, method="aggregate")
+            out = mixture_conv2d(out, coeffs, bank, padding=1, spatial=spatial,
+                                 method="aggregate", per_sample_method=per_sample_method)
         out.sum().backward()
 
     kept = peak_bytes_of(step)
     with _recomputing():
         recomputed = peak_bytes_of(step)
     kernels = 16 * banks[0][0].numel() * 4  # one layer's per-sample kernels: 2.4 MB
-    assert kept - recomputed > 2 * kernels, (kept, recomputed)
+    # the kernels, and with a spatial weight also the unweighted mix the product saves
+    saved_per_layer = 2 if with_spatial else 1
+    assert kept - recomputed > 2 * saved_per_layer * kernels, (kept, recomputed)
 
 
 def test_gradcheck_mixture_with_spatial_weight() -> None:

@@ -19,6 +19,7 @@ formulations on small maps.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import sys
 
@@ -68,8 +69,14 @@ def keep_freed_memory() -> bool:
 def freed_memory_is_kept() -> bool:
     """Whether large freed blocks are reused: :func:`keep_freed_memory` was applied, glibc's
     ``MALLOC_MMAP_MAX_=0`` or ``MALLOC_MMAP_THRESHOLD_`` is set, or jemalloc, tcmalloc or
-    mimalloc is preloaded."""
-    if _applied or os.environ.get("MALLOC_MMAP_MAX_") == "0":
+    mimalloc is preloaded. Asked by the dispatch rules on every call."""
+    return _applied or _started_with_reuse()
+
+
+@functools.cache
+def _started_with_reuse() -> bool:
+    """The environment's part, read once: glibc and the loader read it at process start."""
+    if os.environ.get("MALLOC_MMAP_MAX_") == "0":
         return True
     threshold = os.environ.get("MALLOC_MMAP_THRESHOLD_", "")
     if threshold.isdigit() and int(threshold) >= _MMAP_THRESHOLD_BYTES:

@@ -349,9 +349,9 @@ def mixture_conv2d(
         _check_per_sample_method(per_sample_method, n)
         weights = _MixedKernels(coefficients, bank, spatial)
         if not weights.recompute_in_backward():
-            return _per_sample_conv2d(x, weights.mixed(), bias, geometry, per_sample_method)
+            return _per_sample_conv2d(x, weights.kernels(), bias, geometry, per_sample_method)
         with torch.autograd.graph.saved_tensors_hooks(weights.pack, weights.unpack):
-            out = _per_sample_conv2d(x, weights.mixed(track=True), bias, geometry,
+            out = _per_sample_conv2d(x, weights.kernels(track=True), bias, geometry,
                                      per_sample_method)
         weights.forget()
         return out
@@ -361,10 +361,10 @@ def mixture_conv2d(
     xp, pad = _prepare(x, geometry)
     args = (geometry.stride, pad, geometry.dilation, geometry.groups)
     pixels = math.prod(geometry.output_size(x.shape[-2], x.shape[-1]))
-    if spatial is None and pixels > _MIXOUT_UNFOLD_MAX_PIXELS:
-        out = _mixout(xp, coefficients, bank, bias, *args)
-    else:
+    if mixout_through_im2col(spatial is not None, pixels):
         out = _mixout_unfold(xp, coefficients, bank, spatial, bias, *args)
+    else:
+        out = _mixout(xp, coefficients, bank, bias, *args)
     return _match_memory_format(out, x)
 
 
@@ -382,27 +382,35 @@ class _MixedKernels:
     tensors, so double backward still holds.
     """
 
+    MIX, WEIGHT = 0, 1  # what a recipe stands for: the unweighted mix, or the kernels
+
     def __init__(self, coefficients: Tensor, bank: Tensor, spatial: Tensor | None) -> None:
         self.coefficients, self.bank, self.spatial = coefficients, bank, spatial
-        self._tracked: dict[int, int] = {}  # storage address -> 0 (mix) or 1 (weighted)
-        self._alive: list[Tensor] = []  # tracked tensors, alive until forward ends: a freed
+        self._tracked: dict[int, int] = {}  # storage address -> MIX or WEIGHT, during forward
+        self._alive: list[Tensor] = []  # the tracked tensors, alive until forward ends: a freed
         # storage could be reused by another tensor that autograd saves
-        self._stash: Tensor | None = None  # the mix recomputed for the weighted kernels, kept
-        # for the spatial product's backward, which runs right after the convolution's
+        self._mix_saved = False  # whether the spatial product saved the mix (for its backward)
+        self._stash: Tensor | None = None  # the mix recomputed for the convolution's backward,
+        # kept for the spatial product's backward, which runs next
 
-    def mixed(self, track: bool = False, weighted: bool = True) -> Tensor:
-        """The kernels (``weighted=False``: before the spatial weight); ``track``: remember
-        their storage, so that :meth:`pack` recognises them."""
+    def _mix(self) -> Tensor:
         n, (num_kernels, *kernel_shape) = self.coefficients.shape[0], self.bank.shape
-        mix = (self.coefficients @ self.bank.reshape(num_kernels, -1)).reshape(n, *kernel_shape)
-        if self.spatial is None or not weighted:
-            weight = mix
-        else:
-            if track:
-                self._track(mix, 0)
-            weight = mix * self.spatial.to(mix.dtype).reshape(n, 1, 1, *kernel_shape[-2:])
+        return (self.coefficients @ self.bank.reshape(num_kernels, -1)).reshape(n, *kernel_shape)
+
+    def _weigh(self, mix: Tensor) -> Tensor:
+        if self.spatial is None:
+            return mix
+        return mix * self.spatial.to(mix.dtype).reshape(mix.shape[0], 1, 1, *mix.shape[-2:])
+
+    def kernels(self, track: bool = False) -> Tensor:
+        """The kernels; ``track``: remember their storage (and the mix's), so that :meth:`pack`
+        recognises them until :meth:`forget`."""
+        mix = self._mix()
+        if track:  # before the spatial product, which saves the mix
+            self._track(mix, self.MIX)
+        weight = self._weigh(mix)
         if track:
-            self._track(weight, 1)
+            self._track(weight, self.WEIGHT)  # the same storage without a spatial weight
         return weight
 
     def _track(self, t: Tensor, which: int) -> None:
@@ -426,22 +434,22 @@ class _MixedKernels:
 
     def pack(self, t: Tensor):
         which = self._tracked.get(t.untyped_storage().data_ptr()) if t.numel() else None
-        return t if which is None else (which, t.shape, t.stride(), t.storage_offset())
+        if which is None:
+            return t
+        self._mix_saved |= which == self.MIX
+        return which, t.shape, t.stride(), t.storage_offset()
 
     def unpack(self, packed):
         if isinstance(packed, Tensor):
             return packed
         which, shape, stride, offset = packed
-        if which == 0 and self._stash is not None:
-            mix, self._stash = self._stash, None
-            return mix.as_strided(shape, stride, offset)
-        if which == 0 or self.spatial is None:
-            return self.mixed(weighted=False).as_strided(shape, stride, offset)
-        mix = self.mixed(weighted=False)
-        self._stash = mix
-        n, kernel_size = mix.shape[0], mix.shape[-2:]
-        weight = mix * self.spatial.to(mix.dtype).reshape(n, 1, 1, *kernel_size)
-        return weight.as_strided(shape, stride, offset)
+        mix = self._mix() if self._stash is None else self._stash
+        self._stash = None
+        if which == self.WEIGHT:
+            if self._mix_saved and self.spatial is not None:
+                self._stash = mix
+            mix = self._weigh(mix)
+        return mix.as_strided(shape, stride, offset)
 
 
 def _saved_tensor_hooks_active() -> bool:
@@ -449,6 +457,12 @@ def _saved_tensor_hooks_active() -> bool:
     layer. (torch has no public query; without this private one, assume none.)"""
     top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
     return top is not None and top(False) is not None
+
+
+def mixout_through_im2col(spatial: bool, pixels: int) -> bool:
+    """Which form of mix-out runs: through im2col with a spatial weight (larger than 1x1) or on
+    maps of at most 16 output pixels per sample, else the dense convolution."""
+    return spatial or pixels <= _MIXOUT_UNFOLD_MAX_PIXELS
 
 
 def _choose_mixture_method(
