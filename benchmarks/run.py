@@ -1,11 +1,12 @@
 """dynconv's benchmark suite: ``make bench`` (all tables), ``make bench ARGS=--quick``.
 
-    PYTHONPATH=src python benchmarks/run.py [--quick] [--tables layers,models,dispatch]
+    PYTHONPATH=src python benchmarks/run.py [--quick] [--tables layers,models,dispatch,freed_memory]
         [--device cpu|cuda] [--threads N] [--output FILE.md]
 
 Prints markdown tables (and writes them to ``--output``): the layer tables (every layer type
 against ``nn.Conv2d`` and the seeds' formulation at ResNet-18 and YOLO shapes), the whole-model
-table (ResNet-18, eager and ``torch.compile``) and the dispatch table (every formulation forced).
+table (ResNet-18, eager and ``torch.compile``), the dispatch table (every formulation forced)
+and the freed-memory table (glibc's malloc as is against ``keep_freed_memory``, two processes).
 """
 
 from __future__ import annotations
@@ -20,13 +21,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import dispatch
+import freed_memory
 import layers
 import models
 from common import machine
 
 from dynconv import keep_freed_memory
 
-TABLES = ("layers", "models", "dispatch")
+TABLES = ("layers", "models", "dispatch", "freed_memory")
 
 
 def main() -> None:
@@ -70,8 +72,10 @@ def main() -> None:
         elif table == "models":
             compile_ = not (args.no_compile or args.quick)
             text = models.run(device, args.quick, budget, rounds, compile_)
-        else:
+        elif table == "dispatch":
             text = dispatch.run(device, args.quick, budget, rounds)
+        else:
+            text = freed_memory.run(device, args.quick, budget, rounds)
         print("\n" + text + "\n", flush=True)
         sections.append(f"## {table}\n\n{text}")
     print(f"total {time.perf_counter() - start:.0f} s")

@@ -7,7 +7,10 @@ again each time: a 38 MB gradient costs about 12 ms of page faults on the 2-core
 docs/performance.md, more than the convolution it belongs to. PyTorch's tuning guide suggests
 preloading jemalloc or tcmalloc; :func:`keep_freed_memory` gets the same reuse from glibc itself
 (``mallopt``): blocks of up to 256 MB come from the heap and are reused, larger ones are still
-mapped per block and returned, and the heap keeps up to 512 MB of free memory.
+mapped per block and returned, and the heap keeps up to 2 GB of free memory at its top (a
+training step frees its activations at the end and needs them again at once: a ResNet-18 step
+with DY-Conv at batch 64 grows the heap by 576 MB, which a 512 MB threshold trimmed and
+page-faulted in again every step).
 
 It changes the whole process (every library's allocations), so it is never called on import:
 dynconv's own commands (``python -m dynconv train|compare``, the benchmark suite) call it.
@@ -30,7 +33,8 @@ _M_MMAP_THRESHOLD = -3
 # block and returned when freed, so that a few huge tensors (DRConv's kernels at a large batch:
 # GBs) cannot leave the heap fragmented and the process holding their memory.
 _MMAP_THRESHOLD_BYTES = 256 * 2**20
-_TRIM_THRESHOLD_BYTES = 512 * 2**20  # free memory above this at the heap's top is returned
+# Free memory above this at the heap's top is returned: the largest value mallopt takes (an int)
+_TRIM_THRESHOLD_BYTES = 2**31 - 2**20
 
 _applied = False
 _REUSING_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
@@ -50,7 +54,7 @@ def _glibc() -> ctypes.CDLL | None:
 
 def keep_freed_memory() -> bool:
     """Make glibc's malloc reuse freed blocks of up to 256 MB (served from the heap, not mapped
-    per block; the heap trimmed only above 512 MB free). Idempotent; returns whether it is in
+    per block; the heap trimmed only above 2 GB free). Idempotent; returns whether it is in
     effect (``False`` off glibc, or where glibc refuses a threshold that high)."""
     global _applied
     if _applied:
