@@ -49,17 +49,21 @@ def step(module: nn.Module | Callable[[Tensor], Tensor], x: Tensor, backward: bo
     callable; parameter gradients are dropped before each call, as ``zero_grad`` does."""
     params = list(module.parameters()) if isinstance(module, nn.Module) else []
 
+    def drop_grads() -> None:
+        for p in params:
+            p.grad = None
+        x.grad = None
+
     def run() -> None:
         if not backward:
             with torch.no_grad():
                 module(x)
             return
-        for p in params:
-            p.grad = None
-        x.grad = None
+        drop_grads()
         out = module(x)
         out.backward(torch.ones_like(out))
 
+    run.drop_grads = drop_grads  # see peak_megabytes
     return run
 
 
@@ -93,7 +97,13 @@ def median_times(
 
 
 def peak_megabytes(fn: Step, device: torch.device) -> float:
-    """Peak MB allocated during one call of ``fn`` (inputs and parameters excluded)."""
+    """Peak MB allocated during one call of ``fn`` (inputs and parameters excluded, parameter
+    gradients included). The gradients an earlier call left are dropped first (``fn.drop_grads``
+    where the step has one): a step that drops them itself would otherwise count their memory
+    as freed and report its peak that much too low."""
+    drop_grads = getattr(fn, "drop_grads", None)
+    if drop_grads is not None:
+        drop_grads()
     return peak_bytes_of(fn, device) / 2**20
 
 

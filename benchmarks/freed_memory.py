@@ -17,10 +17,10 @@ import sys
 
 import torch
 from common import markdown_table, median_times, step
+from models import build_model, train_step
 from torch import nn
 
 from dynconv import DynamicConv2d, keep_freed_memory
-from dynconv.models import resnet18
 
 _MODES = {"malloc as is": "default", "keep_freed_memory()": "keep"}
 
@@ -37,17 +37,8 @@ def _faults_per_step(fn, steps: int = 20) -> float:
 
 
 def _resnet_step(conv_type: str, batch: int):
-    torch.manual_seed(0)
-    model = resnet18(conv_type, num_classes=10, stem="cifar")
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
-
-    def run() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(model(x), y).backward()
-        optimizer.step()
-
-    return run
+    return train_step(build_model(conv_type, torch.device("cpu")), x, y)
 
 
 _MODEL_TYPES = ("static", "dynamic", "odconv")
