@@ -308,7 +308,9 @@ class _Im2colProduct(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         x, kernels, *ctx.geometry = inputs
-        ctx.save_for_backward(x, kernels)
+        ctx.groups = kernels.shape[1]
+        # the kernels only for the input's gradient: unpacking them can cost a recomputation
+        ctx.save_for_backward(x, kernels if ctx.needs_input_grad[0] else None)
 
     @staticmethod
     def backward(ctx, grad):
@@ -316,7 +318,7 @@ class _Im2colProduct(torch.autograd.Function):
         kernel_size, dilation, padding, stride = ctx.geometry
         grad_x = grad_kernels = None
         if ctx.needs_input_grad[1]:
-            cols = _im2col(x, kernels.shape[1], kernel_size, dilation, padding, stride)
+            cols = _im2col(x, ctx.groups, kernel_size, dilation, padding, stride)
             grad_kernels = torch.matmul(grad, cols.transpose(-1, -2))
             del cols  # before the input's gradient, which needs as much memory again
         if ctx.needs_input_grad[0]:
