@@ -272,6 +272,52 @@ def test_recomputed_im2col_supports_double_backward() -> None:
         assert torch.autograd.gradgradcheck(fn, (x, w))
 
 
+def test_recomputed_im2col_under_autocast() -> None:
+    """Backward runs without autocast: the recomputed products must still take the dtype the
+    forward's product ran in, and give the gradients of the kept buffer in the inputs' dtypes."""
+    gen = torch.Generator().manual_seed(10)
+    x = torch.randn(4, 8, 6, 6, generator=gen, requires_grad=True)
+    w = torch.randn(4, 8, 8, 3, 3, generator=gen, requires_grad=True)
+
+    def grads():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = per_sample_conv2d(x, w, padding=1, method="unfold")
+        assert out.dtype == torch.bfloat16
+        return torch.autograd.grad(out.float().square().sum(), (x, w))
+
+    kept = grads()
+    with _recomputing():
+        recomputed = grads()
+    for got, expected in zip(recomputed, kept, strict=True):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("with_spatial", [False, True])
+@pytest.mark.parametrize("per_sample_method", ["grouped", "loop", "unfold"])
+def test_recomputed_kernels_under_autocast(with_spatial: bool, per_sample_method: str) -> None:
+    """Under autocast the kernels are mixed in bfloat16; backward, which runs without autocast,
+    recomputes them the same way: the same gradients as with the kernels kept, bit for bit."""
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(4, 8, 6, 6, generator=gen, requires_grad=True)
+    coeffs = torch.randn(4, 3, generator=gen, requires_grad=True)
+    bank = torch.randn(3, 8, 8, 3, 3, generator=gen, requires_grad=True)
+    spatial = torch.rand(4, 3, 3, generator=gen, requires_grad=True) if with_spatial else None
+    inputs = [t for t in (x, coeffs, bank, spatial) if t is not None]
+
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = mixture_conv2d(x, coeffs, bank, padding=1, spatial=spatial, method="aggregate",
+                                 per_sample_method=per_sample_method)
+        return [out, *torch.autograd.grad(out.float().square().sum(), inputs)]
+
+    kept = run()
+    with _recomputing():
+        recomputed = run()
+    for got, expected in zip(recomputed, kept, strict=True):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
 def test_recomputed_im2col_is_not_kept_between_forward_and_backward() -> None:
     """A stack of per-sample convolutions through im2col holds every layer's im2col buffer (9x
     its input) until backward unless it is unfolded again there."""

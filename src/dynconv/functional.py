@@ -308,24 +308,27 @@ class _Im2colProduct(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         x, kernels, *ctx.geometry = inputs
-        ctx.groups = kernels.shape[1]
+        ctx.groups, ctx.kernels_dtype = kernels.shape[1], kernels.dtype
         # the kernels only for the input's gradient: unpacking them can cost a recomputation
         ctx.save_for_backward(x, kernels if ctx.needs_input_grad[0] else None)
 
     @staticmethod
     def backward(ctx, grad):
+        # Under autocast the forward's product ran in grad's dtype (bfloat16, say), and backward
+        # runs without autocast: the products here take that dtype as well.
         x, kernels = ctx.saved_tensors
         kernel_size, dilation, padding, stride = ctx.geometry
         grad_x = grad_kernels = None
         if ctx.needs_input_grad[1]:
-            cols = _im2col(x, ctx.groups, kernel_size, dilation, padding, stride)
-            grad_kernels = torch.matmul(grad, cols.transpose(-1, -2))
+            cols = _im2col(x, ctx.groups, kernel_size, dilation, padding, stride).to(grad.dtype)
+            grad_kernels = torch.matmul(grad, cols.transpose(-1, -2)).to(ctx.kernels_dtype)
             del cols  # before the input's gradient, which needs as much memory again
         if ctx.needs_input_grad[0]:
-            grad_cols = torch.matmul(kernels.transpose(-1, -2), grad)  # [N, g, C_in/g*kk, P]
-            grad_x = F.fold(grad_cols.reshape(x.shape[0], -1, grad_cols.shape[-1]),
-                            x.shape[-2:], kernel_size, dilation=dilation, padding=padding,
-                            stride=stride)
+            # [N, g, C_in/g * kH * kW, P]
+            grad_cols = torch.matmul(kernels.to(grad.dtype).transpose(-1, -2), grad)
+            grad_cols = grad_cols.to(x.dtype).reshape(x.shape[0], -1, grad_cols.shape[-1])
+            grad_x = F.fold(grad_cols, x.shape[-2:], kernel_size, dilation=dilation,
+                            padding=padding, stride=stride)
         return grad_x, grad_kernels, None, None, None, None
 
 
@@ -424,8 +427,6 @@ def mixture_conv2d(
     return _match_memory_format(out, x)
 
 
-
-
 class _MixedKernels:
     """The per-sample kernels of a mixture, ``spatial[n] * sum_k coefficients[n, k] * bank[k]``
     [N, C_out, C_in/g, kH, kW], and the saved-tensor hooks that keep them out of memory until
@@ -446,10 +447,21 @@ class _MixedKernels:
         self._mix_saved = False  # whether the spatial product saved the mix (for its backward)
         self._stash: Tensor | None = None  # the mix recomputed for the convolution's backward,
         # kept for the spatial product's backward, which runs next
+        device = bank.device.type  # backward runs without autocast: recompute under the same
+        self._autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(
+            device) else None
 
     def _mix(self) -> Tensor:
         n, (num_kernels, *kernel_shape) = self.coefficients.shape[0], self.bank.shape
         return (self.coefficients @ self.bank.reshape(num_kernels, -1)).reshape(n, *kernel_shape)
+
+    def _recompute_mix(self) -> Tensor:
+        """:meth:`_mix` again in backward, under the forward's autocast state: the same values
+        in the same dtype."""
+        if self._autocast is None:
+            return self._mix()
+        with torch.autocast(self.bank.device.type, dtype=self._autocast):
+            return self._mix()
 
     def _weigh(self, mix: Tensor) -> Tensor:
         if self.spatial is None:
@@ -494,7 +506,7 @@ class _MixedKernels:
         if isinstance(packed, Tensor):
             return packed
         which, shape, stride, offset = packed
-        mix = self._mix() if self._stash is None else self._stash
+        mix = self._recompute_mix() if self._stash is None else self._stash
         self._stash = None
         if which == self.WEIGHT:
             if self._mix_saved and self.spatial is not None:
