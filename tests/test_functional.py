@@ -86,18 +86,17 @@ def test_mixture_conv2d_matches_reference(cfg: ConvConfig, num_kernels: int, see
         bias = None if bias_bank is None else coeffs @ bias_bank
         return reference_per_sample_conv2d(x, weight, bias, **kw)
 
+    _check_every_mixture_method(lambda **m: mixture_conv2d(x, coeffs, bank, bias_bank, **kw, **m),
+                                reference, inputs)
+
+
+def _check_every_mixture_method(mixture, reference, inputs) -> None:
+    """``mixture(method=...)`` against ``reference`` for every method, and with the per-sample
+    kernels and im2col buffers recomputed in backward."""
     for method in MIXTURE_METHODS:
-        assert_same_outputs_and_grads(
-            lambda m=method: mixture_conv2d(x, coeffs, bank, bias_bank, **kw, method=m),
-            reference,
-            inputs,
-        )
+        assert_same_outputs_and_grads(lambda m=method: mixture(method=m), reference, inputs)
     with _recomputing():
-        assert_same_outputs_and_grads(
-            lambda: mixture_conv2d(x, coeffs, bank, bias_bank, **kw, method="aggregate"),
-            reference,
-            inputs,
-        )
+        assert_same_outputs_and_grads(lambda: mixture(method="aggregate"), reference, inputs)
 
 
 def test_gradcheck_small_cases() -> None:
@@ -242,20 +241,9 @@ def test_mixture_conv2d_with_spatial_weight_matches_reference(
         bias = None if bias_bank is None else coeffs @ bias_bank
         return reference_per_sample_conv2d(x, weight, bias, **kw)
 
-    for method in MIXTURE_METHODS:
-        assert_same_outputs_and_grads(
-            lambda m=method: mixture_conv2d(x, coeffs, bank, bias_bank, **kw, spatial=spatial,
-                                            method=m),
-            reference,
-            inputs,
-        )
-    with _recomputing():
-        assert_same_outputs_and_grads(
-            lambda: mixture_conv2d(x, coeffs, bank, bias_bank, **kw, spatial=spatial,
-                                   method="aggregate"),
-            reference,
-            inputs,
-        )
+    _check_every_mixture_method(
+        lambda **m: mixture_conv2d(x, coeffs, bank, bias_bank, **kw, spatial=spatial, **m),
+        reference, inputs)
 
 
 def test_recomputed_im2col_supports_double_backward() -> None:

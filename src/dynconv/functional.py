@@ -447,9 +447,8 @@ class _MixedKernels:
         self._mix_saved = False  # whether the spatial product saved the mix (for its backward)
         self._stash: Tensor | None = None  # the mix recomputed for the convolution's backward,
         # kept for the spatial product's backward, which runs next
-        device = bank.device.type  # backward runs without autocast: recompute under the same
-        self._autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(
-            device) else None
+        self._autocast: torch.dtype | None = None  # the forward's autocast dtype, if tracked
+        # under autocast: backward runs without it, and recomputes under the same
 
     def _mix(self) -> Tensor:
         n, (num_kernels, *kernel_shape) = self.coefficients.shape[0], self.bank.shape
@@ -473,6 +472,9 @@ class _MixedKernels:
         recognises them until :meth:`forget`."""
         mix = self._mix()
         if track:  # before the spatial product, which saves the mix
+            device = self.bank.device.type
+            if torch.is_autocast_enabled(device):
+                self._autocast = torch.get_autocast_dtype(device)
             self._track(mix, self.MIX)
         weight = self._weigh(mix)
         if track:
