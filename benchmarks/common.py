@@ -3,7 +3,7 @@ layers, and printing.
 
 Times are medians of rounds in which every variant of a table cell runs once, in turn, so that
 a load from other processes hits them alike; ratios are taken within the cell. Peak memory is
-:func:`dynconv.cost.peak_bytes_of` of one call.
+:func:`dynconv.tools.cost.peak_bytes_of` of one call.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from dynconv.cost import peak_bytes_of
+from dynconv.tools.cost import peak_bytes_of
 
 # The seeds' formulations live with the tests (tests/seed_layouts.py); one copy is enough.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))

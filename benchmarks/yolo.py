@@ -8,7 +8,7 @@ Each model trains from scratch for ``--epochs`` epochs on the generated shapes d
 epoch after the first over ``--repeats`` rounds of all models (training only, between the
 trainer's epoch callbacks), so warm-up is left out and a busy spell shows less. Parameters and
 GFLOPs are those of ``model.info()`` at 640x640 (thop, with the dynamic layers counted by
-dynconv's rules), next to dynconv's own count (:func:`dynconv.cost.count_macs`, convolutions
+dynconv's rules), next to dynconv's own count (:func:`dynconv.tools.cost.count_macs`, convolutions
 and matrix products only).
 Ultralytics trains on the CPU with one thread fewer than the machine has cores.
 """
@@ -28,8 +28,8 @@ os.environ.setdefault("YOLO_AUTOINSTALL", "0")
 import torch
 
 import dynconv.integrations.ultralytics as dy_ultralytics
-from dynconv.cost import count_macs
 from dynconv.integrations.shapes import write_shapes_dataset
+from dynconv.tools.cost import count_macs
 
 
 def _models(scale: str) -> list[str]:

@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 
 from dynconv.cli import main
-from dynconv.compare import DEFAULT_CONV_TYPES, compare, format_table
-from dynconv.factory import conv_types
-from dynconv.train import TrainConfig
+from dynconv.layers.factory import conv_types
+from dynconv.training.compare import DEFAULT_CONV_TYPES, compare, format_table
+from dynconv.training.loop import TrainConfig
 
 TYPES = [t for t in DEFAULT_CONV_TYPES if t in conv_types()]
 SEEDS = (0, 1)

@@ -8,7 +8,7 @@ import torchvision
 from torch import nn
 
 import dynconv
-from dynconv.convert import convert
+from dynconv.tools.convert import convert
 
 F64 = torch.float64
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dynconv.data import (
+from dynconv.training.data import (
     Augmentation,
     augment,
     batch_indices,

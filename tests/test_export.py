@@ -12,11 +12,11 @@ from torch import nn
 from dynconv import DRConv2d, DynamicConv2d, ODConv2d
 from dynconv._conv_args import parse_geometry
 from dynconv.cli import main
-from dynconv.convert import convert
-from dynconv.data import load_digits
-from dynconv.export import check_onnx, export_onnx, fixed_batch_layers
 from dynconv.functional import _choose_mixture_method, _choose_per_sample_method, is_exporting
-from dynconv.train import TrainConfig, load_run, train
+from dynconv.tools.convert import convert
+from dynconv.tools.export import check_onnx, export_onnx, fixed_batch_layers
+from dynconv.training.data import load_digits
+from dynconv.training.loop import TrainConfig, load_run, train
 
 pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")

@@ -309,7 +309,7 @@ def test_recomputed_kernels_under_autocast(with_spatial: bool, per_sample_method
 def test_recomputed_im2col_is_not_kept_between_forward_and_backward() -> None:
     """A stack of per-sample convolutions through im2col holds every layer's im2col buffer (9x
     its input) until backward unless it is unfolded again there."""
-    from dynconv.cost import peak_bytes_of
+    from dynconv.tools.cost import peak_bytes_of
 
     gen = torch.Generator().manual_seed(8)
     weights = [torch.randn(16, 32, 32, 3, 3, generator=gen, requires_grad=True) for _ in range(6)]
@@ -375,7 +375,7 @@ def test_recomputed_kernels_are_not_kept_between_forward_and_backward(
     """A stack of mixtures holds every layer's per-sample kernels (and, with a spatial weight,
     the unweighted mix) until backward unless they are recomputed; the recomputed ones live
     during their layer's backward only. Fails if the hooks stop recognising what is saved."""
-    from dynconv.cost import peak_bytes_of
+    from dynconv.tools.cost import peak_bytes_of
 
     gen = torch.Generator().manual_seed(5)
     banks = [torch.randn(4, 64, 64, 3, 3, generator=gen, requires_grad=True) for _ in range(4)]

@@ -13,9 +13,8 @@ from torch import Tensor, nn
 
 from dynconv import DRConv2d, DynamicConv2d, DynamicConvBase, ODConv2d
 from dynconv.cli import main
-from dynconv.convert import convert
-from dynconv.data import load_digits
-from dynconv.inspection import (
+from dynconv.tools.convert import convert
+from dynconv.tools.inspection import (
     AttentionCapture,
     attention_entropy,
     inspect_attention,
@@ -24,7 +23,8 @@ from dynconv.inspection import (
     plot_spatial_attention,
     write_summary,
 )
-from dynconv.train import TrainConfig, train
+from dynconv.training.data import load_digits
+from dynconv.training.loop import TrainConfig, train
 
 torch.set_num_threads(1)
 

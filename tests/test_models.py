@@ -7,7 +7,7 @@ import torch
 import torchvision
 
 import dynconv
-from dynconv.factory import conv_types, create_conv2d, register_conv
+from dynconv.layers.factory import conv_types, create_conv2d, register_conv
 from dynconv.models import create_model, list_models
 
 TYPES = ["static", "dynamic", "condconv", "odconv", "drconv"]

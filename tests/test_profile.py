@@ -9,11 +9,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dynconv import DRConv2d, DynamicConv2d, ODConv2d, functional
 from dynconv.cli import main
-from dynconv.convert import static_twin
-from dynconv.cost import LayerMacs, count_macs, layer_macs, peak_memory_bytes
-from dynconv.counters import register_thop, thop_ops
 from dynconv.models import create_model
-from dynconv.profile import build_model, profile_model
+from dynconv.tools.convert import static_twin
+from dynconv.tools.cost import LayerMacs, count_macs, layer_macs, peak_memory_bytes
+from dynconv.tools.counters import register_thop, thop_ops
+from dynconv.tools.profile import build_model, profile_model
 
 torch.set_num_threads(1)
 

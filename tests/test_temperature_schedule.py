@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dynconv.temperature import TemperatureSchedule
+from dynconv.layers.temperature import TemperatureSchedule
 
 
 @pytest.mark.parametrize(

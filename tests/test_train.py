@@ -17,14 +17,15 @@ import pytest
 import torch
 
 import dynconv
-import dynconv.train as train_module
+import dynconv.training.loop as train_module
+from dynconv._io import write_atomically
 from dynconv.cli import main
-from dynconv.data import load_digits
-from dynconv.factory import conv_types
+from dynconv.layers.factory import conv_types
+from dynconv.layers.temperature import TemperatureSchedule
 from dynconv.models import create_model_for_data
-from dynconv.resume import CheckpointError, read_checkpoint, write_atomically
-from dynconv.temperature import TemperatureSchedule
-from dynconv.train import TrainConfig, train
+from dynconv.training.checkpoints import CheckpointError, read_checkpoint
+from dynconv.training.data import load_digits
+from dynconv.training.loop import TrainConfig, train
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 DIGITS = load_digits()

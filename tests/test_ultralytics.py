@@ -24,9 +24,9 @@ from ultralytics.utils.torch_utils import get_flops
 
 import dynconv.integrations.ultralytics as dy_ultralytics
 from dynconv.blocks import yolo as blocks
-from dynconv.convert import dynamic_layer_names, static_twin
-from dynconv.cost import count_macs
 from dynconv.integrations.shapes import write_shapes_dataset
+from dynconv.tools.convert import dynamic_layer_names, static_twin
+from dynconv.tools.cost import count_macs
 
 CFGS = dy_ultralytics.shipped_cfgs()
 SCALES = "nsmlx"

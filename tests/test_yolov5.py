@@ -22,9 +22,9 @@ from torch import nn
 pytest.importorskip("yolov5.models.yolo", exc_type=ImportError)
 
 from dynconv.blocks import yolo as blocks
-from dynconv.cost import count_macs
 from dynconv.integrations import yolov5 as dyn_yolov5
 from dynconv.integrations.shapes import write_shapes_dataset
+from dynconv.tools.cost import count_macs
 
 SCALES = list(dyn_yolov5.SCALES)
 

@@ -1,17 +1,19 @@
 """dynconv: dynamic convolutions for PyTorch, exact, fast and drop-in for ``nn.Conv2d``."""
 
 from . import functional
+from ._version import __version__ as __version__
 from .allocator import keep_freed_memory
-from .checkpoint import LoadResult, allow_weights_only_load, load_checkpoint
-from .counters import register_thop
-from .export import export_onnx
-from .fold import fold
 from .functional import mixture_conv2d, per_sample_conv2d, region_conv2d
-from .inspection import AttentionCapture, inspect_attention
 from .layers import DRConv2d, DynamicConv2d, DynamicConvBase, KernelBankConv, ODConv2d
-from .temperature import dynamic_layers, get_temperature, set_temperature, temperatures
-
-__version__ = "0.1.0"
+from .layers.factory import create_conv2d
+from .layers.temperature import dynamic_layers, get_temperature, set_temperature, temperatures
+from .tools.checkpoint import LoadResult, allow_weights_only_load, load_checkpoint
+from .tools.convert import convert
+from .tools.cost import count_macs
+from .tools.counters import register_thop
+from .tools.export import export_onnx
+from .tools.fold import fold
+from .tools.inspection import AttentionCapture, inspect_attention
 
 # thop (Ultralytics' FLOP counter), if installed, counts the dynamic layers from now on
 register_thop()
@@ -26,6 +28,9 @@ __all__ = [
     "KernelBankConv",
     "LoadResult",
     "ODConv2d",
+    "convert",
+    "count_macs",
+    "create_conv2d",
     "dynamic_layers",
     "export_onnx",
     "fold",

@@ -2,7 +2,8 @@
 
 ``Conv``, ``Bottleneck``, ``C3``, ``C2f``, ``C3k`` and ``C3k2`` behave as Ultralytics' blocks of
 the same name (so the stock model's weights map onto them), and take a keyword-only
-``conv_type`` (and ``conv_kwargs``, on top of :data:`dynconv.factory.ANY_BATCH_DEFAULTS`: ODConv's
+``conv_type`` (and ``conv_kwargs``, on top of
+:data:`dynconv.layers.factory.ANY_BATCH_DEFAULTS`: ODConv's
 attention uses ``attention_norm='layer'``, since detection trains at small and odd batch sizes)
 for their inner convolutions. Each has dynamic variants named
 after the type, ``C2f_ODConv``, ``C3k2_DynamicConv``, ``Bottleneck_CondConv``, ``DRConv`` (a
@@ -20,8 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..factory import ANY_BATCH_DEFAULTS, create_conv2d
-from ..fuse import fold_batchnorm
+from ..layers.factory import ANY_BATCH_DEFAULTS, create_conv2d
+from ..layers.fuse import fold_batchnorm
 
 __all__ = ["C3", "Bottleneck", "C2f", "C3k", "C3k2", "Conv", "autopad", "fuse_blocks"]
 

@@ -99,7 +99,7 @@ class DynamicConvBase(nn.Module):
     def attention_record(self, x: Tensor) -> dict[str, Tensor]:
         """What the layer decided for input ``x`` [N, C_in, H, W] (or [C_in, H, W]), as tensors
         with a leading batch dimension N, e.g. ``'kernel'`` [N, K]; called right after the
-        layer's forward on ``x`` by :class:`dynconv.inspection.AttentionCapture`, and must not
+        layer's forward on ``x`` by :class:`dynconv.tools.inspection.AttentionCapture`, and must not
         change the layer's state. A layer type overrides it to be inspected."""
         return {}
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ..factory import ConvBuilder, conv_builder
+from ..layers.factory import ConvBuilder, conv_builder
 from ._common import init_weights
 
 __all__ = [

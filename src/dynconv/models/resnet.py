@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..factory import ConvBuilder, conv_builder
+from ..layers.factory import ConvBuilder, conv_builder
 from ._common import init_weights
 
 __all__ = [

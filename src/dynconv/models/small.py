@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..factory import ANY_BATCH_DEFAULTS, ConvBuilder, conv_builder
+from ..layers.factory import ANY_BATCH_DEFAULTS, ConvBuilder, conv_builder
 from ._common import init_weights
 
 __all__ = ["SmallCNN", "small_cnn"]

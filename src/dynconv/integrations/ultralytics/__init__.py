@@ -24,7 +24,7 @@ What :func:`register` does, all in memory and undone by :func:`unregister`:
 - wraps ``BaseModel.fuse`` to fold BatchNorm into the dynamic blocks as well (exact);
 
 GFLOPs in ``model.info()`` are right because ``import dynconv`` registers the layers' FLOP rules
-with thop (:mod:`dynconv.counters`). Checkpoints pickle the block classes by their
+with thop (:mod:`dynconv.tools.counters`). Checkpoints pickle the block classes by their
 ``dynconv.blocks.yolo`` path, so a saved ``best.pt`` loads wherever dynconv is installed, also
 in Ultralytics' safe-load mode (``import dynconv`` allows its classes in a weights_only load).
 """

@@ -28,7 +28,7 @@ What :func:`register` does, all in memory and undone by :func:`unregister`:
 Checkpoints pickle the block classes by their ``dynconv.blocks.yolo`` path, so a saved
 ``best.pt`` loads wherever dynconv is installed (``import dynconv`` is enough to unpickle it).
 GFLOPs in YOLOv5's model summary count the dynamic layers because ``import dynconv`` registers
-their rules with thop (:mod:`dynconv.counters`); YOLOv5 profiles at 32x32 and scales by area,
+their rules with thop (:mod:`dynconv.tools.counters`); YOLOv5 profiles at 32x32 and scales by area,
 which multiplies the attention's fixed per-image cost by 400 (yolov5s: 17.2 GFLOPs shown for
 DY-Conv and 19.9 for ODConv where the true figures are 16.6; docs/yolo.md).
 """

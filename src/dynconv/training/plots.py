@@ -11,14 +11,13 @@ from typing import TYPE_CHECKING, Any
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-from .resume import write_atomically
+from .._io import save_png
 
 if TYPE_CHECKING:
     from .compare import TypeSummary
 
 __all__ = ["plot_accuracy_vs_cost", "plot_curves"]
 
-_DPI = 110
 
 
 def _colors(types: Sequence[str]) -> dict[str, Any]:
@@ -26,11 +25,6 @@ def _colors(types: Sequence[str]) -> dict[str, Any]:
 
     palette = colormaps["tab10"]
     return {t: palette(i % 10) for i, t in enumerate(types)}
-
-
-def _save(figure: Figure, path: Path) -> None:
-    figure.tight_layout()
-    write_atomically(path, lambda f: figure.savefig(f, format="png", dpi=_DPI))
 
 
 def plot_curves(metrics: list[dict[str, Any]], path: str | Path) -> None:
@@ -73,7 +67,7 @@ def plot_curves(metrics: list[dict[str, Any]], path: str | Path) -> None:
     figure.suptitle(f"Learning curves: mean over {seeds} seed(s), band = min-max; evaluation at "
                     "temperature 1; the accuracy axis is zoomed on the final range",
                     fontsize="medium")
-    _save(figure, Path(path))
+    save_png(figure, path)
 
 
 def plot_accuracy_vs_cost(summaries: Sequence[TypeSummary], path: str | Path) -> None:
@@ -102,4 +96,4 @@ def plot_accuracy_vs_cost(summaries: Sequence[TypeSummary], path: str | Path) ->
     axes[0].legend(loc="best", fontsize="small")
     figure.suptitle("Final test accuracy against cost: mean ± std over the seeds, dots = seeds",
                     fontsize="medium")
-    _save(figure, Path(path))
+    save_png(figure, path)

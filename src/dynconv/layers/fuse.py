@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .layers.base import DynamicConvBase
+from .base import DynamicConvBase
 
 
 def batchnorm_affine(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:

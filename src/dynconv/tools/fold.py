@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from ..layers.dynamic import DynamicConv2d
+from ..layers.odconv import ODConv2d
 from .convert import _replace, dynamic_layer_names, static_conv_like
 from .cost import inference_latency_ms
-from .layers.dynamic import DynamicConv2d
-from .layers.odconv import ODConv2d
 
 __all__ = ["FoldReport", "FoldedLayer", "effective_kernels", "fold", "register_fold_rule"]
 

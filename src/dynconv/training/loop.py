@@ -3,7 +3,7 @@
 The default recipe is seed 002's for CIFAR: SGD (lr 0.1, momentum 0.9, weight decay 5e-4), a
 cosine learning-rate schedule stepped per epoch, random crop with padding 4 and horizontal
 flip, batch 128, 200 epochs. The attention temperature of every dynamic layer follows a
-:class:`~dynconv.temperature.TemperatureSchedule`; evaluation always runs at temperature 1.
+:class:`~dynconv.layers.temperature.TemperatureSchedule`; evaluation always runs at temperature 1.
 
 Nothing is lost: at the end of every epoch, and at the next batch boundary after Ctrl-C, the
 whole state is written atomically to ``<out>/checkpoint.pt``; ``resume=True`` continues from it
@@ -35,6 +35,17 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from .._io import write_atomically
+from ..layers.factory import check_conv_type
+from ..layers.temperature import TEMPERATURE_SCHEDULES, TemperatureSchedule, set_temperature
+from ..models import check_model, create_model_for_data, fixed_conv_type
+from .checkpoints import (
+    CHECKPOINT_FORMAT,
+    CheckpointError,
+    check_same_config,
+    read_checkpoint,
+    write_checkpoint,
+)
 from .data import (
     Augmentation,
     Dataset,
@@ -45,17 +56,6 @@ from .data import (
     load_dataset,
     seeded_generator,
 )
-from .factory import check_conv_type
-from .models import check_model, create_model_for_data, fixed_conv_type
-from .resume import (
-    CHECKPOINT_FORMAT,
-    CheckpointError,
-    check_same_config,
-    read_checkpoint,
-    write_atomically,
-    write_checkpoint,
-)
-from .temperature import TEMPERATURE_SCHEDULES, TemperatureSchedule, set_temperature
 
 __all__ = ["LR_SCHEDULES", "TrainConfig", "TrainResult", "config_for_resume", "load_run",
            "resolve_defaults", "train"]
@@ -385,7 +385,7 @@ def config_for_resume(out: str | Path, overrides: dict[str, Any]) -> TrainConfig
     """The configuration stored in ``<out>/checkpoint.pt``, with ``overrides`` applied.
 
     ``overrides`` may change only :attr:`TrainConfig.RUNTIME_FIELDS`; another setting that
-    differs from the stored run raises a :class:`~dynconv.resume.CheckpointError`.
+    differs from the stored run raises a :class:`~dynconv.training.checkpoints.CheckpointError`.
     """
     path = Path(out) / CHECKPOINT_NAME
     stored = read_checkpoint(path)["config"]

@@ -8,8 +8,8 @@ from typing import ClassVar
 
 from torch import nn
 
-from ._conv_args import check_positive_float
-from .layers.base import DynamicConvBase
+from .._conv_args import check_positive_float
+from .base import DynamicConvBase
 
 
 def dynamic_layers(model: nn.Module) -> dict[str, DynamicConvBase]:

@@ -9,16 +9,15 @@ so :func:`dynconv.load_checkpoint`-style loaders and ``torch.load`` read it too.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["CHECKPOINT_FORMAT", "CheckpointError", "read_checkpoint", "write_atomically",
-           "write_checkpoint"]
+from .._io import write_atomically
+
+__all__ = ["CHECKPOINT_FORMAT", "CheckpointError", "read_checkpoint", "write_checkpoint"]
 
 # Bumped when the layout of the dict changes; an older layout is refused with a clear error.
 CHECKPOINT_FORMAT = 1
@@ -27,40 +26,6 @@ _REQUIRED = ("format", "config", "model", "optimizer", "scheduler", "position", 
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, corrupt, or does not belong to the run that reads it."""
-
-
-def write_atomically(path: str | Path, write: Any) -> None:
-    """Call ``write(file)`` on a temporary file beside ``path``, flush it to disk, then rename it
-    over ``path``: a reader sees the old file or the new one, never a partial one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes it private; give the usual mode
-        with os.fdopen(fd, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        directory = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(directory)
-    except OSError:
-        pass
-    finally:
-        os.close(directory)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def write_checkpoint(path: str | Path, state: Mapping[str, Any]) -> None:

@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ._conv_args import ConvGeometry, PaddingArg, Pair, parse_geometry
-from .allocator import freed_memory_is_kept
+from .._conv_args import ConvGeometry, PaddingArg, Pair, parse_geometry
+from ..allocator import freed_memory_is_kept
 
 PerSampleMethod = Literal["auto", "direct", "grouped", "loop", "unfold"]
 MixtureMethod = Literal["auto", "aggregate", "mixout"]

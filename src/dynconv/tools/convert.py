@@ -10,8 +10,8 @@ from typing import Any
 
 from torch import nn
 
-from .factory import check_conv_type, create_conv2d
-from .layers.base import DynamicConvBase
+from ..layers.base import DynamicConvBase
+from ..layers.factory import check_conv_type, create_conv2d
 
 
 @dataclass

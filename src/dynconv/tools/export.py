@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .layers.base import DynamicConvBase
+from ..layers.base import DynamicConvBase
 
 __all__ = ["ExportResult", "check_onnx", "export_onnx", "fixed_batch_layers"]
 

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .allocator import keep_freed_memory
+from .._version import __version__
+from ..allocator import keep_freed_memory
 
 __all__ = ["KEEP_MEMORY_ENV", "main"]
 
@@ -243,9 +243,9 @@ def _load_model(args: argparse.Namespace):
     """(model in eval mode, dataset, a name) from RUN_DIR or --model."""
     import torch
 
-    from .data import load_dataset
-    from .models import create_model_for_data
-    from .train import load_run
+    from ..models import create_model_for_data
+    from ..training.data import load_dataset
+    from ..training.loop import load_run
 
     if (args.run is None) == (args.model is None):
         raise ValueError("give either RUN_DIR (a 'dynconv train' output folder) or --model NAME")
@@ -267,14 +267,14 @@ def _load_model(args: argparse.Namespace):
 def _run_inspect(args: argparse.Namespace) -> int:
     import torch
 
-    from .data import iterate_test
-    from .inspection import (
+    from ..tools.inspection import (
         inspect_attention,
         plot_kernel_attention,
         plot_region_maps,
         plot_spatial_attention,
         write_summary,
     )
+    from ..training.data import iterate_test
 
     for name in ("batch_size", "limit"):
         value = getattr(args, name)
@@ -306,7 +306,7 @@ def _run_inspect(args: argparse.Namespace) -> int:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from .export import export_onnx
+    from ..tools.export import export_onnx
 
     if args.fixed_batch is not None and args.fixed_batch < 1:
         raise ValueError(f"--fixed-batch must be >= 1, got {args.fixed_batch}")
@@ -337,7 +337,7 @@ def _default_out(command: str) -> str:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from .train import TrainConfig, config_for_resume, train
+    from ..training.loop import TrainConfig, config_for_resume, train
 
     overrides = _training_overrides(args)
     if args.resume:
@@ -360,8 +360,8 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _run_compare(args: argparse.Namespace) -> int:
-    from .compare import COMPARE_EPOCHS, compare, format_table
-    from .train import TrainConfig
+    from ..training.compare import COMPARE_EPOCHS, compare, format_table
+    from ..training.loop import TrainConfig
 
     overrides = _training_overrides(args)
     if args.resume and "out" not in overrides:
@@ -388,10 +388,10 @@ def _run_compare(args: argparse.Namespace) -> int:
 
 
 def _run_list() -> int:
-    from .data import dataset_sources
-    from .factory import conv_types
-    from .models import list_models
-    from .temperature import TEMPERATURE_SCHEDULES
+    from ..layers.factory import conv_types
+    from ..layers.temperature import TEMPERATURE_SCHEDULES
+    from ..models import list_models
+    from ..training.data import dataset_sources
 
     print("models:       " + ", ".join(list_models()))
     print("conv types:   " + ", ".join(conv_types()))
@@ -403,7 +403,7 @@ def _run_list() -> int:
 def _run_profile(args: argparse.Namespace) -> int:
     import torch
 
-    from .profile import build_model, profile_model
+    from ..tools.profile import build_model, profile_model
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -420,9 +420,9 @@ def _run_fold(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .fold import fold
-    from .resume import write_atomically
-    from .train import load_run
+    from .._io import write_atomically
+    from ..tools.fold import fold
+    from ..training.loop import load_run
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -438,7 +438,7 @@ def _run_fold(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(args.run) / "folded.pt"
     write_atomically(out, lambda f: torch.save(report.model.state_dict(), f))
     print(f"saved the folded state_dict to {out} (load it into "
-          "dynconv.convert.static_twin(model))")
+          "dynconv.tools.convert.static_twin(model))")
     return 0
 
 

@@ -1,10 +1,11 @@
 """``dynconv profile``: what a model costs, per layer and in total, beside its static twin.
 
 For every convolution layer: parameters and analytic MACs (the per-sample convolution, the
-attention branch and the kernel aggregation, :func:`dynconv.cost.layer_macs`), against the same
+attention branch and the kernel aggregation, :func:`dynconv.tools.cost.layer_macs`), against
+the same
 layer as an ``nn.Conv2d`` of the same geometry; for the whole model: parameters, MACs, the median
 inference latency and the peak memory of one forward pass at each batch size, against the
-static twin (:func:`dynconv.convert.static_twin`).
+static twin (:func:`dynconv.tools.convert.static_twin`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..layers.factory import is_dynamic
+from ..models import create_model_for_data
 from .convert import static_twin
 from .cost import (
     LayerMacs,
@@ -25,8 +28,6 @@ from .cost import (
     inference_latency_ms,
     peak_memory_bytes,
 )
-from .factory import is_dynamic
-from .models import create_model_for_data
 
 __all__ = ["LayerProfile", "ProfileReport", "build_model", "profile_model"]
 
@@ -140,7 +141,7 @@ def profile_model(
 
     Args:
         model: any model; its dynamic layers are counted analytically, the rest by
-            ``FlopCounterMode`` (see :func:`dynconv.cost.count_macs`).
+            ``FlopCounterMode`` (see :func:`dynconv.tools.cost.count_macs`).
         input_size: (C, H, W) of one image.
         batch_sizes: the batch sizes at which latency and peak memory are measured.
         device: where to run.

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .layers.base import DynamicConvBase
-from .resume import write_atomically
+from .._io import save_png, write_atomically
+from ..layers.base import DynamicConvBase
 
 __all__ = [
     "AttentionCapture",
@@ -263,7 +263,6 @@ def plot_kernel_attention(layers: dict[str, LayerAttention], path: str | Path) -
     writes nothing) if no layer has a kernel attention with K >= 2."""
     from matplotlib.figure import Figure
 
-    from .plots import _save
 
     chosen = [lay for lay in layers.values() if lay.kernel is not None and lay.kernel.shape[1] > 1]
     if not chosen:
@@ -282,7 +281,7 @@ def plot_kernel_attention(layers: dict[str, LayerAttention], path: str | Path) -
     for ax in list(figure.axes)[len(chosen):]:
         ax.set_visible(False)
     figure.suptitle(f"kernel attention over {chosen[0].samples} samples", fontsize=10)
-    _save(figure, Path(path))
+    save_png(figure, path)
     return True
 
 
@@ -292,7 +291,6 @@ def plot_spatial_attention(layers: dict[str, LayerAttention], path: str | Path) 
     nothing) if no layer has one."""
     from matplotlib.figure import Figure
 
-    from .plots import _save
 
     chosen = [lay for lay in layers.values() if "spatial" in lay.means]
     if not chosen:
@@ -312,7 +310,7 @@ def plot_spatial_attention(layers: dict[str, LayerAttention], path: str | Path) 
         ax.set_visible(False)
     figure.suptitle(f"mean spatial attention over {chosen[0].samples} samples (colour: 0 to 1)",
                     fontsize=9)
-    _save(figure, Path(path))
+    save_png(figure, path)
     return True
 
 
@@ -331,7 +329,6 @@ def plot_region_maps(
     import torch.nn.functional as F
     from matplotlib.figure import Figure
 
-    from .plots import _save
 
     chosen = [lay for lay in layers.values() if lay.region_maps is not None]
     if not chosen:
@@ -354,5 +351,5 @@ def plot_region_maps(
             ax.set_yticks([])
         row[0].set_ylabel(layer.name, fontsize=7)
     figure.suptitle("region maps", fontsize=10)
-    _save(figure, Path(path))
+    save_png(figure, path)
     return True

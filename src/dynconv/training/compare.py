@@ -27,11 +27,11 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from .cost import count_macs, count_parameters, inference_latency_ms
+from .._io import write_atomically
+from ..layers.factory import check_conv_type, conv_types
+from ..tools.cost import count_macs, count_parameters, inference_latency_ms
 from .data import Dataset, load_dataset
-from .factory import check_conv_type, conv_types
-from .resume import write_atomically
-from .train import CHECKPOINT_NAME, METRIC_FIELDS, TrainConfig, TrainResult, resolve_defaults, train
+from .loop import CHECKPOINT_NAME, METRIC_FIELDS, TrainConfig, TrainResult, resolve_defaults, train
 
 __all__ = [
     "COMPARE_EPOCHS",
@@ -230,7 +230,8 @@ def compare(
     """Train ``base.model`` with each type of ``conv_types_`` (default: the registered ones of
     :data:`DEFAULT_CONV_TYPES`) and each seed; write the table, metrics and plots to ``out``.
 
-    Each run is an ordinary :func:`~dynconv.train.train` run in ``out/runs/<type>-seed<seed>``,
+    Each run is an ordinary :func:`~dynconv.training.loop.train` run in
+    ``out/runs/<type>-seed<seed>``,
     so ``resume=True`` skips finished runs and continues interrupted ones.
 
     Returns the :class:`CompareResult`; on Ctrl-C, the runs so far are saved and the result has

@@ -6,7 +6,8 @@ a custom module calls: a dynamic layer would count only its attention branch.
 :func:`thop_ops` gives rules for ``thop.profile(..., custom_ops=thop_ops())``, and
 :func:`register_thop` (called by ``import dynconv``) puts them in thop's own table, so that a
 plain ``thop.profile(model, inputs=...)`` counts them too. Each rule adds the analytic MACs that
-the layer computes outside its child modules (:func:`dynconv.cost.functional_macs`); thop counts
+the layer computes outside its child modules
+(:func:`dynconv.tools.cost.functional_macs`); thop counts
 the children (ultralytics-thop >= 2.2 adds a module's rule to its children's counts). The
 attentions pool with an ``nn.AdaptiveAvgPool2d`` module, which tells thop's size extrapolation
 (Ultralytics' ``model.info()``) that part of the cost does not grow with the image.
@@ -20,10 +21,10 @@ from collections.abc import Callable
 
 from torch import Tensor, nn
 
+from ..layers.drconv import DRConv2d
+from ..layers.dynamic import DynamicConv2d
+from ..layers.odconv import ODConv2d
 from .cost import functional_macs
-from .layers.drconv import DRConv2d
-from .layers.dynamic import DynamicConv2d
-from .layers.odconv import ODConv2d
 
 __all__ = ["register_thop", "thop_ops"]
 
@@ -32,7 +33,7 @@ _THOP_LAYERS = (DynamicConv2d, ODConv2d, DRConv2d)
 
 def _count_dynamic(module: nn.Module, inputs: tuple, output: Tensor) -> None:
     """thop rule: add the MACs the layer computes outside its child modules
-    (:func:`dynconv.cost.functional_macs`) for the whole batch to ``module.total_ops``; thop
+    (:func:`dynconv.tools.cost.functional_macs`) for the whole batch to ``module.total_ops``; thop
     counts the child modules (the attention's convolutions) itself."""
     x = inputs[0]
     batch = 1 if x.dim() == 3 else x.shape[0]

@@ -12,10 +12,10 @@ from typing import Any
 
 from torch import nn
 
-from .layers.base import DynamicConvBase
-from .layers.drconv import DRConv2d
-from .layers.dynamic import DynamicConv2d
-from .layers.odconv import ODConv2d
+from .base import DynamicConvBase
+from .drconv import DRConv2d
+from .dynamic import DynamicConv2d
+from .odconv import ODConv2d
 
 ConvBuilder = Callable[..., nn.Module]
 _REGISTRY: dict[str, ConvBuilder] = {}

@@ -16,11 +16,11 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .layers.base import DynamicConvBase
-from .layers.drconv import DRConv2d
-from .layers.dynamic import DynamicConv2d
-from .layers.odconv import ODConv2d
-from .temperature import TemperatureSchedule, set_temperature
+from ..layers.base import DynamicConvBase
+from ..layers.drconv import DRConv2d
+from ..layers.dynamic import DynamicConv2d
+from ..layers.odconv import ODConv2d
+from ..layers.temperature import TemperatureSchedule, set_temperature
 
 __all__ = [
     "LayerMacs",

@@ -1,0 +1,56 @@
+"""Small shared helpers for writing files: atomic writes and PNG figures."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = ["save_png", "write_atomically"]
+
+#: Resolution of every figure the package writes.
+DPI = 110
+
+
+def write_atomically(path: str | Path, write: Any) -> None:
+    """Call ``write(file)`` on a temporary file beside ``path``, flush it to disk, then rename it
+    over ``path``: a reader sees the old file or the new one, never a partial one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes it private; give the usual mode
+        with os.fdopen(fd, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable
+        directory = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(directory)
+    except OSError:
+        pass
+    finally:
+        os.close(directory)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def save_png(figure: Figure, path: str | Path) -> None:
+    """Lay ``figure`` out tightly and write it as a PNG to ``path``, atomically."""
+    figure.tight_layout()
+    write_atomically(Path(path), lambda f: figure.savefig(f, format="png", dpi=DPI))

@@ -1,0 +1,9 @@
+"""What acts on a finished model, whatever trained it: convert static convolutions to dynamic
+ones (:mod:`~dynconv.tools.convert`), fold dynamic ones back (:mod:`~dynconv.tools.fold`), count
+parameters, MACs, latency and memory (:mod:`~dynconv.tools.cost`, :mod:`~dynconv.tools.counters`,
+:mod:`~dynconv.tools.profile`), record attentions (:mod:`~dynconv.tools.inspection`), export to
+ONNX (:mod:`~dynconv.tools.export`) and load checkpoints (:mod:`~dynconv.tools.checkpoint`).
+
+The tools sit above the layers, models and blocks and below the training job: they import
+neither :mod:`dynconv.training` nor :mod:`dynconv.cli`.
+"""
