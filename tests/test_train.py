@@ -257,9 +257,12 @@ def test_two_processes_under_torchrun(tmp_path: Path) -> None:
 
 
 def test_mixed_precision_path_on_cpu(tmp_path: Path) -> None:
-    result = train(_config(tmp_path, amp=True), dataset=DIGITS)
-    assert torch.isfinite(torch.tensor(result.metrics[0]["train_loss"]))
-    assert result.metrics[0]["test_acc"] > 0.2
+    # three epochs: after one, the width-8 network's logits are nearly flat, and bfloat16 rounding
+    # alone moved its test accuracy from 32% to 11% on one AMD CPU (bfloat16 kernels differ
+    # between CPUs); after three, bfloat16 and float32 both reach about 94% on it
+    result = train(_config(tmp_path, amp=True, epochs=3), dataset=DIGITS)
+    assert all(torch.isfinite(torch.tensor(row["train_loss"])) for row in result.metrics)
+    assert result.metrics[-1]["test_acc"] > 0.5
 
 
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path: Path) -> None:
