@@ -60,6 +60,14 @@ _UNFOLD_MAX_PIXELS = 64
 _RECOMPUTE_MIN_BYTES = 4 * 2**20
 
 
+def mix_kernels(coefficients: Tensor, bank: Tensor) -> Tensor:
+    """``sum_k coefficients[n, k] * bank[k]`` [N, ...] for ``coefficients`` [N, K] and a bank
+    [K, ...]."""
+    num_kernels = bank.shape[0]
+    mixed = coefficients @ bank.reshape(num_kernels, -1)
+    return mixed.reshape(coefficients.shape[0], *bank.shape[1:])
+
+
 def _shape(t: Tensor) -> list[int]:
     return list(t.shape)
 

@@ -8,6 +8,7 @@ static kernels that DY-Conv, CondConv and ODConv mix per sample.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,6 +22,7 @@ from .._conv_args import (
     check_positive_float,
     parse_geometry,
 )
+from ..functional import mix_kernels
 
 
 class DynamicConvBase(nn.Module):
@@ -102,6 +104,34 @@ class DynamicConvBase(nn.Module):
         layer's forward on ``x`` by :class:`dynconv.tools.inspection.AttentionCapture`, and must not
         change the layer's state. A layer type overrides it to be inspected."""
         return {}
+
+    # -- deployment and cost: what fold, profile and the FLOP counters ask of the layer ----------
+
+    def effective_kernels(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The kernel [N, C_out, C_in/groups, kH, kW] and bias [N, C_out] (or None) that the layer
+        applies to each sample of its input ``x`` [N, C_in, H, W]: ``layer(x)[n]`` equals
+        ``F.conv2d(x[n], weight[n], bias[n], ...)`` with the layer's geometry and padding.
+        :func:`dynconv.fold` averages them; a layer type without one kernel per sample (DRConv:
+        one per region) does not override it and is left dynamic."""
+        raise NotImplementedError(f"{type(self).__name__} applies no single kernel per sample")
+
+    def macs(self, input_size: tuple[int, int]) -> LayerMacs:
+        """The analytic multiply-accumulates for one image of spatial size ``input_size``
+        (H_in, W_in), whatever formulation runs (see :class:`LayerMacs`); every layer type
+        overrides it (:func:`dynconv.tools.cost.layer_macs`, ``dynconv profile``)."""
+        raise NotImplementedError(f"{type(self).__name__} has no MAC rule")
+
+    def functional_macs(self, input_size: tuple[int, int]) -> int:
+        """The MACs per image that are not computed by calling a child module: what a counter
+        that hooks modules (thop) misses. By default the per-sample convolution and the kernel
+        aggregation (the attention branch's convolutions are child modules)."""
+        macs = self.macs(input_size)
+        return macs.conv + macs.aggregation
+
+    def _conv_macs(self, input_size: tuple[int, int]) -> int:
+        """The per-sample convolution's MACs for one image: one kernel at every output pixel."""
+        h_out, w_out = self._geometry.output_size(*input_size)
+        return kernel_numel(self) * h_out * w_out
 
     # -- input and padding ---------------------------------------------------------------------
 
@@ -295,9 +325,59 @@ class KernelBankConv(DynamicConvBase):
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
 
+    def mixed(self, coefficients: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The bank mixed per sample, ``sum_k coefficients[n, k] * W_k``: kernels [N, C_out,
+        C_in/groups, kH, kW] and biases [N, C_out] (None without a bias bank), for
+        ``coefficients`` [N, K]."""
+        coefficients = coefficients.to(self.weight.dtype)
+        bias = None if self.bias is None else mix_kernels(coefficients, self.bias)
+        return mix_kernels(coefficients, self.kernels), bias
+
+    def _first_kernel(self, n: int) -> tuple[Tensor, Tensor | None]:
+        """The bank's first kernel [N, C_out, C_in/groups, kH, kW] and bias [N, C_out] (or None)
+        for each of ``n`` samples (expanded views): what a layer that mixes nothing applies."""
+        bias = None if self.bias is None else self.bias[0].expand(n, -1)
+        return self.kernels[0].expand(n, -1, -1, -1, -1), bias
+
+    def _bank_macs(self, mixes_bias: bool) -> int:
+        """MACs of mixing the K kernels (and, if ``mixes_bias``, the K biases) into one."""
+        bias = self.num_kernels * self.out_channels if mixes_bias else 0
+        return self.num_kernels * kernel_numel(self) + bias
+
     def extra_repr(self) -> str:
         s = super().extra_repr()
         s += f", num_kernels={self.num_kernels}"
         if self.bias is None:
             s += ", bias=False"
         return s
+
+
+@dataclass(frozen=True)
+class LayerMacs:
+    """Multiply-accumulates of one convolution layer for one image.
+
+    ``conv``: the (per-sample) convolution, ``C_out * C_in/groups * kH * kW * H_out * W_out``;
+    ``attention``: the attention branch's convolutions (on the pooled input);
+    ``aggregation``: mixing the kernel bank into the sample's kernel, ``K * C_out * C_in/groups *
+    kH * kW`` (plus ``K * C_out`` for a bias bank).
+    """
+
+    conv: int
+    attention: int = 0
+    aggregation: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.conv + self.attention + self.aggregation
+
+
+def kernel_numel(conv: nn.Module) -> int:
+    """Elements of one kernel of a layer with ``nn.Conv2d``'s attributes: C_out * C_in/groups *
+    kH * kW."""
+    kh, kw = conv.kernel_size
+    return conv.out_channels * (conv.in_channels // conv.groups) * kh * kw
+
+
+def pooled_conv_macs(module: nn.Module) -> int:
+    """MACs of the ``nn.Conv2d`` modules in ``module`` applied to a pooled (1x1) input."""
+    return sum(kernel_numel(m) for m in module.modules() if isinstance(m, nn.Conv2d))

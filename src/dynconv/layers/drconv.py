@@ -17,7 +17,7 @@ from ..functional import (
     is_exporting,
     region_conv2d,
 )
-from .base import DynamicConvBase
+from .base import DynamicConvBase, LayerMacs, kernel_numel
 
 
 class DRConv2d(DynamicConvBase):
@@ -201,6 +201,28 @@ class DRConv2d(DynamicConvBase):
         bias = torch.zeros_like(scale) if self.bias is None else self.bias
         self.bias = nn.Parameter((bias * scale + shift).to(last.weight.dtype),
                                  requires_grad=last.weight.requires_grad)
+
+    def macs(self, input_size: tuple[int, int]) -> LayerMacs:
+        """Each output pixel with one region's kernel: a static convolution's MACs; the attention
+        is the guide and the filter generator (:meth:`_attention_macs`); nothing is mixed."""
+        return LayerMacs(self._conv_macs(input_size), sum(self._attention_macs(input_size)))
+
+    def functional_macs(self, input_size: tuple[int, int]) -> int:
+        """The convolution, the guide and the generator's last convolution: they run as
+        ``F.conv2d`` and a batched matrix product on the modules' weights."""
+        guide, _, last = self._attention_macs(input_size)
+        return self._conv_macs(input_size) + guide + last
+
+    def _attention_macs(self, input_size: tuple[int, int]) -> tuple[int, int, int]:
+        """MACs per image of the guide (C_in -> R, dense, at the layer's geometry) and of the
+        filter generator on the kH x kW pooled input, first 1x1 (C_in -> R*R) then last (R
+        groups of R inputs to R * C_out * C_in/g outputs)."""
+        r, (kh, kw) = self.num_regions, self.kernel_size
+        h_out, w_out = self._geometry.output_size(*input_size)
+        guide = r * self.in_channels * kh * kw * h_out * w_out
+        first = r * r * self.in_channels * kh * kw
+        last = r * r * kernel_numel(self)
+        return guide, first, last
 
     def extra_repr(self) -> str:
         s = super().extra_repr() + f", num_regions={self.num_regions}"

@@ -12,7 +12,7 @@ from torch import Tensor
 from .._conv_args import PaddingArg, check_int, check_positive_float
 from ..functional import mixture_conv2d
 from .attention import ROUTINGS, KernelAttention, Routing, routing_weights
-from .base import KernelBankConv
+from .base import KernelBankConv, LayerMacs, pooled_conv_macs
 
 
 class DynamicConv2d(KernelBankConv):
@@ -143,6 +143,22 @@ class DynamicConv2d(KernelBankConv):
         if self.routing != "softmax":
             raise NotImplementedError("a shift cannot be folded into sigmoid-routed kernels")
         self._fold_affine_into_bank(scale, shift)
+
+    def effective_kernels(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Per sample ``sum_k a_nk W_k`` [N, C_out, C_in/groups, kH, kW] and ``sum_k a_nk b_k``
+        [N, C_out] (None without a bias) for input ``x`` [N, C_in, H, W]."""
+        if self.is_static:
+            return self._first_kernel(x.shape[0])
+        return self.mixed(self.kernel_attention(x))
+
+    def macs(self, input_size: tuple[int, int]) -> LayerMacs:
+        """The convolution, the attention's two 1x1 convolutions on the pooled input and the
+        mixing of the bank (and bias bank); a static layer (K = 1, softmax) is a convolution."""
+        conv = self._conv_macs(input_size)
+        if self.is_static:  # no attention is computed, nothing is mixed
+            return LayerMacs(conv)
+        mixing = self._bank_macs(self.bias is not None)
+        return LayerMacs(conv, pooled_conv_macs(self.attention), mixing)
 
     def extra_repr(self) -> str:
         s = super().extra_repr()

@@ -13,7 +13,7 @@ from torch import Tensor
 from .._conv_args import PaddingArg, check_int, check_positive_float
 from ..functional import mixture_conv2d
 from .attention import ATTENTION_NORMS, AttentionNorm, ODAttentionWeights, ODConvAttention
-from .base import KernelBankConv
+from .base import KernelBankConv, LayerMacs, pooled_conv_macs
 
 
 class ODConv2d(KernelBankConv):
@@ -172,6 +172,36 @@ class ODConv2d(KernelBankConv):
         attention is a per-channel factor, so ``scale`` goes into every kernel's output channel,
         and the kernel attention sums to one, so ``shift`` goes into every bias of the bank."""
         self._fold_affine_into_bank(scale, shift)
+
+    def effective_kernels(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Per sample ``a_f (x) a_c (x) a_s (x) sum_k a_w[k] W_k`` [N, C_out, C_in/groups, kH, kW]
+        and ``sum_k a_w[k] b_k`` [N, C_out] (None without a bias; the bias is added after the
+        filter attention, so it is not scaled) for input ``x`` [N, C_in, H, W]."""
+        n, g = x.shape[0], self.groups
+        att = self.attentions(x)
+        weight, bias = self._first_kernel(n) if att.kernel is None else self.mixed(att.kernel)
+        dtype = weight.dtype
+        if att.spatial is not None:
+            weight = weight * att.spatial.to(dtype).reshape(n, 1, 1, *self.kernel_size)
+        # channel attention: input channel j of output o's group is global channel g_o * C_in/g + j
+        c_out, c_in_g = self.out_channels, self.in_channels // g
+        channel = att.channel.to(dtype).reshape(n, g, 1, c_in_g, 1, 1)
+        weight = weight.reshape(n, g, c_out // g, c_in_g, *self.kernel_size) * channel
+        weight = weight.reshape(n, c_out, c_in_g, *self.kernel_size)
+        if att.filter is not None:
+            weight = weight * att.filter.to(dtype).reshape(n, c_out, 1, 1, 1)
+        return weight, bias
+
+    def macs(self, input_size: tuple[int, int]) -> LayerMacs:
+        """The convolution, the attention's 1x1 convolutions on the pooled input and the mixing
+        of the bank; a 1x1 layer with K = 1 mixes nothing, and with K = 1 the one bias is added
+        as it is."""
+        conv = self._conv_macs(input_size)
+        attention = pooled_conv_macs(self.attention)
+        if self.is_pointwise_static:  # the bank is the kernel
+            return LayerMacs(conv, attention)
+        mixing = self._bank_macs(self.bias is not None and self.num_kernels > 1)
+        return LayerMacs(conv, attention, mixing)
 
     def extra_repr(self) -> str:
         s = super().extra_repr()

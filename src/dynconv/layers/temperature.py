@@ -53,6 +53,8 @@ def get_temperature(model: nn.Module) -> float:
 # -- annealing schedules ------------------------------------------------------------------------
 
 TEMPERATURE_SCHEDULES = ("linear", "step", "none")
+#: The temperature of evaluation and inference (and of every schedule once annealing is over).
+EVAL_TEMPERATURE = 1.0
 # Published defaults: ODConv anneals per iteration from 30 to 1 over the first 10 epochs; the
 # DY-Conv seeds start at 34 and subtract 3 per epoch until 1.
 _DEFAULT_INITIAL = {"linear": 30.0, "step": 34.0, "none": 1.0}
@@ -78,7 +80,7 @@ class TemperatureSchedule:
     initial: float | None = None
     epochs: int = 10
 
-    final: ClassVar[float] = 1.0
+    final: ClassVar[float] = EVAL_TEMPERATURE
 
     def __post_init__(self) -> None:
         if self.name not in TEMPERATURE_SCHEDULES:

@@ -142,7 +142,7 @@ def convert(
             except (TypeError, ValueError, NotImplementedError) as error:
                 record.reason = f"cannot build {to!r}: {error}"
             else:
-                _replace(model, name, new)
+                replace_module(model, name, new)
                 record.params_after = sum(p.numel() for p in new.parameters())
         (report.skipped if record.reason else report.converted).append(record)
     if verbose:
@@ -164,7 +164,8 @@ def _build_like(conv: nn.Conv2d, conv_type: str, layer_kwargs: dict[str, Any]) -
     return new
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` in the place of ``model``'s submodule ``name`` (a dotted path)."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     if not name:
@@ -211,5 +212,5 @@ def static_twin(model: nn.Module) -> nn.Module:
     for name in dynamic_layer_names(twin):
         conv = static_conv_like(twin.get_submodule(name))
         conv.train(twin.training)
-        _replace(twin, name, conv)
+        replace_module(twin, name, conv)
     return twin

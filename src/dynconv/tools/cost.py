@@ -10,24 +10,21 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..layers.base import DynamicConvBase
-from ..layers.drconv import DRConv2d
-from ..layers.dynamic import DynamicConv2d
-from ..layers.odconv import ODConv2d
-from ..layers.temperature import TemperatureSchedule, set_temperature
+from .._conv_args import parse_geometry
+from ..layers.base import DynamicConvBase, LayerMacs, kernel_numel
+from ..layers.temperature import EVAL_TEMPERATURE, set_temperature
+from .rules import RuleTable
 
 __all__ = [
     "LayerMacs",
     "conv_layer_macs",
     "count_macs",
     "count_parameters",
-    "functional_macs",
     "inference_latency_ms",
     "layer_macs",
     "peak_bytes_of",
@@ -44,151 +41,37 @@ def count_parameters(model: nn.Module) -> int:
 # -- the analytic rule ------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class LayerMacs:
-    """Multiply-accumulates of one convolution layer for one image.
-
-    ``conv``: the (per-sample) convolution, ``C_out * C_in/groups * kH * kW * H_out * W_out``;
-    ``attention``: the attention branch's 1x1 convolutions on the pooled input;
-    ``aggregation``: mixing the kernel bank into the sample's kernel, ``K * C_out * C_in/groups *
-    kH * kW`` (plus ``K * C_out`` for a bias bank).
-    """
-
-    conv: int
-    attention: int = 0
-    aggregation: int = 0
-
-    @property
-    def total(self) -> int:
-        return self.conv + self.attention + self.aggregation
-
-
 MacRule = Callable[[nn.Module, tuple[int, int]], LayerMacs]
-_MAC_RULES: dict[type, MacRule] = {}
+_MAC_RULES = RuleTable("macs")
 
 
 def register_mac_rule(layer_type: type, rule: MacRule) -> None:
-    """Count layers of ``layer_type`` (and its subclasses) with ``rule(layer, (H_in, W_in))``."""
-    if not isinstance(layer_type, type) or not callable(rule):
-        raise TypeError(f"expected a class and a callable, got {layer_type!r} and {rule!r}")
-    _MAC_RULES[layer_type] = rule
-
-
-def _rule_for(layer: nn.Module) -> MacRule | None:
-    for cls in type(layer).__mro__:
-        if cls in _MAC_RULES:
-            return _MAC_RULES[cls]
-    return None
+    """Count layers of ``layer_type`` (and its subclasses) with ``rule(layer, (H_in, W_in))``:
+    for a foreign layer type; a dynamic layer type counts itself
+    (:meth:`~dynconv.DynamicConvBase.macs`)."""
+    _MAC_RULES.register(layer_type, rule)
 
 
 def layer_macs(layer: nn.Module, input_size: tuple[int, int]) -> LayerMacs:
     """The analytic MACs of ``layer`` (``nn.Conv2d`` or a dynamic layer) for one image of
     spatial size ``input_size`` (H_in, W_in); raise ``TypeError`` for a layer without a rule."""
-    rule = _rule_for(layer)
+    rule = _MAC_RULES.lookup(layer)
     if rule is None:
         raise TypeError(
-            f"no MAC rule for {type(layer).__name__}; expected nn.Conv2d or one of "
-            f"{sorted(t.__name__ for t in _MAC_RULES)} (see register_mac_rule)"
+            f"no MAC rule for {type(layer).__name__}; expected a dynamic layer or one of "
+            f"{_MAC_RULES.registered()} (see register_mac_rule)"
         )
     return rule(layer, tuple(input_size))
 
 
-def _output_size(layer: nn.Module, input_size: tuple[int, int]) -> tuple[int, int]:
-    """H_out, W_out of a layer with ``nn.Conv2d``'s geometry attributes."""
-    if isinstance(layer, DynamicConvBase):
-        return layer._geometry.output_size(*input_size)
-    if isinstance(layer.padding, str):  # 'same' keeps the size (stride 1), 'valid' pads nothing
-        padding = (0, 0) if layer.padding == "valid" else None
-    else:
-        padding = layer.padding
-    if padding is None:
-        return tuple(input_size)
-    return tuple(
-        (size + 2 * p - d * (k - 1) - 1) // s + 1
-        for size, p, d, k, s in zip(input_size, padding, layer.dilation, layer.kernel_size,
-                                    layer.stride)
-    )
-
-
-def _kernel_numel(layer: nn.Module) -> int:
-    """Elements of one kernel: C_out * C_in/groups * kH * kW."""
-    kh, kw = layer.kernel_size
-    return layer.out_channels * (layer.in_channels // layer.groups) * kh * kw
-
-
-def _conv_part(layer: nn.Module, input_size: tuple[int, int]) -> int:
-    h_out, w_out = _output_size(layer, input_size)
-    return _kernel_numel(layer) * h_out * w_out
-
-
-def _pooled_convs(module: nn.Module) -> int:
-    """MACs of the convolutions of an attention branch applied to a pooled (1x1) input."""
-    return sum(_kernel_numel(m) for m in module.modules() if isinstance(m, nn.Conv2d))
-
-
 def _static_rule(layer: nn.Conv2d, input_size: tuple[int, int]) -> LayerMacs:
-    return LayerMacs(_conv_part(layer, input_size))
-
-
-def _bank_mixing(layer: DynamicConvBase, mixes_bias: bool) -> int:
-    """K kernels (and, if ``mixes_bias``, K biases) mixed into one per sample."""
-    bias = layer.num_kernels * layer.out_channels if mixes_bias else 0
-    return layer.num_kernels * _kernel_numel(layer) + bias
-
-
-def _dynamic_rule(layer: DynamicConv2d, input_size: tuple[int, int]) -> LayerMacs:
-    conv = _conv_part(layer, input_size)
-    if layer.is_static:  # one kernel, softmax: a plain convolution, no attention computed
-        return LayerMacs(conv)
-    mixing = _bank_mixing(layer, layer.bias is not None)
-    return LayerMacs(conv, _pooled_convs(layer.attention), mixing)
-
-
-def _odconv_rule(layer: ODConv2d, input_size: tuple[int, int]) -> LayerMacs:
-    conv = _conv_part(layer, input_size)
-    attention = _pooled_convs(layer.attention)
-    if layer.is_pointwise_static:  # 1x1, K = 1: the bank is the kernel, nothing is mixed
-        return LayerMacs(conv, attention)
-    # with K = 1 there is no kernel attention: the one bias is added as it is
-    mixing = _bank_mixing(layer, layer.bias is not None and layer.num_kernels > 1)
-    return LayerMacs(conv, attention, mixing)
-
-
-def _drconv_parts(layer: DRConv2d, input_size: tuple[int, int]) -> tuple[int, int, int]:
-    """DRConv's attention MACs per image: the guide (C_in -> R, dense, at the layer's geometry)
-    and the filter generator on the kH x kW pooled input, first 1x1 (C_in -> R*R) then last
-    (R groups of R inputs to R * C_out * C_in/g outputs)."""
-    r = layer.num_regions
-    kh, kw = layer.kernel_size
-    h_out, w_out = _output_size(layer, input_size)
-    guide = r * layer.in_channels * kh * kw * h_out * w_out
-    first = r * r * layer.in_channels * kh * kw
-    last = r * r * (_kernel_numel(layer) // (kh * kw)) * kh * kw
-    return guide, first, last
-
-
-def _drconv_rule(layer: DRConv2d, input_size: tuple[int, int]) -> LayerMacs:
-    """Each output pixel with one region's kernel: a static convolution's MACs; the attention is
-    the guide and the filter generator (:func:`_drconv_parts`)."""
-    return LayerMacs(_conv_part(layer, input_size), sum(_drconv_parts(layer, input_size)))
-
-
-def functional_macs(layer: DynamicConvBase, input_size: tuple[int, int]) -> int:
-    """The MACs of ``layer`` per image that are not computed by calling a child module: what a
-    counter that hooks modules (thop) misses. The per-sample convolution and the kernel
-    aggregation; for DRConv also the guide and the generator's last convolution, which run as
-    ``F.conv2d`` and a batched matrix product on the modules' weights."""
-    macs = layer_macs(layer, input_size)
-    if isinstance(layer, DRConv2d):
-        guide, _, last = _drconv_parts(layer, input_size)
-        return macs.conv + guide + last
-    return macs.conv + macs.aggregation
+    geometry = parse_geometry(layer.kernel_size, layer.stride, layer.padding, layer.dilation,
+                              layer.groups)
+    h_out, w_out = geometry.output_size(*input_size)
+    return LayerMacs(kernel_numel(layer) * h_out * w_out)
 
 
 register_mac_rule(nn.Conv2d, _static_rule)
-register_mac_rule(DynamicConv2d, _dynamic_rule)
-register_mac_rule(ODConv2d, _odconv_rule)
-register_mac_rule(DRConv2d, _drconv_rule)
 
 
 def _counted_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -200,7 +83,7 @@ def _counted_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
             continue
         if isinstance(module, DynamicConvBase):
             dynamic.append(name)
-        if _rule_for(module) is not None:
+        if _MAC_RULES.lookup(module) is not None:
             found.append((name, module))
     return found
 
@@ -249,7 +132,7 @@ def count_macs(model: nn.Module, inputs: Tensor) -> float:
     """
     was_training = model.training
     model.eval()
-    set_temperature(model, TemperatureSchedule.final)
+    set_temperature(model, EVAL_TEMPERATURE)
     counter = FlopCounterMode(display=False)
     inside: list[float] = []  # FLOPs the counter saw inside each dynamic layer call
     analytic: list[int] = []
@@ -287,7 +170,7 @@ def inference_latency_ms(model: nn.Module, inputs: Tensor, min_run_time: float =
     benchmark = _import_benchmark()
     was_training = model.training
     model.eval()
-    set_temperature(model, TemperatureSchedule.final)
+    set_temperature(model, EVAL_TEMPERATURE)
     try:
         with torch.no_grad():
             model(inputs)  # warm-up: lazy initialisation, allocator, dispatch choices
@@ -323,7 +206,7 @@ def peak_memory_bytes(model: nn.Module, inputs: Tensor) -> int:
     """
     was_training = model.training
     model.eval()
-    set_temperature(model, TemperatureSchedule.final)
+    set_temperature(model, EVAL_TEMPERATURE)
     try:
         with torch.no_grad():
             model(inputs)  # warm-up: lazy initialisation and caches are not the pass's memory

@@ -22,78 +22,32 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ..layers.dynamic import DynamicConv2d
-from ..layers.odconv import ODConv2d
-from .convert import _replace, dynamic_layer_names, static_conv_like
+from .convert import dynamic_layer_names, replace_module, static_conv_like
 from .cost import inference_latency_ms
+from .rules import RuleTable
 
 __all__ = ["FoldReport", "FoldedLayer", "effective_kernels", "fold", "register_fold_rule"]
 
 KernelRule = Callable[[nn.Module, Tensor], tuple[Tensor, Tensor | None]]
-_RULES: dict[type, KernelRule] = {}
+_RULES = RuleTable("effective_kernels")
 
 
 def register_fold_rule(layer_type: type, rule: KernelRule) -> None:
     """Fold layers of ``layer_type`` with ``rule(layer, x)`` -> (weight [N, C_out, C_in/groups,
-    kH, kW], bias [N, C_out] or None), the per-sample effective kernels for input ``x``."""
-    if not isinstance(layer_type, type) or not callable(rule):
-        raise TypeError(f"expected a class and a callable, got {layer_type!r} and {rule!r}")
-    _RULES[layer_type] = rule
-
-
-def _rule_for(layer: nn.Module) -> KernelRule | None:
-    return next((_RULES[c] for c in type(layer).__mro__ if c in _RULES), None)
+    kH, kW], bias [N, C_out] or None), the per-sample effective kernels for input ``x``: for a
+    foreign layer type; a dynamic layer type gives its own
+    (:meth:`~dynconv.DynamicConvBase.effective_kernels`)."""
+    _RULES.register(layer_type, rule)
 
 
 def effective_kernels(layer: nn.Module, x: Tensor) -> tuple[Tensor, Tensor | None]:
     """The kernel [N, C_out, C_in/groups, kH, kW] and bias [N, C_out] (or None) that ``layer``
     applies to each sample of ``x`` [N, C_in, H, W]: ``layer(x)[n]`` equals
     ``F.conv2d(x[n], weight[n], bias[n], ...)`` with the layer's geometry."""
-    rule = _rule_for(layer)
+    rule = _RULES.lookup(layer)
     if rule is None:
         raise TypeError(f"no fold rule for {type(layer).__name__} (see register_fold_rule)")
     return rule(layer, x)
-
-
-def _mixed(bank: Tensor, coefficients: Tensor) -> Tensor:
-    """sum_k coefficients[n, k] * bank[k] for a bank [K, ...]: [N, ...]."""
-    k = bank.shape[0]
-    return (coefficients.to(bank.dtype) @ bank.reshape(k, -1)).reshape(-1, *bank.shape[1:])
-
-
-def _dynamic_kernels(layer: DynamicConv2d, x: Tensor) -> tuple[Tensor, Tensor | None]:
-    n = x.shape[0]
-    if layer.is_static:
-        bias = None if layer.bias is None else layer.bias[0].expand(n, -1)
-        return layer.kernels[0].expand(n, -1, -1, -1, -1), bias
-    a = layer.kernel_attention(x)
-    return _mixed(layer.kernels, a), None if layer.bias is None else _mixed(layer.bias, a)
-
-
-def _odconv_kernels(layer: ODConv2d, x: Tensor) -> tuple[Tensor, Tensor | None]:
-    n, g = x.shape[0], layer.groups
-    att = layer.attentions(x)
-    if att.kernel is None:
-        weight = layer.kernels[0].expand(n, -1, -1, -1, -1)
-        bias = None if layer.bias is None else layer.bias[0].expand(n, -1)
-    else:
-        weight = _mixed(layer.kernels, att.kernel)
-        bias = None if layer.bias is None else _mixed(layer.bias, att.kernel)
-    dtype = weight.dtype
-    if att.spatial is not None:
-        weight = weight * att.spatial.to(dtype).reshape(n, 1, 1, *layer.kernel_size)
-    # channel attention: input channel j of output o's group is global channel group * C_in/g + j
-    c_out, c_in_g = layer.out_channels, layer.in_channels // g
-    channel = att.channel.to(dtype).reshape(n, g, 1, c_in_g, 1, 1)
-    weight = (weight.reshape(n, g, c_out // g, c_in_g, *layer.kernel_size) * channel)
-    weight = weight.reshape(n, c_out, c_in_g, *layer.kernel_size)
-    if att.filter is not None:  # the bias is added after the filter attention: not scaled
-        weight = weight * att.filter.to(dtype).reshape(n, c_out, 1, 1, 1)
-    return weight, bias
-
-
-register_fold_rule(DynamicConv2d, _dynamic_kernels)
-register_fold_rule(ODConv2d, _odconv_kernels)
 
 
 @dataclass
@@ -259,7 +213,7 @@ def fold(
     handles = []
     for name in names:
         layer = model.get_submodule(name)
-        if _rule_for(layer) is None:
+        if _RULES.lookup(layer) is None:
             records[name].skipped = "no fold rule for this layer type"
             continue
         sums[name] = _Accumulator()
@@ -296,7 +250,7 @@ def fold(
             conv.weight.copy_(acc.weight / acc.count)
             if conv.bias is not None:
                 conv.bias.copy_(acc.bias / acc.count)
-        _replace(folded, name, conv.eval())
+        replace_module(folded, name, conv.eval())
         record.samples, record.spread = acc.count, acc.spread()
         record.flagged = record.spread > tolerance
     report = FoldReport(folded, list(records.values()), float(tolerance))
