@@ -1,0 +1,159 @@
+"""What every command of ``dynconv`` is made of: a :class:`Command` (its parser spec beside its
+handler), and the options that several commands share, each declared in one place."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "Command",
+    "add_conv_type",
+    "add_model_args",
+    "add_model_source",
+    "add_out",
+    "add_threads",
+    "add_training_options",
+    "default_out",
+    "key_value",
+]
+
+# an option left out of the namespace unless given (a resumed run tells what was given)
+UNSET = argparse.SUPPRESS
+
+Target = argparse.ArgumentParser | argparse._ArgumentGroup
+
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: ``add_arguments(parser)`` declares its options, ``run(args)`` carries it
+    out and returns the exit status. With ``sets_threads``, ``main`` applies ``--threads``
+    (``torch.set_num_threads``) before ``run``; train and compare hand it to the run's config."""
+
+    name: str
+    help: str
+    description: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+    sets_threads: bool = False
+
+
+def key_value(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` -> (key, the value as a Python literal, or as the string if it is none)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. width=32), got {text!r}")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
+def default_out(command: str) -> str:
+    """``runs/<command>-<date>-<time>``."""
+    return str(Path("runs") / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def add_threads(target: Target, default: Any = None) -> None:
+    target.add_argument("--threads", type=int, default=default, metavar="N",
+                        help="CPU threads for torch (default: torch's choice)")
+
+
+def add_model_args(target: Target, default: Any = None,
+                   help: str = "keyword for the model, repeatable") -> None:
+    target.add_argument("--model-arg", dest="model_args", type=key_value, action="append",
+                        default=[] if default is None else default, metavar="KEY=VALUE",
+                        help=help)
+
+
+def add_conv_type(target: Target, default: Any = None, note: str = "") -> None:
+    target.add_argument("--conv-type", default=default, metavar="TYPE",
+                        help=f"convolution type (default: the model's own{note})")
+
+
+def add_out(target: Target, metavar: str, help: str, default: Any = None) -> None:
+    target.add_argument("--out", default=default, metavar=metavar, help=help)
+
+
+def add_training_options(parser: argparse.ArgumentParser, compare: bool) -> None:
+    """The options shared by ``train`` and ``compare`` (defaults left out of the namespace, so
+    that a resumed run can tell what was given)."""
+    S = UNSET
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", default=S, metavar="SOURCE",
+                      help="'digits' (default: scikit-learn's handwritten digits, no download), "
+                           "a CIFAR-10/CIFAR-100 python-pickle folder, or an ImageFolder folder "
+                           "(<class>/<image>, optionally in train/ and test/)")
+    data.add_argument("--image-size", type=int, default=S, metavar="N",
+                      help="resize ImageFolder images to N x N (shorter side, centre crop)")
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", default=S, metavar="NAME",
+                       help="a model of 'dynconv list' (default: small_cnn)")
+    add_model_args(model, S, "keyword for the model, repeatable (e.g. width=32, "
+                             "conv_kwargs={'num_kernels': 2}, stem=imagenet)")
+    recipe = parser.add_argument_group(
+        "recipe", "defaults: seed 002's CIFAR recipe" + (
+            "; compare trains 15 epochs" if compare else
+            "; 200 epochs on CIFAR, 30 on the digits, 100 otherwise"))
+    recipe.add_argument("--epochs", type=int, default=S, metavar="N")
+    recipe.add_argument("--batch-size", type=int, default=S, metavar="N",
+                        help="global batch size (default: 128)")
+    recipe.add_argument("--lr", type=float, default=S, help="SGD learning rate (default: 0.1)")
+    recipe.add_argument("--momentum", type=float, default=S, metavar="M",
+                        help="(default: 0.9)")
+    recipe.add_argument("--weight-decay", type=float, default=S, metavar="WD",
+                        help="(default: 5e-4)")
+    recipe.add_argument("--lr-schedule", choices=("cosine", "multistep", "constant"), default=S,
+                        help="per epoch (default: cosine)")
+    recipe.add_argument("--lr-milestones", type=int, nargs="+", default=S, metavar="EPOCH",
+                        help="epochs where multistep multiplies the lr by --lr-gamma")
+    recipe.add_argument("--lr-gamma", type=float, default=S, metavar="G",
+                        help="(default: 0.1)")
+    recipe.add_argument("--crop-padding", type=int, default=S, metavar="PIXELS",
+                        help="random crop after this much zero padding (default: 4 on CIFAR, "
+                             "1 on the digits, 1/8 of the size on folders; 0 turns it off)")
+    recipe.add_argument("--flip", action=argparse.BooleanOptionalAction, default=S,
+                        help="random horizontal flip (default: on, off for the digits)")
+    temperature = parser.add_argument_group("attention temperature")
+    temperature.add_argument(
+        "--temperature", choices=("linear", "step", "none"), default=S,
+        help="annealing: 'linear' (ODConv: per iteration from 30 to 1 over the first "
+             "--temperature-epochs), 'step' (DY-Conv: 34, minus 3 per epoch, down to 1), "
+             "'none' (1). Evaluation always runs at 1 (default: linear)")
+    temperature.add_argument("--temperature-init", dest="temperature_initial", type=float,
+                             default=S, metavar="T", help="start (default: 30 linear, 34 step)")
+    temperature.add_argument("--temperature-epochs", type=int, default=S, metavar="N",
+                             help="length of the linear annealing (default: "
+                                  + ("a fifth of the epochs)" if compare else "10)"))
+    run = parser.add_argument_group("run")
+    add_out(run, "DIR", "output folder (default: runs/<command>-<date>-<time>)", S)
+    run.add_argument("--resume", action="store_true",
+                     help="continue the run in --out from its checkpoint"
+                          + (" (finished runs are kept)" if compare else ""))
+    run.add_argument("--device", default=S, help="'auto' (default: CUDA if any), 'cpu', 'cuda:N'")
+    run.add_argument("--amp", action=argparse.BooleanOptionalAction, default=S,
+                     help="mixed precision (default: on CUDA only)")
+    add_threads(run, S)
+    run.add_argument("--quiet", action="store_true", default=S,
+                     help="no progress bar and no per-epoch line")
+
+
+def add_model_source(parser: argparse.ArgumentParser) -> None:
+    """RUN_DIR (a trained run) or an untrained ``--model``, and the data to run on."""
+    parser.add_argument("run", nargs="?", default=None, metavar="RUN_DIR",
+                        help="the output folder of 'dynconv train' (its model and data)")
+    source = parser.add_argument_group(
+        "untrained model", "instead of RUN_DIR: build a model, initialised with --seed")
+    source.add_argument("--model", default=None, metavar="NAME",
+                        help="a model of 'dynconv list'")
+    add_conv_type(source)
+    add_model_args(source)
+    source.add_argument("--seed", type=int, default=0, help="(default: 0)")
+    parser.add_argument("--data", default=None, metavar="SOURCE",
+                        help="images to run on and build the model for (default: the run's, "
+                             "or 'digits')")
