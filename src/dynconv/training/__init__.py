@@ -5,7 +5,23 @@ Sits above :mod:`dynconv.tools`, :mod:`dynconv.models` and :mod:`dynconv.layers`
 :mod:`dynconv.cli` imports it.
 """
 
-from .compare import compare
-from .loop import TrainConfig, TrainResult, load_run, train
+from .compare import COMPARE_EPOCHS, DEFAULT_CONV_TYPES, compare, format_table
+from .config import TrainConfig, TrainResult, config_for_resume
+from .data import dataset_sources, iterate_test, load_dataset, load_digits
+from .loop import load_run, train
 
-__all__ = ["TrainConfig", "TrainResult", "compare", "load_run", "train"]
+__all__ = [
+    "COMPARE_EPOCHS",
+    "DEFAULT_CONV_TYPES",
+    "TrainConfig",
+    "TrainResult",
+    "compare",
+    "config_for_resume",
+    "dataset_sources",
+    "format_table",
+    "iterate_test",
+    "load_dataset",
+    "load_digits",
+    "load_run",
+    "train",
+]

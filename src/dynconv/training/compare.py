@@ -30,8 +30,9 @@ from tqdm import tqdm
 from .._io import write_atomically
 from ..layers.factory import check_conv_type, conv_types
 from ..tools.cost import count_macs, count_parameters, inference_latency_ms
+from .config import CHECKPOINT_NAME, METRIC_FIELDS, TrainConfig, TrainResult, resolve_defaults
 from .data import Dataset, load_dataset
-from .loop import CHECKPOINT_NAME, METRIC_FIELDS, TrainConfig, TrainResult, resolve_defaults, train
+from .loop import train
 
 __all__ = [
     "COMPARE_EPOCHS",
