@@ -7,8 +7,9 @@ Sits above :mod:`dynconv.tools`, :mod:`dynconv.models` and :mod:`dynconv.layers`
 
 from .compare import COMPARE_EPOCHS, DEFAULT_CONV_TYPES, compare, format_table
 from .config import TrainConfig, TrainResult, config_for_resume
-from .data import dataset_sources, iterate_test, load_dataset, load_digits
+from .data import iterate_test
 from .loop import load_run, train
+from .sources import dataset_sources, load_dataset, load_digits
 
 __all__ = [
     "COMPARE_EPOCHS",

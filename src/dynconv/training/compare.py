@@ -31,8 +31,9 @@ from .._io import write_atomically
 from ..layers.factory import check_conv_type, conv_types
 from ..tools.cost import count_macs, count_parameters, inference_latency_ms
 from .config import CHECKPOINT_NAME, METRIC_FIELDS, TrainConfig, TrainResult, resolve_defaults
-from .data import Dataset, load_dataset
+from .data import Dataset
 from .loop import train
+from .sources import load_dataset
 
 __all__ = [
     "COMPARE_EPOCHS",

@@ -58,10 +58,10 @@ from .data import (
     augment,
     batch_indices,
     iterate_test,
-    load_dataset,
     seeded_generator,
 )
 from .processes import Processes, StopRequest, resolve_device
+from .sources import load_dataset
 
 __all__ = ["load_run", "train"]
 
