@@ -5,11 +5,12 @@ Sits above :mod:`dynconv.tools`, :mod:`dynconv.models` and :mod:`dynconv.layers`
 :mod:`dynconv.cli` imports it.
 """
 
-from .compare import COMPARE_EPOCHS, DEFAULT_CONV_TYPES, compare, format_table
+from .compare import COMPARE_EPOCHS, DEFAULT_CONV_TYPES, compare
 from .config import TrainConfig, TrainResult, config_for_resume
 from .data import iterate_test
 from .loop import load_run, train
 from .sources import dataset_sources, load_dataset, load_digits
+from .summary import format_table
 
 __all__ = [
     "COMPARE_EPOCHS",
