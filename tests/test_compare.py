@@ -14,8 +14,7 @@ from PIL import Image
 
 from dynconv.cli import main
 from dynconv.layers.factory import conv_types
-from dynconv.training.compare import DEFAULT_CONV_TYPES, compare, format_table
-from dynconv.training.loop import TrainConfig
+from dynconv.training import DEFAULT_CONV_TYPES, TrainConfig, compare, format_table
 
 TYPES = [t for t in DEFAULT_CONV_TYPES if t in conv_types()]
 SEEDS = (0, 1)

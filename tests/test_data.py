@@ -10,14 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dynconv.training.data import (
-    Augmentation,
-    augment,
-    batch_indices,
-    load_dataset,
-    load_digits,
-    seeded_generator,
-)
+from dynconv.training.data import Augmentation, augment, batch_indices, seeded_generator
+from dynconv.training.sources import load_dataset, load_digits
 
 
 def _write_pickle(path: Path, content: dict) -> None:

@@ -15,8 +15,7 @@ from dynconv.cli import main
 from dynconv.functional import _choose_mixture_method, _choose_per_sample_method, is_exporting
 from dynconv.tools.convert import convert
 from dynconv.tools.export import check_onnx, export_onnx, fixed_batch_layers
-from dynconv.training.data import load_digits
-from dynconv.training.loop import TrainConfig, load_run, train
+from dynconv.training import TrainConfig, load_digits, load_run, train
 
 pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")

@@ -9,8 +9,7 @@ from torch import nn
 from dynconv import DRConv2d, DynamicConv2d, ODConv2d, fold
 from dynconv.cli import main
 from dynconv.tools.convert import static_twin
-from dynconv.training.data import load_dataset
-from dynconv.training.loop import TrainConfig, train
+from dynconv.training import TrainConfig, load_dataset, train
 
 torch.set_num_threads(1)
 

@@ -23,8 +23,7 @@ from dynconv.tools.inspection import (
     plot_spatial_attention,
     write_summary,
 )
-from dynconv.training.data import load_digits
-from dynconv.training.loop import TrainConfig, train
+from dynconv.training import TrainConfig, load_digits, train
 
 torch.set_num_threads(1)
 

@@ -23,9 +23,8 @@ from dynconv.cli import main
 from dynconv.layers.factory import conv_types
 from dynconv.layers.temperature import TemperatureSchedule
 from dynconv.models import create_model_for_data
+from dynconv.training import TrainConfig, load_digits, train
 from dynconv.training.checkpoints import CheckpointError, read_checkpoint
-from dynconv.training.data import load_digits
-from dynconv.training.loop import TrainConfig, train
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 DIGITS = load_digits()

@@ -5,12 +5,16 @@ Sits above :mod:`dynconv.tools`, :mod:`dynconv.models` and :mod:`dynconv.layers`
 :mod:`dynconv.cli` imports it.
 """
 
-from .compare import COMPARE_EPOCHS, compare, format_table
-from .data import dataset_sources, iterate_test, load_dataset
-from .loop import TrainConfig, TrainResult, config_for_resume, load_run, train
+from .compare import COMPARE_EPOCHS, DEFAULT_CONV_TYPES, compare
+from .config import TrainConfig, TrainResult, config_for_resume
+from .data import iterate_test
+from .loop import load_run, train
+from .sources import dataset_sources, load_dataset, load_digits
+from .summary import format_table
 
 __all__ = [
     "COMPARE_EPOCHS",
+    "DEFAULT_CONV_TYPES",
     "TrainConfig",
     "TrainResult",
     "compare",
@@ -19,6 +23,7 @@ __all__ = [
     "format_table",
     "iterate_test",
     "load_dataset",
+    "load_digits",
     "load_run",
     "train",
 ]

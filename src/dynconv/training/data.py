@@ -1,15 +1,7 @@
 """Image classification data held in memory, and its batches.
 
-Sources (:func:`load_dataset`):
-
-* ``'digits'``, the default: scikit-learn's handwritten digits (1,797 grey 8x8 images, 10
-  classes), shipped inside the scikit-learn wheel, so nothing is downloaded.
-* CIFAR-10 and CIFAR-100 in their python-pickle layout (``cifar-10-batches-py/data_batch_1``...,
-  ``cifar-100-python/train``...) from a local folder.
-* Any ImageFolder-style folder: ``root/<class>/<image>``, or ``root/train/<class>/...`` with
-  ``root/test/`` (or ``root/val/``) beside it.
-
-Images are kept as uint8 [N, C, H, W] tensors. Batches are drawn from a permutation seeded by
+Images are kept as uint8 [N, C, H, W] tensors (:class:`ImageSet`, :class:`Dataset`; the loaders
+are in :mod:`dynconv.training.sources`). Batches are drawn from a permutation seeded by
 (seed, epoch), and augmented (random crop after zero padding, horizontal flip) on the batch with
 a generator seeded by (seed, epoch, batch), so a run is reproducible and any batch can be
 replayed exactly after a resume, with no data-loader workers.
@@ -17,10 +9,8 @@ replayed exactly after a resume, with no data-loader workers.
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -32,19 +22,9 @@ __all__ = [
     "ImageSet",
     "augment",
     "batch_indices",
-    "dataset_sources",
-    "load_cifar",
-    "load_dataset",
-    "load_digits",
-    "load_image_folder",
+    "iterate_test",
     "seeded_generator",
 ]
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
-# A folder without train/ and test/ is split with this fraction held out for testing.
-HOLDOUT_FRACTION = 0.2
-# Fixed seed of every train/test split made here: the test set never depends on --seed.
-SPLIT_SEED = 0
 
 
 @dataclass
@@ -140,292 +120,7 @@ class Dataset:
         )
 
 
-# -- sources -----------------------------------------------------------------------------------
-
-
-def dataset_sources() -> str:
-    """What ``--data`` accepts, for help texts and errors."""
-    return (
-        "'digits' (scikit-learn's handwritten digits, shipped with the package: no download), "
-        "a CIFAR-10 or CIFAR-100 python-pickle folder (e.g. cifar-10-batches-py/, or its parent), "
-        "or an ImageFolder-style folder (<class>/<image>, optionally under train/ and test/); a "
-        "folder may be prefixed with 'cifar10:', 'cifar100:' or 'folder:' to skip detection"
-    )
-
-
-def load_dataset(source: str, image_size: int | None = None) -> Dataset:
-    """Load ``source``: ``'digits'``, a CIFAR folder or an ImageFolder folder (see the module).
-
-    ``image_size`` resizes the images of an ImageFolder folder (shorter side, then a centre
-    crop); the other sources keep their size.
-    """
-    if not isinstance(source, str) or not source:
-        raise TypeError(f"the data source must be a non-empty str, got {source!r}")
-    kind, _, rest = source.partition(":")
-    if kind in ("cifar10", "cifar100", "folder") and rest:
-        path = _existing_folder(rest)
-        if kind == "folder":
-            return load_image_folder(path, image_size)
-        found = _find_cifar(path)
-        if found is None or found[0] != kind:
-            raise ValueError(
-                f"{path} does not hold {kind.upper()} in its python-pickle layout (expected "
-                + ("data_batch_1..5 and test_batch" if kind == "cifar10" else "train and test")
-                + " files, or a cifar-10-batches-py / cifar-100-python folder)"
-            )
-        return load_cifar(found[1], image_size)
-    if source == "digits":
-        _refuse_resize("digits", image_size)
-        return load_digits()
-    path = _existing_folder(source)
-    found = _find_cifar(path)
-    if found is not None:
-        return load_cifar(found[1], image_size)
-    return load_image_folder(path, image_size)
-
-
-def _existing_folder(text: str) -> Path:
-    path = Path(text).expanduser()
-    if not path.exists():
-        raise ValueError(f"dataset folder {str(path)!r} does not exist; --data takes "
-                         f"{dataset_sources()}")
-    if not path.is_dir():
-        raise ValueError(f"--data must name a folder or 'digits', got the file {str(path)!r}")
-    return path
-
-
-def _refuse_resize(name: str, image_size: int | None) -> None:
-    if image_size is not None:
-        raise ValueError(f"image_size applies to ImageFolder data only; {name} keeps its size")
-
-
-def load_digits() -> Dataset:
-    """scikit-learn's handwritten digits: 1,437 train / 360 test grey 8x8 images, 10 classes.
-
-    The split is stratified and fixed (the same for every seed). Pixel values 0-16 are stored as
-    uint8 0-255 (exactly, one level every 255/16).
-    """
-    from sklearn.datasets import load_digits as sklearn_digits
-    from sklearn.model_selection import train_test_split
-
-    bunch = sklearn_digits()
-    images = torch.from_numpy(bunch.images).mul(255 / 16).round().to(torch.uint8).unsqueeze(1)
-    labels = torch.from_numpy(bunch.target).long()
-    train_idx, test_idx = train_test_split(
-        range(len(labels)), test_size=HOLDOUT_FRACTION, stratify=bunch.target,
-        random_state=SPLIT_SEED,
-    )
-    train_idx, test_idx = torch.tensor(train_idx), torch.tensor(test_idx)
-    return Dataset(
-        "digits",
-        ImageSet(images[train_idx], labels[train_idx]),
-        ImageSet(images[test_idx], labels[test_idx]),
-        [str(d) for d in range(10)],
-        # digits are not mirror-symmetric; one pixel of shift is an eighth of the image
-        Augmentation(crop_padding=1, flip=False),
-    )
-
-
-# -- CIFAR ---------------------------------------------------------------------------------------
-
-_CIFAR10_TRAIN = [f"data_batch_{i}" for i in range(1, 6)]
-
-
-def _find_cifar(path: Path) -> tuple[str, Path] | None:
-    """('cifar10' | 'cifar100', folder of the pickle files) if ``path`` holds CIFAR."""
-    for folder in (path, path / "cifar-10-batches-py", path / "cifar-100-python"):
-        if (folder / "data_batch_1").is_file() or (folder / "test_batch").is_file():
-            return "cifar10", folder
-        if (folder / "train").is_file() and (folder / "test").is_file():
-            return "cifar100", folder
-    return None
-
-
-def _unpickle(path: Path) -> dict:
-    if not path.is_file():
-        raise ValueError(f"missing CIFAR file {str(path)!r}")
-    try:
-        with path.open("rb") as f:
-            content = pickle.load(f, encoding="bytes")
-    except Exception as error:
-        raise ValueError(f"cannot read CIFAR file {str(path)!r}: {error}") from None
-    if not isinstance(content, dict):
-        raise ValueError(f"{str(path)!r} is not a CIFAR batch (a pickled dict)")
-    return {k.decode() if isinstance(k, bytes) else k: v for k, v in content.items()}
-
-
-def _cifar_set(batches: list[dict], label_key: str, path: Path) -> ImageSet:
-    images, labels = [], []
-    for batch in batches:
-        if "data" not in batch or label_key not in batch:
-            raise ValueError(f"a CIFAR batch in {str(path)!r} lacks 'data' or '{label_key}'")
-        data = torch.as_tensor(batch["data"], dtype=torch.uint8)
-        if data.dim() != 2 or data.shape[1] != 3 * 32 * 32:
-            raise ValueError(
-                f"CIFAR data in {str(path)!r} must be [N, 3072] uint8, got {list(data.shape)}"
-            )
-        images.append(data.reshape(-1, 3, 32, 32))
-        labels.append(torch.as_tensor(list(batch[label_key]), dtype=torch.int64))
-    return ImageSet(torch.cat(images), torch.cat(labels))
-
-
-def _names(meta: dict, key: str, count: int) -> list[str]:
-    names = meta.get(key)
-    if not names or len(names) != count:
-        return [str(i) for i in range(count)]
-    return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
-
-
-def load_cifar(folder: str | Path, image_size: int | None = None) -> Dataset:
-    """CIFAR-10 (``data_batch_1``..``5``, ``test_batch``, ``batches.meta``) or CIFAR-100
-    (``train``, ``test``, ``meta``, fine labels) from ``folder``, in the python-pickle layout."""
-    path = _existing_folder(str(folder))
-    found = _find_cifar(path)
-    if found is None:
-        raise ValueError(
-            f"{str(path)!r} holds neither CIFAR-10 (data_batch_1..5, test_batch) nor CIFAR-100 "
-            "(train, test) in the python-pickle layout"
-        )
-    kind, path = found
-    _refuse_resize(kind, image_size)
-    if kind == "cifar10":
-        train = _cifar_set([_unpickle(path / n) for n in _CIFAR10_TRAIN], "labels", path)
-        test = _cifar_set([_unpickle(path / "test_batch")], "labels", path)
-        meta_file, names_key, count = path / "batches.meta", "label_names", 10
-    else:
-        train = _cifar_set([_unpickle(path / "train")], "fine_labels", path)
-        test = _cifar_set([_unpickle(path / "test")], "fine_labels", path)
-        meta_file, names_key, count = path / "meta", "fine_label_names", 100
-    meta = _unpickle(meta_file) if meta_file.is_file() else {}
-    _check_labels(train, test, count, str(path))
-    return Dataset(kind.replace("cifar", "CIFAR-"), train, test, _names(meta, names_key, count),
-                   Augmentation(crop_padding=4, flip=True))
-
-
-def _check_labels(train: ImageSet, test: ImageSet, count: int, where: str) -> None:
-    for split in (train, test):
-        if len(split) and (split.labels.min() < 0 or split.labels.max() >= count):
-            raise ValueError(f"labels in {where!r} must lie in 0..{count - 1}")
-
-
-# -- ImageFolder ----------------------------------------------------------------------------------
-
-
-def _class_folders(root: Path) -> list[Path]:
-    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
-def _image_files(folder: Path) -> list[Path]:
-    return sorted(
-        p for p in folder.rglob("*")
-        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
-    )
-
-
-def _read_images(files: list[Path], image_size: int | None) -> Tensor:
-    from PIL import Image
-
-    arrays = []
-    for file in files:
-        try:
-            with Image.open(file) as image:
-                image = image.convert("RGB")
-                if image_size is not None:
-                    image = _resize_and_crop(image, image_size)
-                arrays.append(torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-                              .reshape(image.height, image.width, 3))
-        except (OSError, ImportError) as error:
-            # ImportError: Ultralytics, once imported, patches Image.open to load an optional
-            # HEIF plugin for files Pillow cannot identify, and fails when it is not installed
-            raise ValueError(f"cannot read image {str(file)!r}: {error}") from None
-    sizes = {tuple(a.shape[:2]) for a in arrays}
-    if len(sizes) > 1:
-        examples = ", ".join(f"{h}x{w}" for h, w in sorted(sizes)[:3])
-        raise ValueError(
-            f"the images have different sizes ({examples}, ...); pass an image size (--image-size "
-            "N) to resize them all to N x N"
-        )
-    return torch.stack(arrays).permute(0, 3, 1, 2).contiguous()
-
-
-def _resize_and_crop(image, size: int):
-    from PIL import Image
-
-    scale = size / min(image.width, image.height)
-    width, height = max(size, round(image.width * scale)), max(size, round(image.height * scale))
-    image = image.resize((width, height), Image.Resampling.BILINEAR)
-    left, top = (width - size) // 2, (height - size) // 2
-    return image.crop((left, top, left + size, top + size))
-
-
-def _folder_set(root: Path, classes: list[str], image_size: int | None) -> ImageSet:
-    files, labels = [], []
-    for index, name in enumerate(classes):
-        folder = root / name
-        found = _image_files(folder) if folder.is_dir() else []
-        files += found
-        labels += [index] * len(found)
-    if not files:
-        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {str(root)!r}")
-    return ImageSet(_read_images(files, image_size), torch.tensor(labels, dtype=torch.int64))
-
-
-def load_image_folder(folder: str | Path, image_size: int | None = None) -> Dataset:
-    """An ImageFolder-style folder: one sub-folder of images per class.
-
-    With ``train/`` and ``test/`` (or ``val/``) sub-folders, those are the splits; otherwise a
-    fixed, stratified 20% of each class is held out for testing. Images are converted to RGB and,
-    with ``image_size``, resized (shorter side) and centre-cropped to ``image_size`` squared; all
-    are held in memory as uint8.
-    """
-    root = _existing_folder(str(folder))
-    if image_size is not None and (
-        isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1
-    ):
-        raise ValueError(f"image_size must be an int >= 1, got {image_size!r}")
-    test_root = next((root / n for n in ("test", "val") if (root / n).is_dir()), None)
-    if (root / "train").is_dir() and test_root is not None:
-        classes = [p.name for p in _class_folders(root / "train")]
-        if not classes:
-            raise ValueError(f"{str(root / 'train')!r} has no class sub-folders")
-        unknown = sorted({p.name for p in _class_folders(test_root)} - set(classes))
-        if unknown:
-            raise ValueError(f"{str(test_root)!r} has classes missing from train/: {unknown}")
-        train = _folder_set(root / "train", classes, image_size)
-        test = _folder_set(test_root, classes, image_size)
-    else:
-        classes = [p.name for p in _class_folders(root)]
-        if len(classes) < 2:
-            raise ValueError(
-                f"{str(root)!r} is not an ImageFolder-style folder: expected one sub-folder of "
-                f"images per class (at least 2), found {len(classes)}; --data takes "
-                f"{dataset_sources()}"
-            )
-        train, test = _split(_folder_set(root, classes, image_size))
-    h, w = train.images.shape[2:]
-    return Dataset(f"folder {root.name}", train, test, classes,
-                   Augmentation(crop_padding=max(1, min(h, w) // 8), flip=True))
-
-
-def _split(data: ImageSet) -> tuple[ImageSet, ImageSet]:
-    """Hold out a fixed, stratified fraction of every class (at least one image each)."""
-    generator = torch.Generator().manual_seed(SPLIT_SEED)
-    train_idx, test_idx = [], []
-    for label in data.labels.unique().tolist():
-        idx = (data.labels == label).nonzero().flatten()
-        idx = idx[torch.randperm(len(idx), generator=generator)]
-        if len(idx) < 2:
-            raise ValueError(f"class {label} has {len(idx)} image; each class needs at least 2 "
-                             "to hold one out for testing (or give train/ and test/ folders)")
-        held = max(1, round(len(idx) * HOLDOUT_FRACTION))
-        test_idx.append(idx[:held])
-        train_idx.append(idx[held:])
-    train, test = torch.cat(train_idx).sort().values, torch.cat(test_idx).sort().values
-    return (ImageSet(data.images[train], data.labels[train]),
-            ImageSet(data.images[test], data.labels[test]))
-
-
-# -- batches ------------------------------------------------------------------------------------
+# -- batches -------------------------------------------------------------------------------------
 
 
 def seeded_generator(*parts: int) -> torch.Generator:

@@ -14,37 +14,42 @@ CUDA; several GPUs through ``torchrun`` (DistributedDataParallel, see docs/train
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 import json
 import math
-import os
-import signal
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
+from torch.optim.lr_scheduler import LRScheduler
 from tqdm import tqdm
 
 from .._io import write_atomically
-from ..layers.factory import check_conv_type
-from ..layers.temperature import TEMPERATURE_SCHEDULES, TemperatureSchedule, set_temperature
-from ..models import check_model, create_model_for_data, fixed_conv_type
+from ..layers.temperature import TemperatureSchedule, set_temperature
+from ..models import create_model_for_data
 from .checkpoints import (
     CHECKPOINT_FORMAT,
     CheckpointError,
     check_same_config,
     read_checkpoint,
     write_checkpoint,
+)
+from .config import (
+    CHECKPOINT_NAME,
+    CONFIG_NAME,
+    METRIC_FIELDS,
+    METRICS_NAME,
+    MODEL_NAME,
+    TrainConfig,
+    TrainResult,
+    resolve_defaults,
 )
 from .data import (
     Augmentation,
@@ -53,267 +58,20 @@ from .data import (
     augment,
     batch_indices,
     iterate_test,
-    load_dataset,
     seeded_generator,
 )
+from .processes import Processes, StopRequest, resolve_device
+from .sources import load_dataset
 
-__all__ = ["LR_SCHEDULES", "TrainConfig", "TrainResult", "config_for_resume", "load_run",
-           "resolve_defaults", "train"]
-
-LR_SCHEDULES = ("cosine", "multistep", "constant")
-CHECKPOINT_NAME = "checkpoint.pt"
-METRICS_NAME = "metrics.csv"
-CONFIG_NAME = "config.json"
-MODEL_NAME = "model.pt"
-METRIC_FIELDS = (
-    "epoch", "lr", "temperature", "train_loss", "train_acc", "test_loss", "test_acc",
-    "train_time_s", "eval_time_s", "images_per_s",
-)
-# Epochs when none are given: seed 002 trains CIFAR for 200; the digits are learnt in 30.
-_RECIPE_EPOCHS = {"digits": 30, "CIFAR-10": 200, "CIFAR-100": 200}
-_OTHER_EPOCHS = 100
+__all__ = ["load_run", "train"]
 
 
-@dataclass
-class TrainConfig:
-    """Everything that defines a training run, and how it is run.
-
-    ``None`` means the default for the dataset or model: ``conv_type`` the model's own
-    (static, or ODConv for the ``od_*`` zoo), ``epochs`` 200 for CIFAR, 30 for the digits and 100
-    otherwise, ``crop_padding`` and ``flip`` the dataset's augmentation (CIFAR: 4 and on; digits: 1
-    and off), ``temperature_initial`` the schedule's published start (30 or 34).
-    """
-
-    data: str = "digits"
-    model: str = "small_cnn"
-    conv_type: str | None = None
-    model_args: dict[str, Any] = field(default_factory=dict)
-    image_size: int | None = None
-    epochs: int | None = None
-    batch_size: int = 128
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    lr_schedule: str = "cosine"
-    lr_milestones: list[int] = field(default_factory=list)
-    lr_gamma: float = 0.1
-    crop_padding: int | None = None
-    flip: bool | None = None
-    temperature: str = "linear"
-    temperature_initial: float | None = None
-    temperature_epochs: int = 10
-    seed: int = 0
-    # how the run is run: may differ when a run is resumed
-    out: str | None = None
-    device: str = "auto"
-    amp: bool | None = None
-    threads: int | None = None
-    test_batch_size: int = 500
-    quiet: bool = False
-
-    # fields that may change between a run and its resumption
-    RUNTIME_FIELDS = ("out", "device", "amp", "threads", "test_batch_size", "quiet")
-
-    @classmethod
-    def run_fields(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls) if f.name not in cls.RUNTIME_FIELDS]
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown training settings {unknown}; known: {sorted(known)}")
-        return cls(**values)
-
-    def check(self) -> None:
-        """Raise a ``ValueError``/``TypeError`` for a setting that cannot work."""
-        check_model(self.model)
-        if self.conv_type is not None:
-            check_conv_type(self.conv_type)
-        _check_int(self.batch_size, "batch size", 1)
-        _check_int(self.test_batch_size, "test batch size", 1)
-        _check_int(self.seed, "seed", 0)
-        if self.epochs is not None:
-            _check_int(self.epochs, "epochs", 1)
-        if self.crop_padding is not None:
-            _check_int(self.crop_padding, "crop padding", 0)
-        if self.image_size is not None:
-            _check_int(self.image_size, "image size", 1)
-        if self.threads is not None:
-            _check_int(self.threads, "threads", 1)
-        for name in ("lr", "momentum", "weight_decay", "lr_gamma"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-                math.isfinite(value) and value >= 0
-            ):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(
-                f"unknown learning-rate schedule {self.lr_schedule!r}; expected one of "
-                f"{LR_SCHEDULES}"
-            )
-        if self.lr_schedule == "multistep" and not self.lr_milestones:
-            raise ValueError("the multistep schedule needs milestones (epochs), e.g. 30 60 90")
-        if self.temperature not in TEMPERATURE_SCHEDULES:
-            raise ValueError(
-                f"unknown temperature schedule {self.temperature!r}; expected one of "
-                f"{TEMPERATURE_SCHEDULES}"
-            )
-        TemperatureSchedule(self.temperature, self.temperature_initial, self.temperature_epochs)
-        if not isinstance(self.model_args, dict):
-            raise TypeError(f"model_args must be a dict, got {type(self.model_args).__name__}")
-        if self.device != "auto":
-            try:
-                torch.device(self.device)
-            except (RuntimeError, ValueError):
-                raise ValueError(
-                    f"unknown device {self.device!r}; expected 'auto', 'cpu', 'cuda' or 'cuda:N'"
-                ) from None
-
-
-def _check_int(value: object, name: str, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-
-
-@dataclass
-class TrainResult:
-    """What :func:`train` returns: the trained model (unwrapped, on its device), the metrics of
-    every epoch (dicts with :data:`METRIC_FIELDS`), the resolved configuration, and whether the
-    run was stopped by Ctrl-C before its last epoch (then ``out`` holds the checkpoint)."""
-
-    model: nn.Module
-    metrics: list[dict[str, float]]
-    config: TrainConfig
-    dataset: Dataset
-    out: Path
-    interrupted: bool = False
-    main_process: bool = True  # False on the other processes of a distributed run
-
-
-# -- distributed --------------------------------------------------------------------------------
-
-
-@dataclass
-class _Processes:
-    """This process's place in a ``torchrun`` launch (rank 0 of 1 without one)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    owns_group: bool = False
-
-    @property
-    def distributed(self) -> bool:
-        return dist.is_available() and dist.is_initialized()
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @classmethod
-    def from_environment(cls, device_type: str) -> _Processes:
-        """Join the process group that ``torchrun`` describes in the environment (RANK,
-        WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT): NCCL on CUDA, gloo on the CPU."""
-        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-            return cls()
-        if dist.is_initialized():
-            return cls(dist.get_rank(), dist.get_world_size(),
-                       int(os.environ.get("LOCAL_RANK", 0)))
-        backend = "nccl" if device_type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend)
-        return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)),
-                   owns_group=True)
-
-    def sum(self, values: list[float], device: torch.device) -> list[float]:
-        if not self.distributed:
-            return values
-        tensor = torch.tensor(values, dtype=torch.float64, device=device)
-        dist.all_reduce(tensor)
-        return tensor.tolist()
-
-    def any(self, flag: bool, device: torch.device) -> bool:
-        if not self.distributed:
-            return flag
-        return self.sum([float(flag)], device)[0] > 0
-
-    def barrier(self) -> None:
-        if self.distributed:
-            dist.barrier()
-
-    def close(self) -> None:
-        if self.owns_group and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-# -- Ctrl-C -------------------------------------------------------------------------------------
-
-
-class _StopRequest:
-    """The first Ctrl-C (SIGINT) or SIGTERM (a scheduler's preemption, torchrun stopping its
-    workers) asks the loop to stop at the next batch boundary and save; a second Ctrl-C
-    interrupts at once."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self) -> None:
-        self.requested = False
-
-    @contextmanager
-    def installed(self, announce: Callable[[str], None]) -> Iterator[_StopRequest]:
-        if threading.current_thread() is not threading.main_thread():
-            yield self
-            return
-
-        def handler(signum, frame) -> None:
-            if self.requested:
-                raise KeyboardInterrupt
-            self.requested = True
-            name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-            announce(f"{name}: stopping after this batch and saving a checkpoint "
-                     "(press Ctrl-C again to quit at once, without saving)")
-
-        previous = {s: signal.signal(s, handler) for s in self.SIGNALS}
-        try:
-            yield self
-        finally:
-            for s, old in previous.items():
-                signal.signal(s, old)
-
-
-# -- the run ------------------------------------------------------------------------------------
-
-
-def _resolve_device(name: str, processes: _Processes | None = None) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {name!r} was asked for but CUDA is not available here")
-        if device.index is None:
-            device = torch.device("cuda", processes.local_rank if processes else 0)
-    return device
-
-
-def resolve_defaults(config: TrainConfig, dataset: Dataset) -> TrainConfig:
-    """``config`` with the dataset and model defaults filled in."""
-    epochs = config.epochs or _RECIPE_EPOCHS.get(dataset.name, _OTHER_EPOCHS)
-    conv_type = config.conv_type or fixed_conv_type(config.model) or "static"
-    crop = dataset.augmentation.crop_padding if config.crop_padding is None else config.crop_padding
-    flip = dataset.augmentation.flip if config.flip is None else config.flip
-    initial = TemperatureSchedule(config.temperature, config.temperature_initial,
-                                  config.temperature_epochs).start
-    return dataclasses.replace(config, epochs=epochs, conv_type=conv_type, crop_padding=crop,
-                               flip=flip, temperature_initial=initial)
+def _create_model(config: TrainConfig, dataset: Dataset) -> nn.Module:
+    """``config.model`` with ``config.conv_type``, sized for ``dataset``'s images and classes."""
+    return create_model_for_data(
+        config.model, config.conv_type, dataset.num_classes, dataset.in_channels,
+        min(dataset.image_size), **config.model_args,
+    )
 
 
 def _has_batch_norm(model: nn.Module) -> bool:
@@ -321,7 +79,7 @@ def _has_batch_norm(model: nn.Module) -> bool:
 
 
 def _check_batch_size(config: TrainConfig, dataset: Dataset, model: nn.Module,
-                      processes: _Processes) -> None:
+                      processes: Processes) -> None:
     n = len(dataset.train)
     if config.batch_size > n:
         raise ValueError(
@@ -342,7 +100,7 @@ def _check_batch_size(config: TrainConfig, dataset: Dataset, model: nn.Module,
         )
 
 
-def _make_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer):
+def _make_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer) -> LRScheduler:
     if config.lr_schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
     if config.lr_schedule == "multistep":
@@ -381,19 +139,6 @@ def _summary(row: dict[str, float], epochs: int) -> str:
     )
 
 
-def config_for_resume(out: str | Path, overrides: dict[str, Any]) -> TrainConfig:
-    """The configuration stored in ``<out>/checkpoint.pt``, with ``overrides`` applied.
-
-    ``overrides`` may change only :attr:`TrainConfig.RUNTIME_FIELDS`; another setting that
-    differs from the stored run raises a :class:`~dynconv.training.checkpoints.CheckpointError`.
-    """
-    path = Path(out) / CHECKPOINT_NAME
-    stored = read_checkpoint(path)["config"]
-    changed = {k: v for k, v in overrides.items() if k not in TrainConfig.RUNTIME_FIELDS}
-    check_same_config(stored, {**stored, **changed}, changed, path)
-    return TrainConfig.from_dict({**stored, **overrides, "out": str(out)})
-
-
 def load_run(
     out: str | Path, dataset: Dataset | None = None
 ) -> tuple[nn.Module, TrainConfig, Dataset]:
@@ -407,10 +152,7 @@ def load_run(
     checkpoint = read_checkpoint(out / CHECKPOINT_NAME)
     config = TrainConfig.from_dict({**checkpoint["config"], "out": str(out)})
     dataset = dataset or load_dataset(config.data, config.image_size)
-    model = create_model_for_data(
-        config.model, config.conv_type, dataset.num_classes, dataset.in_channels,
-        min(dataset.image_size), **config.model_args,
-    )
+    model = _create_model(config, dataset)
     weights = out / MODEL_NAME
     state = (torch.load(weights, map_location="cpu", weights_only=True) if weights.exists()
              else checkpoint["model"])
@@ -427,7 +169,7 @@ def _autocast(device: torch.device, enabled: bool):
 
 
 def _evaluate(model: nn.Module, test: ImageSet, dataset: Dataset, config: TrainConfig,
-              device: torch.device, processes: _Processes, amp: bool) -> tuple[float, float]:
+              device: torch.device, processes: Processes, amp: bool) -> tuple[float, float]:
     """(mean loss, accuracy) on the test set, in eval mode at the final temperature."""
     model.eval()
     loss_sum = correct = count = 0.0
@@ -486,11 +228,11 @@ def train(
         check_same_config(checkpoint["config"], config.to_dict(), TrainConfig.run_fields(),
                           checkpoint_path)
 
-    requested = _resolve_device(config.device)
+    requested = resolve_device(config.device)
     threads = torch.get_num_threads()
     if config.threads is not None:
         torch.set_num_threads(config.threads)
-    processes = _Processes.from_environment(requested.type)
+    processes = Processes.from_environment(requested.type)
     try:
         return _run(config, dataset, processes, checkpoint if resume else None, on_epoch)
     finally:
@@ -498,179 +240,245 @@ def train(
         torch.set_num_threads(threads)
 
 
-def _run(config: TrainConfig, dataset: Dataset, processes: _Processes,
-         checkpoint: dict[str, Any] | None,
-         on_epoch: Callable[[dict[str, float]], None] | None) -> TrainResult:
-    device = _resolve_device(config.device, processes)
+# -- the run ------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Run:
+    """One run's parts on this process. ``core`` is the model; ``model`` is what trains it:
+    ``core`` or, in a distributed run, its DistributedDataParallel wrapper."""
+
+    config: TrainConfig
+    dataset: Dataset
+    processes: Processes
+    device: torch.device
+    amp: bool
+    core: nn.Module
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: LRScheduler
+    scaler: torch.amp.GradScaler
+    schedule: TemperatureSchedule
+    augmentation: Augmentation
+    batches_per_epoch: int
+    metrics: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def out(self) -> Path:
+        return Path(self.config.out)
+
+    @property
+    def show(self) -> bool:
+        """Whether this process reports (the main one, unless the run is quiet)."""
+        return self.processes.main and not self.config.quiet
+
+    def log(self, message: str) -> None:
+        if self.show:
+            tqdm.write(message, file=sys.stdout)
+
+
+def _build(config: TrainConfig, dataset: Dataset, processes: Processes) -> _Run:
+    """The model (initialised from ``config.seed``), its optimizer and schedules, on the device
+    of this process."""
+    device = resolve_device(config.device, processes)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     amp = device.type == "cuda" if config.amp is None else config.amp
-    out = Path(config.out)
-    show = processes.main and not config.quiet
-
-    def log(message: str) -> None:
-        if show:
-            tqdm.write(message, file=sys.stdout)
-
     torch.manual_seed(config.seed)
-    model = create_model_for_data(
-        config.model, config.conv_type, dataset.num_classes, dataset.in_channels,
-        min(dataset.image_size), **config.model_args,
-    ).to(device)
+    model = _create_model(config, dataset).to(device)
     _check_batch_size(config, dataset, model, processes)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
     scheduler = _make_scheduler(config, optimizer)
     scaler = torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda")
-    schedule = TemperatureSchedule(config.temperature, config.temperature_initial,
-                                   config.temperature_epochs)
-    augmentation = Augmentation(config.crop_padding, config.flip)
-    batches_per_epoch = len(dataset.train) // config.batch_size
+    return _Run(config, dataset, processes, device, amp, core=model, model=model,
+                optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                schedule=config.temperature_schedule(),
+                augmentation=Augmentation(config.crop_padding, config.flip),
+                batches_per_epoch=len(dataset.train) // config.batch_size)
 
-    metrics: list[dict[str, float]] = []
-    epoch, start_batch, partial = 0, 0, [0.0, 0.0, 0.0, 0.0]
-    if checkpoint is not None:
-        try:
-            model.load_state_dict(checkpoint["model"])
-            optimizer.load_state_dict(checkpoint["optimizer"])
-            scheduler.load_state_dict(checkpoint["scheduler"])
-            if scaler.is_enabled() and checkpoint.get("scaler"):
-                scaler.load_state_dict(checkpoint["scaler"])
-        except (RuntimeError, ValueError, KeyError) as error:
-            raise CheckpointError(
-                f"the checkpoint {str(out / CHECKPOINT_NAME)!r} does not fit this model: "
-                f"{str(error).splitlines()[0]}"
-            ) from None
-        metrics = [dict(row) for row in checkpoint["metrics"]]
-        epoch, start_batch = checkpoint["position"]["epoch"], checkpoint["position"]["batch"]
-        if processes.main:  # the stored sums are over all processes: count them once
-            partial = list(checkpoint["position"].get("partial", partial))
-        _set_rng_state(checkpoint["rng"], device)
-    elif processes.main:
-        write_atomically(out / CONFIG_NAME,
-                         lambda f: f.write(json.dumps(config.to_dict(), indent=2).encode()))
 
-    core = model
-    if processes.distributed:
-        model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
+def _restore(run: _Run, checkpoint: dict[str, Any]) -> tuple[int, int, list[float]]:
+    """Load the states, metrics and RNG state of ``checkpoint`` into ``run``; return where to
+    continue: (epoch, batch, this process's partial sums of the epoch)."""
+    try:
+        run.core.load_state_dict(checkpoint["model"])
+        run.optimizer.load_state_dict(checkpoint["optimizer"])
+        run.scheduler.load_state_dict(checkpoint["scheduler"])
+        if run.scaler.is_enabled() and checkpoint.get("scaler"):
+            run.scaler.load_state_dict(checkpoint["scaler"])
+    except (RuntimeError, ValueError, KeyError) as error:
+        raise CheckpointError(
+            f"the checkpoint {str(run.out / CHECKPOINT_NAME)!r} does not fit this model: "
+            f"{str(error).splitlines()[0]}"
+        ) from None
+    run.metrics = [dict(row) for row in checkpoint["metrics"]]
+    position = checkpoint["position"]
+    partial = [0.0, 0.0, 0.0, 0.0]
+    if run.processes.main:  # the stored sums are over all processes: count them once
+        partial = list(position.get("partial", partial))
+    _set_rng_state(checkpoint["rng"], run.device)
+    return position["epoch"], position["batch"], partial
+
+
+def _describe(run: _Run) -> None:
+    """Report what a new run trains, on what, and how."""
+    config, processes = run.config, run.processes
+    run.log(f"{run.dataset.describe()}\n{config.model} with {config.conv_type} convolutions, "
+            f"{sum(p.numel() for p in run.core.parameters()):,} parameters, on {run.device}"
+            + (f" (AMP {'float16' if run.device.type == 'cuda' else 'bfloat16'})"
+               if run.amp else "")
+            + (f", {processes.world_size} processes" if processes.world_size > 1 else "")
+            + f"\n{config.epochs} epochs of {run.batches_per_epoch} batches of "
+            f"{config.batch_size}; SGD lr {config.lr:g} ({config.lr_schedule}), momentum "
+            f"{config.momentum:g}, weight decay {config.weight_decay:g}; augmentation: "
+            f"{run.augmentation}; temperature: {run.schedule}\n-> {run.out}")
+    if config.temperature == "linear" and config.temperature_epochs >= config.epochs:
+        run.log(f"note: the temperature reaches 1 only at the end of epoch "
+                f"{config.temperature_epochs}, and the run has {config.epochs}")
+
+
+def _save(run: _Run, position: dict[str, Any]) -> None:
+    """Write the checkpoint at ``position`` (epoch, batch[, partial sums]) from the main
+    process, then wait for every process."""
+    if run.processes.main:
+        write_checkpoint(run.out / CHECKPOINT_NAME, {
+            "format": CHECKPOINT_FORMAT,
+            "config": run.config.to_dict(),
+            "model": run.core.state_dict(),
+            "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(),
+            "scaler": run.scaler.state_dict(),
+            "temperature": run.schedule.at(position["epoch"], max(0, position["batch"] - 1),
+                                           run.batches_per_epoch),
+            "position": position,
+            "rng": _rng_state(run.device),
+            "metrics": run.metrics,
+        })
+    run.processes.barrier()
+
+
+def _train_step(run: _Run, index: Tensor, epoch: int, batch: int) -> tuple[float, int, int]:
+    """One optimizer step on the training images ``index`` [B] (this process's share of batch
+    ``batch`` of ``epoch``), augmented and normalised: (loss, correct predictions, B)."""
+    processes, device = run.processes, run.device
+    images = run.dataset.train.images[index].to(device, non_blocking=True)
+    labels = run.dataset.train.labels[index].to(device, non_blocking=True)
+    share = len(index)
+    images = run.dataset.normalize(augment(
+        images, run.augmentation, seeded_generator(run.config.seed, epoch, batch),
+        start=processes.rank * share, total=share * processes.world_size))
+    with _autocast(device, run.amp):
+        logits = run.model(images)
+        loss = F.cross_entropy(logits.float(), labels)
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    return loss.item(), (logits.argmax(1) == labels).sum().item(), len(labels)
+
+
+def _check_loss(loss: float, epoch: int, batch: int, lr: float, temperature: float) -> None:
+    if not math.isfinite(loss):
+        raise FloatingPointError(
+            f"the training loss became {loss} at epoch {epoch + 1}, batch {batch + 1} (lr "
+            f"{lr:g}, temperature {temperature:.3g}); lower the learning rate or resume from the "
+            "last checkpoint with other settings"
         )
 
+
+def _epoch_row(run: _Run, epoch: int, lr: float, temperature: float,
+               totals: list[float]) -> dict[str, float]:
+    """Close epoch ``epoch`` (0-based) from this process's (loss sum, correct, count, training
+    seconds): sum them over the processes, step the learning rate and evaluate at the final
+    temperature. Returns the epoch's row of :data:`METRIC_FIELDS`."""
+    loss_sum, correct, count, train_time = totals
+    if run.device.type == "cuda":
+        torch.cuda.synchronize(run.device)
+    loss_sum, correct, count = run.processes.sum([loss_sum, correct, count], run.device)
+    run.scheduler.step()
+    started = time.perf_counter()
+    set_temperature(run.core, TemperatureSchedule.final)
+    test_loss, test_acc = _evaluate(run.core, run.dataset.test, run.dataset, run.config,
+                                    run.device, run.processes, run.amp)
+    return {
+        "epoch": epoch + 1, "lr": lr, "temperature": temperature,
+        "train_loss": loss_sum / count, "train_acc": correct / count,
+        "test_loss": test_loss, "test_acc": test_acc,
+        "train_time_s": train_time, "eval_time_s": time.perf_counter() - started,
+        "images_per_s": count / train_time if train_time else float("nan"),
+    }
+
+
+def _run(config: TrainConfig, dataset: Dataset, processes: Processes,
+         checkpoint: dict[str, Any] | None,
+         on_epoch: Callable[[dict[str, float]], None] | None) -> TrainResult:
+    run = _build(config, dataset, processes)
+    epoch, start_batch, partial = 0, 0, [0.0, 0.0, 0.0, 0.0]
+    if checkpoint is not None:
+        epoch, start_batch, partial = _restore(run, checkpoint)
+    elif processes.main:
+        write_atomically(run.out / CONFIG_NAME,
+                         lambda f: f.write(json.dumps(config.to_dict(), indent=2).encode()))
+    if processes.distributed:
+        run.model = nn.parallel.DistributedDataParallel(
+            run.core, device_ids=[run.device.index] if run.device.type == "cuda" else None
+        )
     if checkpoint is None:
-        log(f"{dataset.describe()}\n{config.model} with {config.conv_type} convolutions, "
-            f"{sum(p.numel() for p in core.parameters()):,} parameters, on {device}"
-            + (f" (AMP {'float16' if device.type == 'cuda' else 'bfloat16'})" if amp else "")
-            + (f", {processes.world_size} processes" if processes.world_size > 1 else "")
-            + f"\n{config.epochs} epochs of {batches_per_epoch} batches of {config.batch_size}; "
-            f"SGD lr {config.lr:g} ({config.lr_schedule}), momentum {config.momentum:g}, "
-            f"weight decay {config.weight_decay:g}; augmentation: {augmentation}; "
-            f"temperature: {schedule}\n-> {out}")
-        if config.temperature == "linear" and config.temperature_epochs >= config.epochs:
-            log(f"note: the temperature reaches 1 only at the end of epoch "
-                f"{config.temperature_epochs}, and the run has {config.epochs}")
+        _describe(run)
     else:
-        log(f"resuming {out} at epoch {epoch + 1}, batch {start_batch + 1} of "
-            f"{batches_per_epoch}")
+        run.log(f"resuming {run.out} at epoch {epoch + 1}, batch {start_batch + 1} of "
+                f"{run.batches_per_epoch}")
 
-    def save(position: dict[str, Any]) -> None:
-        if processes.main:
-            write_checkpoint(out / CHECKPOINT_NAME, {
-                "format": CHECKPOINT_FORMAT,
-                "config": config.to_dict(),
-                "model": core.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "temperature": schedule.at(position["epoch"], max(0, position["batch"] - 1),
-                                           batches_per_epoch),
-                "position": position,
-                "rng": _rng_state(device),
-                "metrics": metrics,
-            })
-        processes.barrier()
-
-    stop = _StopRequest()
+    stop = StopRequest()
     interrupted = False
-    train_set = dataset.train
-    model.train()
-    with stop.installed(log):
+    run.model.train()
+    with stop.installed(run.log):
         while epoch < config.epochs and not interrupted:
-            indices = batch_indices(len(train_set), config.batch_size, config.seed, epoch,
+            indices = batch_indices(len(dataset.train), config.batch_size, config.seed, epoch,
                                     processes.rank, processes.world_size)
             loss_sum, correct, count, train_time = partial
-            lr = optimizer.param_groups[0]["lr"]
-            bar = tqdm(total=batches_per_epoch, initial=start_batch, unit="batch",
+            lr = run.optimizer.param_groups[0]["lr"]
+            bar = tqdm(total=run.batches_per_epoch, initial=start_batch, unit="batch",
                        desc=f"epoch {epoch + 1}/{config.epochs}", leave=False, file=sys.stderr,
-                       disable=not show or not sys.stderr.isatty(), dynamic_ncols=True)
-            temperature = schedule.at(epoch, max(0, start_batch - 1), batches_per_epoch)
-            for batch in range(start_batch, batches_per_epoch):
-                if processes.any(stop.requested, device):
+                       disable=not run.show or not sys.stderr.isatty(), dynamic_ncols=True)
+            temperature = run.schedule.at(epoch, max(0, start_batch - 1), run.batches_per_epoch)
+            for batch in range(start_batch, run.batches_per_epoch):
+                if processes.any(stop.requested, run.device):
                     interrupted = True
-                    sums = processes.sum([loss_sum, correct, count], device)
-                    save({"epoch": epoch, "batch": batch, "partial": [*sums, train_time]})
+                    sums = processes.sum([loss_sum, correct, count], run.device)
+                    _save(run, {"epoch": epoch, "batch": batch, "partial": [*sums, train_time]})
                     break
                 started = time.perf_counter()
-                temperature = schedule.at(epoch, batch, batches_per_epoch)
-                set_temperature(core, temperature)
-                index = indices[batch]
-                images = train_set.images[index].to(device, non_blocking=True)
-                labels = train_set.labels[index].to(device, non_blocking=True)
-                share = len(index)
-                images = dataset.normalize(augment(
-                    images, augmentation, seeded_generator(config.seed, epoch, batch),
-                    start=processes.rank * share, total=share * processes.world_size))
-                with _autocast(device, amp):
-                    logits = model(images)
-                    loss = F.cross_entropy(logits.float(), labels)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                batch_loss = loss.item()
-                if not math.isfinite(batch_loss):
-                    raise FloatingPointError(
-                        f"the training loss became {batch_loss} at epoch {epoch + 1}, batch "
-                        f"{batch + 1} (lr {lr:g}, temperature {temperature:.3g}); lower the "
-                        "learning rate or resume from the last checkpoint with other settings"
-                    )
-                loss_sum += batch_loss * len(labels)
-                correct += (logits.argmax(1) == labels).sum().item()
-                count += len(labels)
+                temperature = run.schedule.at(epoch, batch, run.batches_per_epoch)
+                set_temperature(run.core, temperature)
+                batch_loss, batch_correct, images = _train_step(run, indices[batch], epoch, batch)
+                _check_loss(batch_loss, epoch, batch, lr, temperature)
+                loss_sum += batch_loss * images
+                correct += batch_correct
+                count += images
                 train_time += time.perf_counter() - started
                 bar.update()
                 bar.set_postfix(loss=f"{batch_loss:.3f}", T=f"{temperature:.3g}")
             bar.close()
             if interrupted:
                 break
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            loss_sum, correct, count = processes.sum([loss_sum, correct, count], device)
-            scheduler.step()
-            started = time.perf_counter()
-            set_temperature(core, TemperatureSchedule.final)
-            test_loss, test_acc = _evaluate(core, dataset.test, dataset, config, device,
-                                            processes, amp)
-            row = {
-                "epoch": epoch + 1, "lr": lr, "temperature": temperature,
-                "train_loss": loss_sum / count, "train_acc": correct / count,
-                "test_loss": test_loss, "test_acc": test_acc,
-                "train_time_s": train_time, "eval_time_s": time.perf_counter() - started,
-                "images_per_s": count / train_time if train_time else float("nan"),
-            }
-            metrics.append(row)
+            row = _epoch_row(run, epoch, lr, temperature, [loss_sum, correct, count, train_time])
+            run.metrics.append(row)
             epoch, start_batch, partial = epoch + 1, 0, [0.0, 0.0, 0.0, 0.0]
-            save({"epoch": epoch, "batch": 0})
+            _save(run, {"epoch": epoch, "batch": 0})
             if processes.main:
-                _write_metrics(out / METRICS_NAME, metrics)
-            log(_summary(row, config.epochs))
+                _write_metrics(run.out / METRICS_NAME, run.metrics)
+            run.log(_summary(row, config.epochs))
             if on_epoch is not None:
                 on_epoch(row)
 
-    set_temperature(core, TemperatureSchedule.final)
+    set_temperature(run.core, TemperatureSchedule.final)
     if interrupted:
-        log(f"stopped at epoch {epoch + 1}, batch {batch + 1}: saved {out / CHECKPOINT_NAME}; "
-            "continue with --resume")
+        run.log(f"stopped at epoch {epoch + 1}, batch {batch + 1}: saved "
+                f"{run.out / CHECKPOINT_NAME}; continue with --resume")
     elif processes.main:
-        write_atomically(out / MODEL_NAME, lambda f: torch.save(core.state_dict(), f))
-    core.eval()
-    return TrainResult(core, metrics, config, dataset, out, interrupted, processes.main)
+        write_atomically(run.out / MODEL_NAME, lambda f: torch.save(run.core.state_dict(), f))
+    run.core.eval()
+    return TrainResult(run.core, run.metrics, config, dataset, run.out, interrupted,
+                       processes.main)

@@ -6,18 +6,15 @@ from __future__ import annotations
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from .._io import save_png
-
-if TYPE_CHECKING:
-    from .compare import TypeSummary
+from .summary import TypeSummary
 
 __all__ = ["plot_accuracy_vs_cost", "plot_curves"]
-
 
 
 def _colors(types: Sequence[str]) -> dict[str, Any]:

@@ -1,0 +1,197 @@
+"""The settings of a training run (:class:`TrainConfig`), their dataset and model defaults, what a
+run returns (:class:`TrainResult`), and the names of the files a run writes in its folder."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..layers.factory import check_conv_type
+from ..layers.temperature import TemperatureSchedule
+from ..models import check_model, fixed_conv_type
+from .checkpoints import check_same_config, read_checkpoint
+from .data import Dataset
+
+__all__ = [
+    "CHECKPOINT_NAME",
+    "CONFIG_NAME",
+    "LR_SCHEDULES",
+    "METRICS_NAME",
+    "METRIC_FIELDS",
+    "MODEL_NAME",
+    "TrainConfig",
+    "TrainResult",
+    "config_for_resume",
+    "resolve_defaults",
+]
+
+LR_SCHEDULES = ("cosine", "multistep", "constant")
+CHECKPOINT_NAME = "checkpoint.pt"
+METRICS_NAME = "metrics.csv"
+CONFIG_NAME = "config.json"
+MODEL_NAME = "model.pt"
+METRIC_FIELDS = (
+    "epoch", "lr", "temperature", "train_loss", "train_acc", "test_loss", "test_acc",
+    "train_time_s", "eval_time_s", "images_per_s",
+)
+# Epochs when none are given: seed 002 trains CIFAR for 200; the digits are learnt in 30.
+_RECIPE_EPOCHS = {"digits": 30, "CIFAR-10": 200, "CIFAR-100": 200}
+_OTHER_EPOCHS = 100
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run, and how it is run.
+
+    ``None`` means the default for the dataset or model: ``conv_type`` the model's own
+    (static, or ODConv for the ``od_*`` zoo), ``epochs`` 200 for CIFAR, 30 for the digits and 100
+    otherwise, ``crop_padding`` and ``flip`` the dataset's augmentation (CIFAR: 4 and on; digits: 1
+    and off), ``temperature_initial`` the schedule's published start (30 or 34).
+    """
+
+    data: str = "digits"
+    model: str = "small_cnn"
+    conv_type: str | None = None
+    model_args: dict[str, Any] = field(default_factory=dict)
+    image_size: int | None = None
+    epochs: int | None = None
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lr_schedule: str = "cosine"
+    lr_milestones: list[int] = field(default_factory=list)
+    lr_gamma: float = 0.1
+    crop_padding: int | None = None
+    flip: bool | None = None
+    temperature: str = "linear"
+    temperature_initial: float | None = None
+    temperature_epochs: int = 10
+    seed: int = 0
+    # how the run is run: may differ when a run is resumed
+    out: str | None = None
+    device: str = "auto"
+    amp: bool | None = None
+    threads: int | None = None
+    test_batch_size: int = 500
+    quiet: bool = False
+
+    # fields that may change between a run and its resumption
+    RUNTIME_FIELDS = ("out", "device", "amp", "threads", "test_batch_size", "quiet")
+
+    @classmethod
+    def run_fields(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls) if f.name not in cls.RUNTIME_FIELDS]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown training settings {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+    def temperature_schedule(self) -> TemperatureSchedule:
+        """The attention temperature's schedule of this run (checks its three settings)."""
+        return TemperatureSchedule(self.temperature, self.temperature_initial,
+                                   self.temperature_epochs)
+
+    def check(self) -> None:
+        """Raise a ``ValueError``/``TypeError`` for a setting that cannot work."""
+        check_model(self.model)
+        if self.conv_type is not None:
+            check_conv_type(self.conv_type)
+        _check_setting(self.batch_size, "batch size", 1)
+        _check_setting(self.test_batch_size, "test batch size", 1)
+        _check_setting(self.seed, "seed", 0)
+        if self.epochs is not None:
+            _check_setting(self.epochs, "epochs", 1)
+        if self.crop_padding is not None:
+            _check_setting(self.crop_padding, "crop padding", 0)
+        if self.image_size is not None:
+            _check_setting(self.image_size, "image size", 1)
+        if self.threads is not None:
+            _check_setting(self.threads, "threads", 1)
+        for name in ("lr", "momentum", "weight_decay", "lr_gamma"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                math.isfinite(value) and value >= 0
+            ):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(
+                f"unknown learning-rate schedule {self.lr_schedule!r}; expected one of "
+                f"{LR_SCHEDULES}"
+            )
+        if self.lr_schedule == "multistep" and not self.lr_milestones:
+            raise ValueError("the multistep schedule needs milestones (epochs), e.g. 30 60 90")
+        self.temperature_schedule()
+        if not isinstance(self.model_args, dict):
+            raise TypeError(f"model_args must be a dict, got {type(self.model_args).__name__}")
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except (RuntimeError, ValueError):
+                raise ValueError(
+                    f"unknown device {self.device!r}; expected 'auto', 'cpu', 'cuda' or 'cuda:N'"
+                ) from None
+
+
+def _check_setting(value: object, name: str, minimum: int) -> None:
+    # Not _conv_args.check_int: its messages differ ("must be positive", the type's name), and
+    # these are the ones `dynconv train` has always printed.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+@dataclass
+class TrainResult:
+    """What :func:`~dynconv.training.loop.train` returns: the trained model (unwrapped, on its
+    device), the metrics of every epoch (dicts with :data:`METRIC_FIELDS`), the resolved
+    configuration, and whether the run was stopped by Ctrl-C before its last epoch (then ``out``
+    holds the checkpoint)."""
+
+    model: nn.Module
+    metrics: list[dict[str, float]]
+    config: TrainConfig
+    dataset: Dataset
+    out: Path
+    interrupted: bool = False
+    main_process: bool = True  # False on the other processes of a distributed run
+
+
+def resolve_defaults(config: TrainConfig, dataset: Dataset) -> TrainConfig:
+    """``config`` with the dataset and model defaults filled in."""
+    epochs = config.epochs or _RECIPE_EPOCHS.get(dataset.name, _OTHER_EPOCHS)
+    conv_type = config.conv_type or fixed_conv_type(config.model) or "static"
+    crop = dataset.augmentation.crop_padding if config.crop_padding is None else config.crop_padding
+    flip = dataset.augmentation.flip if config.flip is None else config.flip
+    initial = config.temperature_schedule().start
+    return dataclasses.replace(config, epochs=epochs, conv_type=conv_type, crop_padding=crop,
+                               flip=flip, temperature_initial=initial)
+
+
+def config_for_resume(out: str | Path, overrides: dict[str, Any]) -> TrainConfig:
+    """The configuration stored in ``<out>/checkpoint.pt``, with ``overrides`` applied.
+
+    ``overrides`` may change only :attr:`TrainConfig.RUNTIME_FIELDS`; another setting that
+    differs from the stored run raises a :class:`~dynconv.training.checkpoints.CheckpointError`.
+    """
+    path = Path(out) / CHECKPOINT_NAME
+    stored = read_checkpoint(path)["config"]
+    changed = {k: v for k, v in overrides.items() if k not in TrainConfig.RUNTIME_FIELDS}
+    check_same_config(stored, {**stored, **changed}, changed, path)
+    return TrainConfig.from_dict({**stored, **overrides, "out": str(out)})
