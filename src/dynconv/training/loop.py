@@ -32,7 +32,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from tqdm import tqdm
 
 from .._io import write_atomically
-from ..layers.temperature import TemperatureSchedule, set_temperature
+from ..layers.temperature import EVAL_TEMPERATURE, TemperatureSchedule, set_temperature
 from ..models import create_model_for_data
 from .checkpoints import (
     CHECKPOINT_FORMAT,
@@ -157,7 +157,7 @@ def load_run(
     state = (torch.load(weights, map_location="cpu", weights_only=True) if weights.exists()
              else checkpoint["model"])
     model.load_state_dict(state)
-    set_temperature(model, TemperatureSchedule.final)
+    set_temperature(model, EVAL_TEMPERATURE)
     return model.eval(), config, dataset
 
 
@@ -398,7 +398,7 @@ def _epoch_row(run: _Run, epoch: int, lr: float, temperature: float,
     loss_sum, correct, count = run.processes.sum([loss_sum, correct, count], run.device)
     run.scheduler.step()
     started = time.perf_counter()
-    set_temperature(run.core, TemperatureSchedule.final)
+    set_temperature(run.core, EVAL_TEMPERATURE)
     test_loss, test_acc = _evaluate(run.core, run.dataset.test, run.dataset, run.config,
                                     run.device, run.processes, run.amp)
     return {
@@ -473,7 +473,7 @@ def _run(config: TrainConfig, dataset: Dataset, processes: Processes,
             if on_epoch is not None:
                 on_epoch(row)
 
-    set_temperature(run.core, TemperatureSchedule.final)
+    set_temperature(run.core, EVAL_TEMPERATURE)
     if interrupted:
         run.log(f"stopped at epoch {epoch + 1}, batch {batch + 1}: saved "
                 f"{run.out / CHECKPOINT_NAME}; continue with --resume")
