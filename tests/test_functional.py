@@ -14,6 +14,7 @@ from dynconv.functional import (
     MIXTURE_METHODS,
     PER_SAMPLE_METHODS,
     adaptive_avg_pool2d_matmul,
+    mix_kernels,
     mixture_conv2d,
     per_sample_conv2d,
 )
@@ -97,6 +98,17 @@ def _check_every_mixture_method(mixture, reference, inputs) -> None:
         assert_same_outputs_and_grads(lambda m=method: mixture(method=m), reference, inputs)
     with _recomputing():
         assert_same_outputs_and_grads(lambda: mixture(method="aggregate"), reference, inputs)
+
+
+def test_mix_kernels_is_the_weighted_sum_of_the_bank() -> None:
+    gen = torch.Generator().manual_seed(0)
+    coeffs = torch.randn(3, 4, dtype=F64, generator=gen)
+    bank = torch.randn(4, 6, 2, 3, 3, dtype=F64, generator=gen)
+    biases = torch.randn(4, 6, dtype=F64, generator=gen)
+    kernels = mix_kernels(coeffs, bank)
+    assert kernels.shape == (3, 6, 2, 3, 3)
+    torch.testing.assert_close(kernels, torch.einsum("nk,koihw->noihw", coeffs, bank))
+    torch.testing.assert_close(mix_kernels(coeffs, biases), coeffs @ biases)
 
 
 def test_gradcheck_small_cases() -> None:

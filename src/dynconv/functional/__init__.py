@@ -14,6 +14,9 @@ Every layer of dynconv ends in one of these calls:
   gather, or each pixel with its own region's kernel only (gathered receptive fields and one
   matrix product per region).
 
+:func:`mix_kernels` is the mixing itself (per-sample kernels or biases from a bank), for the
+tools that need the kernels a layer convolved with.
+
 All formulations compute the same result (up to floating-point rounding); ``method`` forces one,
 which the tests do in turn.
 
@@ -25,7 +28,13 @@ batched matrix product). The grouped formulation folds the batch into the convol
 """
 
 from ._common import is_exporting
-from .mixture import MIXTURE_METHODS, MixtureMethod, mixout_through_im2col, mixture_conv2d
+from .mixture import (
+    MIXTURE_METHODS,
+    MixtureMethod,
+    mix_kernels,
+    mixout_through_im2col,
+    mixture_conv2d,
+)
 from .per_sample import PER_SAMPLE_METHODS, PerSampleMethod, per_sample_conv2d
 from .region import (
     REGION_METHODS,
@@ -45,6 +54,7 @@ __all__ = [
     "adaptive_avg_pool2d_matmul",
     "assign_regions",
     "is_exporting",
+    "mix_kernels",
     "mixout_through_im2col",
     "mixture_conv2d",
     "per_sample_conv2d",

@@ -129,6 +129,13 @@ def mixture_conv2d(
     return match_memory_format(out, x)
 
 
+def mix_kernels(coefficients: Tensor, bank: Tensor) -> Tensor:
+    """``sum_k coefficients[n, k] * bank[k]`` by one matrix product: coefficients [N, K] and a
+    bank [K, ...] (kernels [K, C_out, C_in/groups, kH, kW], biases [K, C_out]) -> [N, ...]."""
+    num_kernels, *shape = bank.shape
+    return (coefficients @ bank.reshape(num_kernels, -1)).reshape(coefficients.shape[0], *shape)
+
+
 class _MixedKernels:
     """The per-sample kernels of a mixture, ``spatial[n] * sum_k coefficients[n, k] * bank[k]``
     [N, C_out, C_in/g, kH, kW], and the saved-tensor hooks that keep them out of memory until
@@ -153,8 +160,7 @@ class _MixedKernels:
         # under autocast: backward runs without it, and recomputes under the same
 
     def _mix(self) -> Tensor:
-        n, (num_kernels, *kernel_shape) = self.coefficients.shape[0], self.bank.shape
-        return (self.coefficients @ self.bank.reshape(num_kernels, -1)).reshape(n, *kernel_shape)
+        return mix_kernels(self.coefficients, self.bank)
 
     def _recompute_mix(self) -> Tensor:
         """:meth:`_mix` again in backward, under the forward's autocast state: the same values
