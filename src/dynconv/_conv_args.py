@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -96,6 +96,23 @@ class ConvGeometry:
         ):
             sizes.append((size + lo + hi - d * (k - 1) - 1) // s + 1)
         return sizes[0], sizes[1]
+
+    def checked_output_size(self, height: int, width: int, caller: str = "") -> Pair:
+        """:meth:`output_size`, or a ``ValueError`` if the input is too small for any output
+        (the message starts with ``caller``, when given)."""
+        h_out, w_out = self.output_size(height, width)
+        if h_out <= 0 or w_out <= 0:
+            prefix = f"{caller}: " if caller else ""
+            raise ValueError(
+                f"{prefix}input of spatial size {(height, width)} is too small for kernel_size="
+                f"{self.kernel_size}, dilation={self.dilation}, padding={self.padding} "
+                f"(the output would be {h_out}x{w_out})"
+            )
+        return h_out, w_out
+
+    def without_padding(self) -> ConvGeometry:
+        """The same convolution on an input already padded by :attr:`pads`."""
+        return replace(self, padding=(0, 0), pads=(0, 0, 0, 0))
 
 
 def _plain_key(args: tuple) -> tuple | None:

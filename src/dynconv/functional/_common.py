@@ -22,6 +22,17 @@ def is_exporting() -> bool:
     )
 
 
+def check_shape(t: object, name: str, layout: str, expected: list[int], optional: bool = False
+                ) -> None:
+    """Raise unless ``t`` is a tensor of shape ``expected`` (``layout`` names its dimensions,
+    e.g. ``'[N, C_out]'``), or ``None`` where ``optional``."""
+    if (optional and t is None) or (isinstance(t, Tensor) and shape_list(t) == expected):
+        return
+    got = shape_list(t) if isinstance(t, Tensor) else type(t).__name__
+    alternative = " or be None" if optional else ""
+    raise ValueError(f"{name} must have shape {layout} = {expected}{alternative}, got {got}")
+
+
 def check_input(x: Tensor) -> None:
     """Raise unless ``x`` is a 4-D tensor [N, C_in, H, W]."""
     if not isinstance(x, Tensor):
@@ -38,21 +49,11 @@ def pad_for_conv(x: Tensor, geometry: ConvGeometry) -> tuple[Tensor, Pair]:
     return x, padding
 
 
-def _check_output_size(x: Tensor, geometry: ConvGeometry) -> Pair:
-    h_out, w_out = geometry.output_size(x.shape[-2], x.shape[-1])
-    if h_out <= 0 or w_out <= 0:
-        raise ValueError(
-            f"input of spatial size {tuple(x.shape[-2:])} is too small for kernel_size="
-            f"{geometry.kernel_size}, dilation={geometry.dilation}, padding={geometry.padding} "
-            f"(the output would be {h_out}x{w_out})"
-        )
-    return h_out, w_out
-
-
 def check_conv(
     x: Tensor, c_out: int, c_in_g: int, kernel_size: Pair, stride, padding, dilation, groups
-) -> ConvGeometry:
-    """Check the convolution arguments against the input; return the parsed geometry."""
+) -> tuple[ConvGeometry, Pair]:
+    """Check the convolution arguments against the input; return the parsed geometry and the
+    output size (H_out, W_out)."""
     geometry = parse_geometry(kernel_size, stride, padding, dilation, groups)
     c_in = x.shape[1]
     if c_in_g * geometry.groups != c_in:
@@ -62,8 +63,7 @@ def check_conv(
         )
     if c_out % geometry.groups:
         raise ValueError(f"C_out ({c_out}) must be divisible by groups ({geometry.groups})")
-    _check_output_size(x, geometry)
-    return geometry
+    return geometry, geometry.checked_output_size(x.shape[-2], x.shape[-1])
 
 
 def is_channels_last(x: Tensor) -> bool:

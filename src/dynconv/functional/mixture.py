@@ -4,7 +4,6 @@ all K kernels."""
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch
@@ -16,6 +15,7 @@ from .._conv_args import ConvGeometry, PaddingArg, Pair
 from ._common import (
     check_conv,
     check_input,
+    check_shape,
     is_exporting,
     match_memory_format,
     pad_for_conv,
@@ -90,30 +90,52 @@ def mixture_conv2d(
             f"bias_bank must have shape [K, C_out] = {[num_kernels, c_out]}, "
             f"got {shape_list(bias_bank)}"
         )
-    kernel_size = list(bank.shape[-2:])
-    if spatial is not None and (
-        not isinstance(spatial, Tensor) or shape_list(spatial) != [n, *kernel_size]
-    ):
-        got = shape_list(spatial) if isinstance(spatial, Tensor) else type(spatial).__name__
-        raise ValueError(
-            f"spatial must have shape [N, kH, kW] = {[n, *kernel_size]} or be None, got {got}"
-        )
+    check_shape(spatial, "spatial", "[N, kH, kW]", [n, *bank.shape[-2:]], optional=True)
+    check_mixture_method(method)
+    geometry, output_size = check_conv(x, c_out, bank.shape[2], bank.shape[-2:], stride, padding,
+                                       dilation, groups)
+    return mixture_conv2d_unchecked(
+        x, coefficients, bank, bias_bank, geometry, output_size, spatial=spatial, method=method,
+        per_sample_method=per_sample_method,
+    )
+
+
+def check_mixture_method(method: object) -> None:
+    """Raise unless ``method`` is one of :data:`MIXTURE_METHODS`."""
     if method not in MIXTURE_METHODS:
         raise ValueError(f"method must be one of {MIXTURE_METHODS}, got {method!r}")
-    geometry = check_conv(x, c_out, bank.shape[2], bank.shape[-2:], stride, padding, dilation,
-                           groups)
+
+
+def mixture_conv2d_unchecked(
+    x: Tensor,
+    coefficients: Tensor,
+    bank: Tensor,
+    bias_bank: Tensor | None,
+    geometry: ConvGeometry,
+    output_size: Pair,
+    *,
+    spatial: Tensor | None = None,
+    method: str = "auto",
+    per_sample_method: str = "auto",
+) -> Tensor:
+    """:func:`mixture_conv2d` without its checks, for callers that made them (the layers):
+    ``geometry`` parsed, ``output_size`` (H_out, W_out) the output's, the tensors of the right
+    shapes and ``method`` valid (:func:`check_mixture_method`). ``per_sample_method`` is checked
+    where the aggregate uses it."""
+    n = x.shape[0]
+    pixels = output_size[0] * output_size[1]
     bias = None if bias_bank is None else coefficients @ bias_bank
     if method == "auto":
-        method = _choose_mixture_method(x, bank, geometry, spatial is not None)
+        method = _choose_mixture_method(x, bank, geometry, spatial is not None, pixels)
     if method == "aggregate":
         check_per_sample_method(per_sample_method, n)
         weights = _MixedKernels(coefficients, bank, spatial)
         if not weights.recompute_in_backward():
-            return per_sample_conv2d_unchecked(x, weights.kernels(), bias, geometry,
-                                               per_sample_method)
+            return per_sample_conv2d_unchecked(x, weights.kernels(), bias, geometry, output_size,
+                                               method=per_sample_method)
         with torch.autograd.graph.saved_tensors_hooks(weights.pack, weights.unpack):
             out = per_sample_conv2d_unchecked(x, weights.kernels(track=True), bias, geometry,
-                                     per_sample_method)
+                                              output_size, method=per_sample_method)
         weights.forget()
         return out
     if spatial is not None and spatial[0].numel() == 1:  # a 1x1 kernel: one weight per sample
@@ -121,7 +143,6 @@ def mixture_conv2d(
         spatial = None
     xp, pad = pad_for_conv(x, geometry)
     args = (geometry.stride, pad, geometry.dilation, geometry.groups)
-    pixels = math.prod(geometry.output_size(x.shape[-2], x.shape[-1]))
     if mixout_through_im2col(spatial is not None, pixels):
         out = _mixout_unfold(xp, coefficients, bank, spatial, bias, *args)
     else:
@@ -239,14 +260,17 @@ def mixout_through_im2col(spatial: bool, pixels: int) -> bool:
 
 
 def _choose_mixture_method(
-    x: Tensor, bank: Tensor, geometry: ConvGeometry, spatial: bool = False
+    x: Tensor, bank: Tensor, geometry: ConvGeometry, spatial: bool = False,
+    pixels: int | None = None,
 ) -> str:
     """The dispatch rule of :func:`mixture_conv2d` (see docs/performance.md); ``spatial``:
-    whether the kernel positions are weighted per sample (ODConv)."""
+    whether the kernel positions are weighted per sample (ODConv); ``pixels``: output pixels per
+    sample (from ``x`` and ``geometry`` when not given)."""
     if geometry.groups != 1 or x.shape[0] == 1 or is_exporting():
         return "aggregate"  # exporting: then 'unfold', see per_sample_conv2d
-    h_out, w_out = geometry.output_size(x.shape[-2], x.shape[-1])
-    pixels = h_out * w_out
+    if pixels is None:
+        h_out, w_out = geometry.output_size(x.shape[-2], x.shape[-1])
+        pixels = h_out * w_out
     if pixels >= _MIXOUT_MAX_PIXELS:
         return "aggregate"
     training = torch.is_grad_enabled() and (x.requires_grad or bank.requires_grad)

@@ -15,6 +15,7 @@ from .._conv_args import ConvGeometry, PaddingArg, Pair
 from ._common import (
     check_conv,
     check_input,
+    check_shape,
     is_exporting,
     match_memory_format,
     pad_for_conv,
@@ -68,21 +69,21 @@ def per_sample_conv2d(
             f"got shape {shape_list(weight)}"
         )
     n_w, c_out, c_in_g, kh, kw = weight.shape
-    geometry = check_conv(x, c_out, c_in_g, (kh, kw), stride, padding, dilation, groups)
+    geometry, output_size = check_conv(x, c_out, c_in_g, (kh, kw), stride, padding, dilation,
+                                       groups)
     n = x.shape[0]
     if n_w != n:
         raise ValueError(
             f"the per-sample weight holds {n_w} kernels but the input has batch size {n}: "
             "expected weight of shape [N, C_out, C_in/groups, kH, kW] with N = x.shape[0]"
         )
-    if bias is not None and (not isinstance(bias, Tensor) or shape_list(bias) != [n, c_out]):
-        got = shape_list(bias) if isinstance(bias, Tensor) else type(bias).__name__
-        raise ValueError(f"bias must have shape [N, C_out] = {[n, c_out]} or be None, got {got}")
+    check_shape(bias, "bias", "[N, C_out]", [n, c_out], optional=True)
     check_per_sample_method(method, n)
-    return per_sample_conv2d_unchecked(x, weight, bias, geometry, method)
+    return per_sample_conv2d_unchecked(x, weight, bias, geometry, output_size, method=method)
 
 
 def check_per_sample_method(method: str, batch: int) -> None:
+    """Raise unless ``method`` is one of :data:`PER_SAMPLE_METHODS` that runs at this batch."""
     if method not in PER_SAMPLE_METHODS:
         raise ValueError(f"method must be one of {PER_SAMPLE_METHODS}, got {method!r}")
     if method == "direct" and batch != 1:
@@ -90,13 +91,20 @@ def check_per_sample_method(method: str, batch: int) -> None:
 
 
 def per_sample_conv2d_unchecked(
-    x: Tensor, weight: Tensor, bias: Tensor | None, geometry: ConvGeometry, method: str
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    geometry: ConvGeometry,
+    output_size: Pair,
+    *,
+    method: str = "auto",
 ) -> Tensor:
-    """:func:`per_sample_conv2d` on checked arguments."""
+    """:func:`per_sample_conv2d` without its checks, for callers that made them: ``geometry``
+    parsed, ``output_size`` (H_out, W_out) the output's, ``method`` valid for the batch."""
     if method == "auto":
-        h_out, w_out = geometry.output_size(x.shape[-2], x.shape[-1])
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-        method = _choose_per_sample_method(x.shape[0], h_out * w_out, needs_grad, geometry)
+        pixels = output_size[0] * output_size[1]
+        method = _choose_per_sample_method(x.shape[0], pixels, needs_grad, geometry)
     xp, pad = pad_for_conv(x, geometry)
     args = (geometry.stride, pad, geometry.dilation, geometry.groups)
     out = _PER_SAMPLE_IMPLS[method](xp, weight, bias, *args)

@@ -3,7 +3,6 @@ chosen by a guide; and the adaptive average pooling that DRConv exports with."""
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Literal
 
 import torch
@@ -15,12 +14,13 @@ from .._conv_args import ConvGeometry, PaddingArg, Pair
 from ._common import (
     check_conv,
     check_input,
+    check_shape,
     is_channels_last,
     is_exporting,
     match_memory_format,
     shape_list,
 )
-from .per_sample import per_sample_conv2d
+from .per_sample import per_sample_conv2d_unchecked
 
 RegionMethod = Literal["auto", "dense", "restricted"]
 REGION_METHODS = ("auto", "dense", "restricted")
@@ -81,33 +81,45 @@ def region_conv2d(
             f"sample), got {got}"
         )
     n_w, num_regions, c_out, c_in_g, kh, kw = weight.shape
-    geometry = check_conv(x, c_out, c_in_g, (kh, kw), stride, padding, dilation, groups)
+    geometry, (h_out, w_out) = check_conv(x, c_out, c_in_g, (kh, kw), stride, padding, dilation,
+                                          groups)
     n = x.shape[0]
     if n_w != n:
         raise ValueError(
             f"weight holds kernels for {n_w} samples but the input has batch size {n}: expected "
             "weight of shape [N, R, C_out, C_in/groups, kH, kW] with N = x.shape[0]"
         )
-    h_out, w_out = geometry.output_size(x.shape[-2], x.shape[-1])
-    expected = [n, num_regions, h_out, w_out]
-    if not isinstance(guide, Tensor) or shape_list(guide) != expected:
-        got = shape_list(guide) if isinstance(guide, Tensor) else type(guide).__name__
-        raise ValueError(f"guide must have shape [N, R, H_out, W_out] = {expected}, got {got}")
+    check_shape(guide, "guide", "[N, R, H_out, W_out]", [n, num_regions, h_out, w_out])
     if not guide.is_floating_point():
         raise TypeError(f"guide must hold floating-point logits, got dtype {guide.dtype}")
-    if bias is not None and (
-        not isinstance(bias, Tensor) or shape_list(bias) != [n, num_regions, c_out]
-    ):
-        got = shape_list(bias) if isinstance(bias, Tensor) else type(bias).__name__
-        raise ValueError(
-            f"bias must have shape [N, R, C_out] = {[n, num_regions, c_out]} or be None, got {got}"
-        )
+    check_shape(bias, "bias", "[N, R, C_out]", [n, num_regions, c_out], optional=True)
+    check_region_method(method)
+    return region_conv2d_unchecked(x, weight, guide, bias, geometry, method=method)
+
+
+def check_region_method(method: object) -> None:
+    """Raise unless ``method`` is one of :data:`REGION_METHODS`."""
     if method not in REGION_METHODS:
         raise ValueError(f"method must be one of {REGION_METHODS}, got {method!r}")
+
+
+def region_conv2d_unchecked(
+    x: Tensor,
+    weight: Tensor,
+    guide: Tensor,
+    bias: Tensor | None,
+    geometry: ConvGeometry,
+    *,
+    method: str = "auto",
+) -> Tensor:
+    """:func:`region_conv2d` without its checks, for callers that made them (the layer):
+    ``geometry`` parsed, the tensors of the right shapes (the guide's [H_out, W_out] is the
+    output size) and ``method`` valid (:func:`check_region_method`)."""
+    output_size = guide.shape[-2:]
     if method == "auto":
-        method = _choose_region_method(weight, geometry, h_out * w_out)
+        method = _choose_region_method(weight, geometry, output_size[0] * output_size[1])
     if method == "dense":
-        y = _all_region_outputs(x, weight, bias, geometry)
+        y = _all_region_outputs(x, weight, bias, geometry, output_size)
         out = _PickRegion.apply(y, guide)
     else:
         out = _RestrictedRegionConv.apply(x, weight, guide, bias, geometry)
@@ -136,7 +148,7 @@ def _choose_region_method(weight: Tensor, geometry: ConvGeometry, pixels: int) -
 
 
 def _all_region_outputs(
-    x: Tensor, weight: Tensor, bias: Tensor | None, geometry: ConvGeometry
+    x: Tensor, weight: Tensor, bias: Tensor | None, geometry: ConvGeometry, output_size: Pair
 ) -> Tensor:
     """Every region's output at every pixel, by one :func:`per_sample_conv2d`.
 
@@ -150,7 +162,7 @@ def _all_region_outputs(
     b = None
     if bias is not None:
         b = bias.reshape(n, num_regions, g, c_out // g).transpose(1, 2).reshape(n, -1)
-    y = per_sample_conv2d(x, kernel, b, geometry.stride, geometry.padding, geometry.dilation, g)
+    y = per_sample_conv2d_unchecked(x, kernel, b, geometry, output_size)
     return y.reshape(n, g, num_regions, c_out // g, y.shape[-2], y.shape[-1])
 
 
@@ -350,11 +362,12 @@ def _region_scores(
     output of region r's kernel and bias everywhere (R times the MACs), for the padded input
     ``xp``; one sample at a time, so that one sample's R outputs are held at once."""
     n, c_out, g = weight.shape[0], weight.shape[2], geometry.groups
-    unpadded = dataclasses.replace(geometry, padding=(0, 0), pads=(0, 0, 0, 0))
+    unpadded = geometry.without_padding()
     scores = []
     for i in range(n):
         b = None if bias is None else bias[i : i + 1]
-        y = _all_region_outputs(xp[i : i + 1], weight[i : i + 1], b, unpadded)
+        y = _all_region_outputs(xp[i : i + 1], weight[i : i + 1], b, unpadded,
+                                grad_out.shape[-2:])
         grad = grad_out[i].reshape(1, g, 1, c_out // g, y.shape[-2], y.shape[-1])
         scores.append((y * grad).sum((1, 3)))
     return torch.cat(scores)

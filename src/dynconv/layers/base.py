@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._conv_args import (
+    ConvGeometry,
     PaddingArg,
+    Pair,
     check_channels,
     check_padding_mode,
     check_positive_float,
@@ -107,6 +109,11 @@ class DynamicConvBase(nn.Module):
 
     def _check_input(self, x: Tensor) -> tuple[Tensor, bool]:
         """Return (x as [N, C, H, W], whether it came unbatched as [C, H, W])."""
+        x, unbatched, _ = self._check_input_size(x)
+        return x, unbatched
+
+    def _check_input_size(self, x: Tensor) -> tuple[Tensor, bool, Pair]:
+        """:meth:`_check_input`, and the output size (H_out, W_out) it checked."""
         name = type(self).__name__
         if not isinstance(x, Tensor):
             raise TypeError(f"{name} expects a torch.Tensor, got {type(x).__name__}")
@@ -125,28 +132,23 @@ class DynamicConvBase(nn.Module):
             )
         if x.shape[0] == 0:
             raise ValueError(f"{name} got an empty batch (input shape {list(x.shape)})")
-        h_out, w_out = self._geometry.output_size(x.shape[-2], x.shape[-1])
-        if h_out <= 0 or w_out <= 0:
-            raise ValueError(
-                f"{name}: input of spatial size {tuple(x.shape[-2:])} is too small for "
-                f"kernel_size={self.kernel_size}, dilation={self.dilation}, "
-                f"padding={self.padding} (the output would be {h_out}x{w_out})"
-            )
-        return x, unbatched
+        output_size = self._geometry.checked_output_size(x.shape[-2], x.shape[-1], name)
+        return x, unbatched, output_size
 
-    def _pad(self, x: Tensor) -> tuple[Tensor, Any]:
+    def _pad(self, x: Tensor) -> tuple[Tensor, ConvGeometry]:
         """Pad where the convolution cannot (a ``padding_mode`` other than zeros, or asymmetric
-        'same' padding); return (input, the padding left for the convolution)."""
-        symmetric = self._geometry.symmetric_padding
-        if self.padding_mode == "zeros" and symmetric is not None:
-            return x, symmetric
+        'same' padding); return (input, the geometry of the convolution left to run on it,
+        whose padding is symmetric)."""
+        if self.padding_mode == "zeros" and self._geometry.symmetric_padding is not None:
+            return x, self._geometry
         mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
-        return F.pad(x, self._geometry.pads, mode=mode), 0
+        return F.pad(x, self._geometry.pads, mode=mode), self._geometry.without_padding()
 
-    def _conv_kwargs(self, padding: Any) -> dict[str, Any]:
+    def _conv_kwargs(self, geometry: ConvGeometry) -> dict[str, Any]:
+        """``F.conv2d``'s keywords for the convolution :meth:`_pad` left."""
         return {
             "stride": self.stride,
-            "padding": padding,
+            "padding": geometry.symmetric_padding,
             "dilation": self.dilation,
             "groups": self.groups,
         }

@@ -9,14 +9,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._conv_args import PaddingArg, check_int
-from ..functional import (
-    RegionMethod,
-    adaptive_avg_pool2d_matmul,
-    assign_regions,
-    is_exporting,
-    region_conv2d,
-)
+from .._conv_args import ConvGeometry, PaddingArg, check_int
+from ..functional import RegionMethod, adaptive_avg_pool2d_matmul, assign_regions, is_exporting
+from ..functional.region import check_region_method, region_conv2d_unchecked
 from .base import DynamicConvBase
 
 
@@ -149,12 +144,11 @@ class DRConv2d(DynamicConvBase):
 
     def forward(self, x: Tensor) -> Tensor:
         x, unbatched = self._check_input(x)
-        xp, padding = self._pad(x)
+        xp, geometry = self._pad(x)
         kernels = self.region_kernels(x).to(xp.dtype)
-        guide = self._guide(xp, padding)
-        out = region_conv2d(
-            xp, kernels, guide, None, **self._conv_kwargs(padding), method=self.method
-        )
+        guide = self._guide(xp, geometry)
+        check_region_method(self.method)
+        out = region_conv2d_unchecked(xp, kernels, guide, None, geometry, method=self.method)
         if self.bias is not None:
             out = out + self.bias.reshape(1, -1, 1, 1)
         if not is_exporting():  # a plain attribute: not part of an exported graph
@@ -166,14 +160,15 @@ class DRConv2d(DynamicConvBase):
         """``'region_map'``: the region of every output pixel [N, H_out, W_out] (int64) for input
         [N, C_in, H, W] (or [C_in, H, W])."""
         x, _ = self._check_input(x)
-        xp, padding = self._pad(x)
-        return {"region_map": assign_regions(self._guide(xp, padding))}
+        xp, geometry = self._pad(x)
+        return {"region_map": assign_regions(self._guide(xp, geometry))}
 
-    def _guide(self, xp: Tensor, padding: Any) -> Tensor:
-        """Guide logits over the temperature [N, R, H_out, W_out], on the padded input."""
+    def _guide(self, xp: Tensor, geometry: ConvGeometry) -> Tensor:
+        """Guide logits over the temperature [N, R, H_out, W_out], on the input as :meth:`_pad`
+        left it for the convolution of ``geometry``."""
         conv = self.conv_guide
         guide = nn.functional.conv2d(
-            xp, conv.weight, conv.bias, self.stride, padding, self.dilation
+            xp, conv.weight, conv.bias, self.stride, geometry.symmetric_padding, self.dilation
         )
         return guide / self.temperature.to(guide.dtype)
 

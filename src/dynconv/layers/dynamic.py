@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._conv_args import PaddingArg, check_int, check_positive_float
-from ..functional import mixture_conv2d
+from ..functional.mixture import check_mixture_method, mixture_conv2d_unchecked
 from .attention import ROUTINGS, KernelAttention, Routing, routing_weights
 from .base import KernelBankConv
 
@@ -111,15 +111,16 @@ class DynamicConv2d(KernelBankConv):
         return {"kernel": self.kernel_attention(x)}
 
     def forward(self, x: Tensor) -> Tensor:
-        x, unbatched = self._check_input(x)
-        xp, padding = self._pad(x)
+        x, unbatched, output_size = self._check_input_size(x)
+        xp, geometry = self._pad(x)
         if self.is_static:
             bias = None if self.bias is None else self.bias[0]
-            out = F.conv2d(xp, self.weight, bias, **self._conv_kwargs(padding))
+            out = F.conv2d(xp, self.weight, bias, **self._conv_kwargs(geometry))
         else:
             coefficients = self.kernel_attention(x).to(self.weight.dtype)
-            out = mixture_conv2d(
-                xp, coefficients, self.kernels, self.bias, **self._conv_kwargs(padding),
+            check_mixture_method(self.method)
+            out = mixture_conv2d_unchecked(
+                xp, coefficients, self.kernels, self.bias, geometry, output_size,
                 method=self.method,
             )
         return out.squeeze(0) if unbatched else out

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._conv_args import PaddingArg, check_int, check_positive_float
-from ..functional import mixture_conv2d
+from ..functional.mixture import check_mixture_method, mixture_conv2d_unchecked
 from .attention import ATTENTION_NORMS, AttentionNorm, ODAttentionWeights, ODConvAttention
 from .base import KernelBankConv
 
@@ -127,21 +127,21 @@ class ODConv2d(KernelBankConv):
         return {k: v for k, v in self.attentions(x)._asdict().items() if v is not None}
 
     def forward(self, x: Tensor) -> Tensor:
-        x, unbatched = self._check_input(x)
+        x, unbatched, output_size = self._check_input_size(x)
         att = self.attentions(x)
         n, dtype = x.shape[0], x.dtype
-        xp, padding = self._pad(x * att.channel.to(dtype).reshape(n, -1, 1, 1))
-        conv_kwargs = self._conv_kwargs(padding)
+        xp, geometry = self._pad(x * att.channel.to(dtype).reshape(n, -1, 1, 1))
         if self.is_pointwise_static:
-            out = F.conv2d(xp, self.weight, None, **conv_kwargs)
+            out = F.conv2d(xp, self.weight, None, **self._conv_kwargs(geometry))
         else:
             coefficients = (
                 self.weight.new_ones(n, 1) if att.kernel is None
                 else att.kernel.to(self.weight.dtype)
             )
             spatial = None if att.spatial is None else att.spatial.to(self.weight.dtype)
-            out = mixture_conv2d(xp, coefficients, self.kernels, None, **conv_kwargs,
-                                 spatial=spatial, method=self.method)
+            check_mixture_method(self.method)
+            out = mixture_conv2d_unchecked(xp, coefficients, self.kernels, None, geometry,
+                                           output_size, spatial=spatial, method=self.method)
         if att.filter is not None:
             out = out * att.filter.to(out.dtype).reshape(n, -1, 1, 1)
         if self.bias is not None:
