@@ -111,18 +111,23 @@ def region_conv2d_unchecked(
     geometry: ConvGeometry,
     *,
     method: str = "auto",
+    regions: Tensor | None = None,
 ) -> Tensor:
     """:func:`region_conv2d` without its checks, for callers that made them (the layer):
     ``geometry`` parsed, the tensors of the right shapes (the guide's [H_out, W_out] is the
-    output size) and ``method`` valid (:func:`check_region_method`)."""
+    output size) and ``method`` valid (:func:`check_region_method`). ``regions``: the region
+    map ``assign_regions(guide)`` [N, H_out, W_out] when the caller has it (computed here
+    otherwise)."""
+    if regions is None:
+        regions = assign_regions(guide.detach())
     output_size = guide.shape[-2:]
     if method == "auto":
         method = _choose_region_method(weight, geometry, output_size[0] * output_size[1])
     if method == "dense":
         y = _all_region_outputs(x, weight, bias, geometry, output_size)
-        out = _PickRegion.apply(y, guide)
+        out = _PickRegion.apply(y, guide, regions)
     else:
-        out = _RestrictedRegionConv.apply(x, weight, guide, bias, geometry)
+        out = _RestrictedRegionConv.apply(x, weight, guide, bias, regions, geometry)
     return match_memory_format(out, x)
 
 
@@ -175,16 +180,18 @@ def _straight_through_grad(guide: Tensor, scores: Tensor) -> Tensor:
 
 
 class _PickRegion(torch.autograd.Function):
-    """Keep region ``guide.argmax(1)`` of every region's output (the seeds' assignment).
+    """Keep region ``regions = guide.argmax(1)`` of every region's output (the seeds'
+    assignment).
 
-    y [N, g, R, C_out/g, H, W], guide [N, R, H, W] -> [N, C_out, H, W]. Backward: ``y`` gets the
-    output gradient at its chosen region, the guide the straight-through softmax gradient.
+    y [N, g, R, C_out/g, H, W], guide [N, R, H, W], regions [N, H, W] -> [N, C_out, H, W].
+    Backward: ``y`` gets the output gradient at its chosen region, the guide the straight-through
+    softmax gradient.
     """
 
     @staticmethod
-    def forward(ctx, y: Tensor, guide: Tensor) -> Tensor:
+    def forward(ctx, y: Tensor, guide: Tensor, regions: Tensor) -> Tensor:
         n, g, _, c_g, h, w = y.shape
-        index = assign_regions(guide).reshape(n, 1, 1, 1, h, w).expand(n, g, 1, c_g, h, w)
+        index = regions.reshape(n, 1, 1, 1, h, w).expand(n, g, 1, c_g, h, w)
         ctx.save_for_backward(index, y if ctx.needs_input_grad[1] else None, guide)
         ctx.y_shape = y.shape
         return y.gather(2, index).reshape(n, g * c_g, h, w)
@@ -200,7 +207,7 @@ class _PickRegion(torch.autograd.Function):
             grad_y = grad.new_zeros(ctx.y_shape).scatter_(2, index, grad)
         if ctx.needs_input_grad[1]:
             grad_guide = _straight_through_grad(guide, (y * grad).sum((1, 3)))
-        return grad_y, grad_guide
+        return grad_y, grad_guide, None
 
 
 class _RegionPlan:
@@ -211,10 +218,12 @@ class _RegionPlan:
     padded input plane, of every tap of every pixel's receptive field in that order.
     """
 
-    def __init__(self, guide: Tensor, padded_width: int, geometry: ConvGeometry) -> None:
-        n, num_regions, h_out, w_out = guide.shape
-        device = guide.device
-        region = assign_regions(guide).reshape(n, h_out * w_out)
+    def __init__(
+        self, regions: Tensor, num_regions: int, padded_width: int, geometry: ConvGeometry
+    ) -> None:
+        n, h_out, w_out = regions.shape
+        device = regions.device
+        region = regions.reshape(n, h_out * w_out)
         self.order = region.argsort(dim=1, stable=True)
         offsets = torch.arange(n, device=device).unsqueeze(1) * num_regions
         counts = torch.bincount((region + offsets).flatten(), minlength=n * num_regions)
@@ -254,7 +263,8 @@ class _RestrictedRegionConv(torch.autograd.Function):
     """Each output pixel convolved with its own region's kernel only (the MACs of one conv).
 
     x [N, C_in, H, W], weight [N, R, C_out, C_in/g, kH, kW], guide [N, R, H_out, W_out],
-    bias [N, R, C_out] or None -> [N, C_out, H_out, W_out].
+    bias [N, R, C_out] or None, regions ``guide.argmax(1)`` [N, H_out, W_out]
+    -> [N, C_out, H_out, W_out].
 
     Works on pixel rows: the padded input as [g, Hp * Wp, C_in/g], a sample's receptive fields
     gathered in region order as [g, P, kH * kW * C_in/g], one matrix product per region. Saves
@@ -262,9 +272,9 @@ class _RestrictedRegionConv(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, guide, bias, geometry: ConvGeometry) -> Tensor:
+    def forward(ctx, x, weight, guide, bias, regions, geometry: ConvGeometry) -> Tensor:
         xp = F.pad(x, geometry.pads) if any(geometry.pads) else x
-        plan = _RegionPlan(guide, xp.shape[-1], geometry)
+        plan = _RegionPlan(regions, guide.shape[1], xp.shape[-1], geometry)
         n, c_out, g = x.shape[0], weight.shape[2], geometry.groups
         h_out, w_out = guide.shape[-2:]
         pixels = h_out * w_out
@@ -328,7 +338,7 @@ class _RestrictedRegionConv(torch.autograd.Function):
         if need_guide:
             scores = _region_scores(xp, weight, bias, grad_out, geometry)
             grad_guide = _straight_through_grad(guide, scores)
-        return grad_x, grad_w, grad_guide, grad_b, None
+        return grad_x, grad_w, grad_guide, grad_b, None, None
 
 
 def _bmm_into(out: Tensor, a: Tensor, b: Tensor, bias: Tensor | None = None) -> None:

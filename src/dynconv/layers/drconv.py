@@ -148,12 +148,13 @@ class DRConv2d(DynamicConvBase):
         kernels = self.region_kernels(x).to(xp.dtype)
         guide = self._guide(xp, geometry)
         check_region_method(self.method)
-        out = region_conv2d_unchecked(xp, kernels, guide, None, geometry, method=self.method)
+        regions = assign_regions(guide.detach())  # once, for the convolution and the attribute
+        out = region_conv2d_unchecked(xp, kernels, guide, None, geometry, method=self.method,
+                                      regions=regions)
         if self.bias is not None:
             out = out + self.bias.reshape(1, -1, 1, 1)
         if not is_exporting():  # a plain attribute: not part of an exported graph
-            region_map = assign_regions(guide.detach())
-            self.last_region_map = region_map.squeeze(0) if unbatched else region_map
+            self.last_region_map = regions.squeeze(0) if unbatched else regions
         return out.squeeze(0) if unbatched else out
 
     def attention_record(self, x: Tensor) -> dict[str, Tensor]:
