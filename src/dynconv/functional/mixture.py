@@ -31,10 +31,10 @@ from .per_sample import (
 MixtureMethod = Literal["auto", "aggregate", "mixout"]
 MIXTURE_METHODS = ("auto", "aggregate", "mixout")
 
-# Dispatch thresholds (see docs/performance.md): on maps of at most 16 output pixels
-# per sample, mixing the K outputs of one matrix product beats assembling per-sample kernels;
-# below 256 pixels, so does the dense convolution's mix-out in inference once the batch's
-# per-sample kernels are over glibc's 32 MB mmap threshold and freed memory is not kept (see
+# Dispatch thresholds (see docs/performance.md): on maps of at most 16 output pixels per sample,
+# mixing the K outputs of one matrix product beats assembling per-sample kernels; below 256
+# pixels, so does the dense convolution's mix-out in inference once the batch's per-sample
+# kernels are over glibc's 32 MB mmap threshold and freed memory is not kept (see
 # dynconv.allocator): such a tensor is page-faulted in afresh on every call.
 _MIXOUT_MAX_PIXELS = 256
 _MIXOUT_MIN_KERNEL_BYTES = 32 * 2**20
