@@ -44,6 +44,13 @@ def to_pair(value: object, name: str, minimum: int = 1) -> Pair:
     raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
 
 
+def check_bool(value: object, name: str) -> bool:
+    """Return ``value`` if it is a bool (not merely truthy: ``bias=1`` is refused)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return value
+
+
 def check_positive_float(value: object, name: str) -> float:
     """Return ``value`` as a float if it is a finite real number > 0."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):

@@ -18,6 +18,7 @@ from .._conv_args import (
     ConvGeometry,
     PaddingArg,
     Pair,
+    check_bool,
     check_channels,
     check_padding_mode,
     check_positive_float,
@@ -27,6 +28,9 @@ from .._conv_args import (
 
 class DynamicConvBase(nn.Module):
     """Base of the dynamic layers: the arguments and checks of ``nn.Conv2d``, plus a temperature.
+
+    Takes the convolution's geometry (``in_channels`` to ``groups``) in ``nn.Conv2d``'s order,
+    and the rest by keyword only: ``padding_mode``, ``temperature``, ``device``, ``dtype``.
 
     The temperature is a buffer: it moves with the module, is saved in the state_dict, and a
     state_dict without it (every reference checkpoint) still loads with ``strict=True``.
@@ -47,6 +51,7 @@ class DynamicConvBase(nn.Module):
         padding: PaddingArg = 0,
         dilation: int | tuple[int, int] = 1,
         groups: int = 1,
+        *,
         padding_mode: str = "zeros",
         temperature: float = 1.0,
         device: Any = None,
@@ -173,6 +178,9 @@ class DynamicConvBase(nn.Module):
 class KernelBankConv(DynamicConvBase):
     """A dynamic layer with a bank of K static kernels (and optionally K biases).
 
+    Takes :class:`DynamicConvBase`'s arguments, and by keyword ``num_kernels`` (K) and ``bias``
+    (whether there is a bank of K biases, default True).
+
     The bank is stored as one 4-D parameter ``weight`` [K * C_out, C_in/groups, kH, kW], so that
     ``model.to(memory_format=torch.channels_last)`` works (a 5-D parameter makes it fail) and the
     bank reaches a dense convolution as a free view. The state_dict shows it in the reference
@@ -186,44 +194,20 @@ class KernelBankConv(DynamicConvBase):
 
     method: str
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int | tuple[int, int],
-        stride: int | tuple[int, int] = 1,
-        padding: PaddingArg = 0,
-        dilation: int | tuple[int, int] = 1,
-        groups: int = 1,
-        bias: bool = True,
-        padding_mode: str = "zeros",
-        temperature: float = 1.0,
-        device: Any = None,
-        dtype: torch.dtype | None = None,
-        *,
-        num_kernels: int,
-    ) -> None:
-        super().__init__(
-            in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
-            padding_mode, temperature, device, dtype,
-        )
+    def __init__(self, *args: Any, num_kernels: int, bias: bool = True, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         if isinstance(num_kernels, bool) or not isinstance(num_kernels, int) or num_kernels < 1:
             raise ValueError(f"num_kernels must be an int >= 1, got {num_kernels!r}")
-        if not isinstance(bias, bool):
-            raise TypeError(f"bias must be a bool, got {bias!r}")
+        check_bool(bias, "bias")
         self.num_kernels = num_kernels
         self.method = "auto"
-        kh, kw = self.kernel_size
+        c_out, kw = self.out_channels, self._factory_kwargs
         self.weight = nn.Parameter(
-            torch.empty(
-                num_kernels * out_channels, in_channels // self.groups, kh, kw,
-                **self._factory_kwargs,
-            )
+            torch.empty(num_kernels * c_out, self.in_channels // self.groups, *self.kernel_size,
+                        **kw)
         )
         if bias:
-            self.bias = nn.Parameter(
-                torch.empty(num_kernels, out_channels, **self._factory_kwargs)
-            )
+            self.bias = nn.Parameter(torch.empty(num_kernels, c_out, **kw))
         else:
             self.register_parameter("bias", None)
 

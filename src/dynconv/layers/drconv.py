@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._conv_args import ConvGeometry, PaddingArg, check_int
+from .._conv_args import ConvGeometry, PaddingArg, check_bool, check_int
 from ..functional import RegionMethod, adaptive_avg_pool2d_matmul, assign_regions, is_exporting
 from ..functional.region import check_region_method, region_conv2d_unchecked
 from .base import DynamicConvBase
@@ -78,11 +78,10 @@ class DRConv2d(DynamicConvBase):
     ) -> None:
         super().__init__(
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
-            padding_mode, temperature, device, dtype,
+            padding_mode=padding_mode, temperature=temperature, device=device, dtype=dtype,
         )
         self.num_regions = check_int(num_regions, "num_regions")
-        if not isinstance(bias, bool):
-            raise TypeError(f"bias must be a bool, got {bias!r}")
+        check_bool(bias, "bias")
         kw = self._factory_kwargs
         r = self.num_regions
         kernel_numel = out_channels * (in_channels // self.groups)

@@ -75,8 +75,9 @@ class DynamicConv2d(KernelBankConv):
         attention_bias: bool = False,
     ) -> None:
         super().__init__(
-            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
-            padding_mode, temperature, device, dtype, num_kernels=num_kernels,
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+            num_kernels=num_kernels, bias=bias, padding_mode=padding_mode, temperature=temperature,
+            device=device, dtype=dtype,
         )
         if routing not in ROUTINGS:
             raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")

@@ -80,8 +80,9 @@ class ODConv2d(KernelBankConv):
         attention_norm: AttentionNorm = "batch",
     ) -> None:
         super().__init__(
-            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
-            padding_mode, temperature, device, dtype, num_kernels=num_kernels,
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+            num_kernels=num_kernels, bias=bias, padding_mode=padding_mode, temperature=temperature,
+            device=device, dtype=dtype,
         )
         self.reduction = check_positive_float(reduction, "reduction")
         self.min_channels = check_int(min_channels, "min_channels")
