@@ -8,7 +8,7 @@ static kernels that DY-Conv, CondConv and ODConv mix per sample.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,28 @@ from .._conv_args import (
     check_positive_float,
     parse_geometry,
 )
+
+#: The paragraphs every public layer's docstring shares, written there as ``{conv_args}`` and
+#: ``{shapes}`` and filled in by :func:`shared_notes` (as torch formats ``convolution_notes``
+#: into its convolutions' docstrings).
+LAYER_NOTES = {
+    "conv_args": "Takes ``nn.Conv2d``'s arguments; the keyword-only ones are the layer's own.",
+    "shapes": (
+        "Shapes: input [N, C_in, H, W] or [C_in, H, W] -> output [N, C_out, H_out, W_out] (or\n"
+        "    [C_out, H_out, W_out]), H_out and W_out as for ``nn.Conv2d``."
+    ),
+}
+
+_Layer = TypeVar("_Layer", bound=type)
+
+
+def shared_notes(cls: _Layer) -> _Layer:
+    """Class decorator: fill the :data:`LAYER_NOTES` placeholders of the class's docstring."""
+    doc = cls.__doc__ or ""
+    for key, text in LAYER_NOTES.items():
+        doc = doc.replace("{" + key + "}", text)
+    cls.__doc__ = doc
+    return cls
 
 
 class DynamicConvBase(nn.Module):

@@ -12,9 +12,10 @@ from torch import Tensor, nn
 from .._conv_args import ConvGeometry, PaddingArg, check_bool, check_int
 from ..functional import RegionMethod, adaptive_avg_pool2d_matmul, assign_regions, is_exporting
 from ..functional.region import check_region_method, region_conv2d_unchecked
-from .base import DynamicConvBase
+from .base import DynamicConvBase, shared_notes
 
 
+@shared_notes
 class DRConv2d(DynamicConvBase):
     """Dynamic region-aware convolution (DRConv, Chen et al., CVPR 2021).
 
@@ -29,7 +30,7 @@ class DRConv2d(DynamicConvBase):
     temperature)`` and ``g[r]`` the output gradient dotted with region r's output (see
     :func:`dynconv.functional.region_conv2d`).
 
-    Takes ``nn.Conv2d``'s arguments; the keyword-only ones are the layer's own.
+    {conv_args}
 
     Args:
         bias: a static bias [C_out] shared by all regions. Off by default: the reference layout
@@ -52,8 +53,7 @@ class DRConv2d(DynamicConvBase):
             (int64, detached; [H_out, W_out] for an unbatched input), or ``None`` before the
             first forward.
 
-    Shapes: input [N, C_in, H, W] or [C_in, H, W] -> output [N, C_out, H_out, W_out] (or
-    [C_out, H_out, W_out]), H_out and W_out as for ``nn.Conv2d``.
+    {shapes}
     """
 
     method: RegionMethod

@@ -12,9 +12,10 @@ from torch import Tensor
 from .._conv_args import PaddingArg, check_int, check_positive_float
 from ..functional.mixture import check_mixture_method, mixture_conv2d_unchecked
 from .attention import ROUTINGS, KernelAttention, Routing, routing_weights
-from .base import KernelBankConv
+from .base import KernelBankConv, shared_notes
 
 
+@shared_notes
 class DynamicConv2d(KernelBankConv):
     """Dynamic convolution: ``y_n = (sum_k a_nk W_k) * x_n + sum_k a_nk b_k``.
 
@@ -23,7 +24,7 @@ class DynamicConv2d(KernelBankConv):
     (DY-Conv, Chen et al., CVPR 2020) or, with ``routing='sigmoid'``, an independent gate
     ``sigmoid(logits / temperature)`` per kernel (CondConv, Yang et al., NeurIPS 2019).
 
-    Takes ``nn.Conv2d``'s arguments; the keyword-only ones are the layer's own.
+    {conv_args}
 
     Args:
         num_kernels: K, the number of kernels. With K = 1 and softmax routing the layer is exactly
@@ -44,8 +45,7 @@ class DynamicConv2d(KernelBankConv):
         ``bias`` [K, C_out], ``attention.fc1.weight`` [hidden, C_in, 1, 1],
         ``attention.fc2.weight`` [K, hidden, 1, 1], and the buffer ``temperature``.
 
-    Shapes: input [N, C_in, H, W] or [C_in, H, W] -> output [N, C_out, H_out, W_out] (or
-    [C_out, H_out, W_out]), H_out and W_out as for ``nn.Conv2d``.
+    {shapes}
 
     Differences from the reference code, on purpose: the temperature defaults to 1 and any value
     > 0 is allowed (no ``temperature % 3 == 1`` assertion); the hidden width is at least 1; the

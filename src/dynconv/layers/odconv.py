@@ -13,9 +13,10 @@ from torch import Tensor
 from .._conv_args import PaddingArg, check_int, check_positive_float
 from ..functional.mixture import check_mixture_method, mixture_conv2d_unchecked
 from .attention import ATTENTION_NORMS, AttentionNorm, ODAttentionWeights, ODConvAttention
-from .base import KernelBankConv
+from .base import KernelBankConv, shared_notes
 
 
+@shared_notes
 class ODConv2d(KernelBankConv):
     """Omni-dimensional dynamic convolution.
 
@@ -32,7 +33,7 @@ class ODConv2d(KernelBankConv):
     :func:`dynconv.functional.mixture_conv2d`. A 1x1 layer with K = 1 is a plain convolution
     between the two activation scalings.
 
-    Takes ``nn.Conv2d``'s arguments; the keyword-only ones are the layer's own.
+    {conv_args}
 
     Args:
         bias: a bank of K biases mixed by the kernel attention and added after the filter
@@ -55,8 +56,7 @@ class ODConv2d(KernelBankConv):
     absent for a 1x1 kernel), ``attention.kernel_fc.*`` (K; absent for K = 1), and the buffer
     ``temperature`` (optional on load). ``bias`` [K, C_out] only with ``bias=True``.
 
-    Shapes: input [N, C_in, H, W] or [C_in, H, W] -> output [N, C_out, H_out, W_out] (or
-    [C_out, H_out, W_out]), H_out and W_out as for ``nn.Conv2d``.
+    {shapes}
     """
 
     def __init__(
