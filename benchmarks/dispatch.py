@@ -40,20 +40,16 @@ class _Forced(nn.Module):
         self.layer, self.method, self.per_sample = layer, method, per_sample
 
     def forward(self, x):
-        import dynconv.functional as functional
+        from dynconv.functional import per_sample
 
         self.layer.method = self.method
-        original = functional.per_sample_conv2d
+        rule = per_sample._choose_per_sample_method  # what the aggregate's 'auto' asks
         if self.per_sample != "auto":
-            def forced(*args, **kwargs):
-                kwargs["method"] = self.per_sample
-                return original(*args, **kwargs)
-
-            functional.per_sample_conv2d = forced
+            per_sample._choose_per_sample_method = lambda *args: self.per_sample
         try:
             return self.layer(x)
         finally:
-            functional.per_sample_conv2d = original
+            per_sample._choose_per_sample_method = rule
             self.layer.method = "auto"
 
 

@@ -25,12 +25,10 @@ from common import (
 from torch import Tensor, nn
 
 from dynconv import DRConv2d, DynamicConv2d, ODConv2d
-from dynconv.functional import (
-    _choose_mixture_method,
-    _choose_per_sample_method,
-    _choose_region_method,
-    mixout_through_im2col,
-)
+from dynconv.functional import mixout_through_im2col
+from dynconv.functional.mixture import _choose_mixture_method
+from dynconv.functional.per_sample import _choose_per_sample_method
+from dynconv.functional.region import _choose_region_method
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,8 @@ from torch import nn
 import dynconv
 from dynconv import DRConv2d, per_sample_conv2d, region_conv2d
 from dynconv._conv_args import parse_geometry
-from dynconv.functional import REGION_METHODS, _choose_region_method
+from dynconv.functional import REGION_METHODS
+from dynconv.functional.region import _choose_region_method
 from dynconv.testing import (
     reference_drconv2d,
     reference_drconv_guide,

@@ -12,7 +12,9 @@ from torch import nn
 from dynconv import DRConv2d, DynamicConv2d, ODConv2d
 from dynconv._conv_args import parse_geometry
 from dynconv.cli import main
-from dynconv.functional import _choose_mixture_method, _choose_per_sample_method, is_exporting
+from dynconv.functional import is_exporting
+from dynconv.functional.mixture import _choose_mixture_method
+from dynconv.functional.per_sample import _choose_per_sample_method
 from dynconv.tools.convert import convert
 from dynconv.tools.export import check_onnx, export_onnx, fixed_batch_layers
 from dynconv.training import TrainConfig, load_digits, load_run, train

@@ -10,16 +10,17 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dynconv import functional
 from dynconv.functional import (
     MIXTURE_METHODS,
     PER_SAMPLE_METHODS,
-    _choose_mixture_method,
-    _choose_per_sample_method,
     adaptive_avg_pool2d_matmul,
+    mix_kernels,
     mixture_conv2d,
     per_sample_conv2d,
 )
+from dynconv.functional import per_sample as per_sample_module
+from dynconv.functional.mixture import _choose_mixture_method
+from dynconv.functional.per_sample import _choose_per_sample_method
 from dynconv.testing import reference_per_sample_conv2d
 
 from helpers import assert_same_outputs_and_grads
@@ -31,7 +32,7 @@ F64 = torch.float64
 def _recomputing():
     """Per-sample kernels (the aggregate method) and im2col buffers (the unfold method)
     recomputed in backward at any size."""
-    return mock.patch.object(functional, "_RECOMPUTE_MIN_BYTES", 0)
+    return mock.patch.object(per_sample_module, "_RECOMPUTE_MIN_BYTES", 0)
 
 
 def _tensors(cfg: ConvConfig, generator: torch.Generator, num_kernels: int | None = None):
@@ -99,6 +100,17 @@ def _check_every_mixture_method(mixture, reference, inputs) -> None:
         assert_same_outputs_and_grads(lambda: mixture(method="aggregate"), reference, inputs)
 
 
+def test_mix_kernels_is_the_weighted_sum_of_the_bank() -> None:
+    gen = torch.Generator().manual_seed(0)
+    coeffs = torch.randn(3, 4, dtype=F64, generator=gen)
+    bank = torch.randn(4, 6, 2, 3, 3, dtype=F64, generator=gen)
+    biases = torch.randn(4, 6, dtype=F64, generator=gen)
+    kernels = mix_kernels(coeffs, bank)
+    assert kernels.shape == (3, 6, 2, 3, 3)
+    torch.testing.assert_close(kernels, torch.einsum("nk,koihw->noihw", coeffs, bank))
+    torch.testing.assert_close(mix_kernels(coeffs, biases), coeffs @ biases)
+
+
 def test_gradcheck_small_cases() -> None:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, 5, 4, dtype=F64, generator=gen, requires_grad=True)
@@ -146,10 +158,10 @@ def test_batch_one_uses_a_plain_convolution() -> None:
 
 @pytest.mark.parametrize("kept", [False, True])
 def test_mixture_dispatch_rule(kept: bool, monkeypatch) -> None:
-    from dynconv import functional
+    from dynconv import allocator
     from dynconv._conv_args import parse_geometry
 
-    monkeypatch.setattr(functional, "freed_memory_is_kept", lambda: kept)
+    monkeypatch.setattr(allocator, "freed_memory_is_kept", lambda: kept)
 
     def choose(n, c, size, groups=1, grad=False, spatial=False):
         x = torch.zeros(n, c, size, size, requires_grad=grad)
@@ -170,10 +182,10 @@ def test_mixture_dispatch_rule(kept: bool, monkeypatch) -> None:
 
 @pytest.mark.parametrize("kept", [False, True])
 def test_per_sample_dispatch_rule(kept: bool, monkeypatch) -> None:
-    from dynconv import functional
+    from dynconv import allocator
     from dynconv._conv_args import parse_geometry
 
-    monkeypatch.setattr(functional, "freed_memory_is_kept", lambda: kept)
+    monkeypatch.setattr(allocator, "freed_memory_is_kept", lambda: kept)
 
     def choose(batch, pixels, grad, kernel=3, stride=1, padding=1):
         geometry = parse_geometry(kernel, stride, padding, 1, 1)

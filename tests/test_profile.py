@@ -7,8 +7,9 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from dynconv import DRConv2d, DynamicConv2d, ODConv2d, functional
+from dynconv import DRConv2d, DynamicConv2d, ODConv2d
 from dynconv.cli import main
+from dynconv.functional import mixture
 from dynconv.models import create_model
 from dynconv.tools.convert import static_twin
 from dynconv.tools.cost import LayerMacs, count_macs, layer_macs, peak_memory_bytes
@@ -73,7 +74,7 @@ def test_flop_counter_agrees_with_the_aggregate_formulation(case, monkeypatch):
     """With the kernels assembled per sample, FlopCounterMode counts the grouped convolution and
     the matrix products: exactly the analytic count. DRConv's restricted formulation (each pixel
     with its region's kernel only) is counted exactly too; its dense one runs all R kernels."""
-    monkeypatch.setattr(functional, "_choose_mixture_method", lambda *a: "aggregate")
+    monkeypatch.setattr(mixture, "_choose_mixture_method", lambda *a: "aggregate")
     layer, expected = _layers()[case]
     layer.eval()
     if isinstance(layer, DRConv2d):
@@ -85,12 +86,12 @@ def test_mixout_runs_more_than_the_layer_costs_but_count_macs_does_not_change(mo
     layer = DynamicConv2d(8, 12, 3, padding=1, num_kernels=4, bias=False).eval()
     x = torch.randn(3, 8, 10, 10)
     analytic = layer_macs(layer, (10, 10))
-    monkeypatch.setattr(functional, "_choose_mixture_method", lambda *a: "mixout")
+    monkeypatch.setattr(mixture, "_choose_mixture_method", lambda *a: "mixout")
     ran = _counted_by_flop_counter(layer, x)
     # K dense convolutions and one mixing product per output element
     assert ran == 4 * analytic.conv + analytic.attention + 4 * 12 * 100
     assert count_macs(layer, x) == analytic.total
-    monkeypatch.setattr(functional, "_choose_mixture_method", lambda *a: "aggregate")
+    monkeypatch.setattr(mixture, "_choose_mixture_method", lambda *a: "aggregate")
     assert count_macs(layer, x) == analytic.total
 
 
@@ -126,7 +127,7 @@ def test_count_macs_and_flop_counter_on_a_model_of_every_layer_type(monkeypatch)
     x = torch.randn(2, 3, 12, 12)
     expected = _analytic_total(model, 12)
     assert count_macs(model, x) == expected
-    monkeypatch.setattr(functional, "_choose_mixture_method", lambda *a: "aggregate")
+    monkeypatch.setattr(mixture, "_choose_mixture_method", lambda *a: "aggregate")
     assert _counted_by_flop_counter(model, x) == expected
 
 

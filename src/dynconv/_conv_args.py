@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -42,6 +42,13 @@ def to_pair(value: object, name: str, minimum: int = 1) -> Pair:
     if isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2:
         return (check_int(value[0], name, minimum), check_int(value[1], name, minimum))
     raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+
+
+def check_bool(value: object, name: str) -> bool:
+    """Return ``value`` if it is a bool (not merely truthy: ``bias=1`` is refused)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return value
 
 
 def check_positive_float(value: object, name: str) -> float:
@@ -96,6 +103,23 @@ class ConvGeometry:
         ):
             sizes.append((size + lo + hi - d * (k - 1) - 1) // s + 1)
         return sizes[0], sizes[1]
+
+    def checked_output_size(self, height: int, width: int, caller: str = "") -> Pair:
+        """:meth:`output_size`, or a ``ValueError`` if the input is too small for any output
+        (the message starts with ``caller``, when given)."""
+        h_out, w_out = self.output_size(height, width)
+        if h_out <= 0 or w_out <= 0:
+            prefix = f"{caller}: " if caller else ""
+            raise ValueError(
+                f"{prefix}input of spatial size {(height, width)} is too small for kernel_size="
+                f"{self.kernel_size}, dilation={self.dilation}, padding={self.padding} "
+                f"(the output would be {h_out}x{w_out})"
+            )
+        return h_out, w_out
+
+    def without_padding(self) -> ConvGeometry:
+        """The same convolution on an input already padded by :attr:`pads`."""
+        return replace(self, padding=(0, 0), pads=(0, 0, 0, 0))
 
 
 def _plain_key(args: tuple) -> tuple | None:

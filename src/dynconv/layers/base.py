@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._conv_args import (
+    ConvGeometry,
     PaddingArg,
+    Pair,
+    check_bool,
     check_channels,
     check_padding_mode,
     check_positive_float,
@@ -24,9 +27,34 @@ from .._conv_args import (
 )
 from ..functional import mix_kernels
 
+#: The paragraphs every public layer's docstring shares, written there as ``{conv_args}`` and
+#: ``{shapes}`` and filled in by :func:`shared_notes` (as torch formats ``convolution_notes``
+#: into its convolutions' docstrings).
+LAYER_NOTES = {
+    "conv_args": "Takes ``nn.Conv2d``'s arguments; the keyword-only ones are the layer's own.",
+    "shapes": (
+        "Shapes: input [N, C_in, H, W] or [C_in, H, W] -> output [N, C_out, H_out, W_out] (or\n"
+        "    [C_out, H_out, W_out]), H_out and W_out as for ``nn.Conv2d``."
+    ),
+}
+
+_Layer = TypeVar("_Layer", bound=type)
+
+
+def shared_notes(cls: _Layer) -> _Layer:
+    """Class decorator: fill the :data:`LAYER_NOTES` placeholders of the class's docstring."""
+    doc = cls.__doc__ or ""
+    for key, text in LAYER_NOTES.items():
+        doc = doc.replace("{" + key + "}", text)
+    cls.__doc__ = doc
+    return cls
+
 
 class DynamicConvBase(nn.Module):
     """Base of the dynamic layers: the arguments and checks of ``nn.Conv2d``, plus a temperature.
+
+    Takes the convolution's geometry (``in_channels`` to ``groups``) in ``nn.Conv2d``'s order,
+    and the rest by keyword only: ``padding_mode``, ``temperature``, ``device``, ``dtype``.
 
     The temperature is a buffer: it moves with the module, is saved in the state_dict, and a
     state_dict without it (every reference checkpoint) still loads with ``strict=True``.
@@ -47,6 +75,7 @@ class DynamicConvBase(nn.Module):
         padding: PaddingArg = 0,
         dilation: int | tuple[int, int] = 1,
         groups: int = 1,
+        *,
         padding_mode: str = "zeros",
         temperature: float = 1.0,
         device: Any = None,
@@ -137,6 +166,11 @@ class DynamicConvBase(nn.Module):
 
     def _check_input(self, x: Tensor) -> tuple[Tensor, bool]:
         """Return (x as [N, C, H, W], whether it came unbatched as [C, H, W])."""
+        x, unbatched, _ = self._check_input_size(x)
+        return x, unbatched
+
+    def _check_input_size(self, x: Tensor) -> tuple[Tensor, bool, Pair]:
+        """:meth:`_check_input`, and the output size (H_out, W_out) it checked."""
         name = type(self).__name__
         if not isinstance(x, Tensor):
             raise TypeError(f"{name} expects a torch.Tensor, got {type(x).__name__}")
@@ -155,28 +189,23 @@ class DynamicConvBase(nn.Module):
             )
         if x.shape[0] == 0:
             raise ValueError(f"{name} got an empty batch (input shape {list(x.shape)})")
-        h_out, w_out = self._geometry.output_size(x.shape[-2], x.shape[-1])
-        if h_out <= 0 or w_out <= 0:
-            raise ValueError(
-                f"{name}: input of spatial size {tuple(x.shape[-2:])} is too small for "
-                f"kernel_size={self.kernel_size}, dilation={self.dilation}, "
-                f"padding={self.padding} (the output would be {h_out}x{w_out})"
-            )
-        return x, unbatched
+        output_size = self._geometry.checked_output_size(x.shape[-2], x.shape[-1], name)
+        return x, unbatched, output_size
 
-    def _pad(self, x: Tensor) -> tuple[Tensor, Any]:
+    def _pad(self, x: Tensor) -> tuple[Tensor, ConvGeometry]:
         """Pad where the convolution cannot (a ``padding_mode`` other than zeros, or asymmetric
-        'same' padding); return (input, the padding left for the convolution)."""
-        symmetric = self._geometry.symmetric_padding
-        if self.padding_mode == "zeros" and symmetric is not None:
-            return x, symmetric
+        'same' padding); return (input, the geometry of the convolution left to run on it,
+        whose padding is symmetric)."""
+        if self.padding_mode == "zeros" and self._geometry.symmetric_padding is not None:
+            return x, self._geometry
         mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
-        return F.pad(x, self._geometry.pads, mode=mode), 0
+        return F.pad(x, self._geometry.pads, mode=mode), self._geometry.without_padding()
 
-    def _conv_kwargs(self, padding: Any) -> dict[str, Any]:
+    def _conv_kwargs(self, geometry: ConvGeometry) -> dict[str, Any]:
+        """``F.conv2d``'s keywords for the convolution :meth:`_pad` left."""
         return {
             "stride": self.stride,
-            "padding": padding,
+            "padding": geometry.symmetric_padding,
             "dilation": self.dilation,
             "groups": self.groups,
         }
@@ -201,6 +230,9 @@ class DynamicConvBase(nn.Module):
 class KernelBankConv(DynamicConvBase):
     """A dynamic layer with a bank of K static kernels (and optionally K biases).
 
+    Takes :class:`DynamicConvBase`'s arguments, and by keyword ``num_kernels`` (K) and ``bias``
+    (whether there is a bank of K biases, default True).
+
     The bank is stored as one 4-D parameter ``weight`` [K * C_out, C_in/groups, kH, kW], so that
     ``model.to(memory_format=torch.channels_last)`` works (a 5-D parameter makes it fail) and the
     bank reaches a dense convolution as a free view. The state_dict shows it in the reference
@@ -214,44 +246,20 @@ class KernelBankConv(DynamicConvBase):
 
     method: str
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int | tuple[int, int],
-        stride: int | tuple[int, int] = 1,
-        padding: PaddingArg = 0,
-        dilation: int | tuple[int, int] = 1,
-        groups: int = 1,
-        bias: bool = True,
-        padding_mode: str = "zeros",
-        temperature: float = 1.0,
-        device: Any = None,
-        dtype: torch.dtype | None = None,
-        *,
-        num_kernels: int,
-    ) -> None:
-        super().__init__(
-            in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
-            padding_mode, temperature, device, dtype,
-        )
+    def __init__(self, *args: Any, num_kernels: int, bias: bool = True, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         if isinstance(num_kernels, bool) or not isinstance(num_kernels, int) or num_kernels < 1:
             raise ValueError(f"num_kernels must be an int >= 1, got {num_kernels!r}")
-        if not isinstance(bias, bool):
-            raise TypeError(f"bias must be a bool, got {bias!r}")
+        check_bool(bias, "bias")
         self.num_kernels = num_kernels
         self.method = "auto"
-        kh, kw = self.kernel_size
+        c_out, kw = self.out_channels, self._factory_kwargs
         self.weight = nn.Parameter(
-            torch.empty(
-                num_kernels * out_channels, in_channels // self.groups, kh, kw,
-                **self._factory_kwargs,
-            )
+            torch.empty(num_kernels * c_out, self.in_channels // self.groups, *self.kernel_size,
+                        **kw)
         )
         if bias:
-            self.bias = nn.Parameter(
-                torch.empty(num_kernels, out_channels, **self._factory_kwargs)
-            )
+            self.bias = nn.Parameter(torch.empty(num_kernels, c_out, **kw))
         else:
             self.register_parameter("bias", None)
 

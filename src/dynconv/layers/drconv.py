@@ -9,17 +9,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._conv_args import PaddingArg, check_int
-from ..functional import (
-    RegionMethod,
-    adaptive_avg_pool2d_matmul,
-    assign_regions,
-    is_exporting,
-    region_conv2d,
-)
-from .base import DynamicConvBase, LayerMacs, kernel_numel
+from .._conv_args import ConvGeometry, PaddingArg, check_bool, check_int
+from ..functional import RegionMethod, adaptive_avg_pool2d_matmul, assign_regions, is_exporting
+from ..functional.region import check_region_method, region_conv2d_unchecked
+from .base import DynamicConvBase, LayerMacs, kernel_numel, shared_notes
 
 
+@shared_notes
 class DRConv2d(DynamicConvBase):
     """Dynamic region-aware convolution (DRConv, Chen et al., CVPR 2021).
 
@@ -34,7 +30,7 @@ class DRConv2d(DynamicConvBase):
     temperature)`` and ``g[r]`` the output gradient dotted with region r's output (see
     :func:`dynconv.functional.region_conv2d`).
 
-    Takes ``nn.Conv2d``'s arguments; the keyword-only ones are the layer's own.
+    {conv_args}
 
     Args:
         bias: a static bias [C_out] shared by all regions. Off by default: the reference layout
@@ -57,8 +53,7 @@ class DRConv2d(DynamicConvBase):
             (int64, detached; [H_out, W_out] for an unbatched input), or ``None`` before the
             first forward.
 
-    Shapes: input [N, C_in, H, W] or [C_in, H, W] -> output [N, C_out, H_out, W_out] (or
-    [C_out, H_out, W_out]), H_out and W_out as for ``nn.Conv2d``.
+    {shapes}
     """
 
     method: RegionMethod
@@ -83,11 +78,10 @@ class DRConv2d(DynamicConvBase):
     ) -> None:
         super().__init__(
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
-            padding_mode, temperature, device, dtype,
+            padding_mode=padding_mode, temperature=temperature, device=device, dtype=dtype,
         )
         self.num_regions = check_int(num_regions, "num_regions")
-        if not isinstance(bias, bool):
-            raise TypeError(f"bias must be a bool, got {bias!r}")
+        check_bool(bias, "bias")
         kw = self._factory_kwargs
         r = self.num_regions
         kernel_numel = out_channels * (in_channels // self.groups)
@@ -149,31 +143,32 @@ class DRConv2d(DynamicConvBase):
 
     def forward(self, x: Tensor) -> Tensor:
         x, unbatched = self._check_input(x)
-        xp, padding = self._pad(x)
+        xp, geometry = self._pad(x)
         kernels = self.region_kernels(x).to(xp.dtype)
-        guide = self._guide(xp, padding)
-        out = region_conv2d(
-            xp, kernels, guide, None, **self._conv_kwargs(padding), method=self.method
-        )
+        guide = self._guide(xp, geometry)
+        check_region_method(self.method)
+        regions = assign_regions(guide.detach())  # once, for the convolution and the attribute
+        out = region_conv2d_unchecked(xp, kernels, guide, None, geometry, method=self.method,
+                                      regions=regions)
         if self.bias is not None:
             out = out + self.bias.reshape(1, -1, 1, 1)
         if not is_exporting():  # a plain attribute: not part of an exported graph
-            region_map = assign_regions(guide.detach())
-            self.last_region_map = region_map.squeeze(0) if unbatched else region_map
+            self.last_region_map = regions.squeeze(0) if unbatched else regions
         return out.squeeze(0) if unbatched else out
 
     def attention_record(self, x: Tensor) -> dict[str, Tensor]:
         """``'region_map'``: the region of every output pixel [N, H_out, W_out] (int64) for input
         [N, C_in, H, W] (or [C_in, H, W])."""
         x, _ = self._check_input(x)
-        xp, padding = self._pad(x)
-        return {"region_map": assign_regions(self._guide(xp, padding))}
+        xp, geometry = self._pad(x)
+        return {"region_map": assign_regions(self._guide(xp, geometry))}
 
-    def _guide(self, xp: Tensor, padding: Any) -> Tensor:
-        """Guide logits over the temperature [N, R, H_out, W_out], on the padded input."""
+    def _guide(self, xp: Tensor, geometry: ConvGeometry) -> Tensor:
+        """Guide logits over the temperature [N, R, H_out, W_out], on the input as :meth:`_pad`
+        left it for the convolution of ``geometry``."""
         conv = self.conv_guide
         guide = nn.functional.conv2d(
-            xp, conv.weight, conv.bias, self.stride, padding, self.dilation
+            xp, conv.weight, conv.bias, self.stride, geometry.symmetric_padding, self.dilation
         )
         return guide / self.temperature.to(guide.dtype)
 

@@ -10,11 +10,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._conv_args import PaddingArg, check_int, check_positive_float
-from ..functional import mixture_conv2d
+from ..functional.mixture import check_mixture_method, mixture_conv2d_unchecked
 from .attention import ROUTINGS, KernelAttention, Routing, routing_weights
-from .base import KernelBankConv, LayerMacs, pooled_conv_macs
+from .base import KernelBankConv, LayerMacs, pooled_conv_macs, shared_notes
 
 
+@shared_notes
 class DynamicConv2d(KernelBankConv):
     """Dynamic convolution: ``y_n = (sum_k a_nk W_k) * x_n + sum_k a_nk b_k``.
 
@@ -23,7 +24,7 @@ class DynamicConv2d(KernelBankConv):
     (DY-Conv, Chen et al., CVPR 2020) or, with ``routing='sigmoid'``, an independent gate
     ``sigmoid(logits / temperature)`` per kernel (CondConv, Yang et al., NeurIPS 2019).
 
-    Takes ``nn.Conv2d``'s arguments; the keyword-only ones are the layer's own.
+    {conv_args}
 
     Args:
         num_kernels: K, the number of kernels. With K = 1 and softmax routing the layer is exactly
@@ -44,8 +45,7 @@ class DynamicConv2d(KernelBankConv):
         ``bias`` [K, C_out], ``attention.fc1.weight`` [hidden, C_in, 1, 1],
         ``attention.fc2.weight`` [K, hidden, 1, 1], and the buffer ``temperature``.
 
-    Shapes: input [N, C_in, H, W] or [C_in, H, W] -> output [N, C_out, H_out, W_out] (or
-    [C_out, H_out, W_out]), H_out and W_out as for ``nn.Conv2d``.
+    {shapes}
 
     Differences from the reference code, on purpose: the temperature defaults to 1 and any value
     > 0 is allowed (no ``temperature % 3 == 1`` assertion); the hidden width is at least 1; the
@@ -75,8 +75,9 @@ class DynamicConv2d(KernelBankConv):
         attention_bias: bool = False,
     ) -> None:
         super().__init__(
-            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
-            padding_mode, temperature, device, dtype, num_kernels=num_kernels,
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+            num_kernels=num_kernels, bias=bias, padding_mode=padding_mode, temperature=temperature,
+            device=device, dtype=dtype,
         )
         if routing not in ROUTINGS:
             raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
@@ -111,15 +112,16 @@ class DynamicConv2d(KernelBankConv):
         return {"kernel": self.kernel_attention(x)}
 
     def forward(self, x: Tensor) -> Tensor:
-        x, unbatched = self._check_input(x)
-        xp, padding = self._pad(x)
+        x, unbatched, output_size = self._check_input_size(x)
+        xp, geometry = self._pad(x)
         if self.is_static:
             bias = None if self.bias is None else self.bias[0]
-            out = F.conv2d(xp, self.weight, bias, **self._conv_kwargs(padding))
+            out = F.conv2d(xp, self.weight, bias, **self._conv_kwargs(geometry))
         else:
             coefficients = self.kernel_attention(x).to(self.weight.dtype)
-            out = mixture_conv2d(
-                xp, coefficients, self.kernels, self.bias, **self._conv_kwargs(padding),
+            check_mixture_method(self.method)
+            out = mixture_conv2d_unchecked(
+                xp, coefficients, self.kernels, self.bias, geometry, output_size,
                 method=self.method,
             )
         return out.squeeze(0) if unbatched else out

@@ -12,6 +12,7 @@ from typing import Any
 
 from torch import nn
 
+from .._conv_args import PaddingArg
 from .base import DynamicConvBase
 from .drconv import DRConv2d
 from .dynamic import DynamicConv2d
@@ -57,7 +58,7 @@ def create_conv2d(
     out_channels: int,
     kernel_size: int | tuple[int, int],
     stride: int | tuple[int, int] = 1,
-    padding: Any = 0,
+    padding: PaddingArg = 0,
     dilation: int | tuple[int, int] = 1,
     groups: int = 1,
     bias: bool = True,

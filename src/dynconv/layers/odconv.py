@@ -11,11 +11,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._conv_args import PaddingArg, check_int, check_positive_float
-from ..functional import mixture_conv2d
+from ..functional.mixture import check_mixture_method, mixture_conv2d_unchecked
 from .attention import ATTENTION_NORMS, AttentionNorm, ODAttentionWeights, ODConvAttention
-from .base import KernelBankConv, LayerMacs, pooled_conv_macs
+from .base import KernelBankConv, LayerMacs, pooled_conv_macs, shared_notes
 
 
+@shared_notes
 class ODConv2d(KernelBankConv):
     """Omni-dimensional dynamic convolution.
 
@@ -32,7 +33,7 @@ class ODConv2d(KernelBankConv):
     :func:`dynconv.functional.mixture_conv2d`. A 1x1 layer with K = 1 is a plain convolution
     between the two activation scalings.
 
-    Takes ``nn.Conv2d``'s arguments; the keyword-only ones are the layer's own.
+    {conv_args}
 
     Args:
         bias: a bank of K biases mixed by the kernel attention and added after the filter
@@ -55,8 +56,7 @@ class ODConv2d(KernelBankConv):
     absent for a 1x1 kernel), ``attention.kernel_fc.*`` (K; absent for K = 1), and the buffer
     ``temperature`` (optional on load). ``bias`` [K, C_out] only with ``bias=True``.
 
-    Shapes: input [N, C_in, H, W] or [C_in, H, W] -> output [N, C_out, H_out, W_out] (or
-    [C_out, H_out, W_out]), H_out and W_out as for ``nn.Conv2d``.
+    {shapes}
     """
 
     def __init__(
@@ -80,8 +80,9 @@ class ODConv2d(KernelBankConv):
         attention_norm: AttentionNorm = "batch",
     ) -> None:
         super().__init__(
-            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
-            padding_mode, temperature, device, dtype, num_kernels=num_kernels,
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+            num_kernels=num_kernels, bias=bias, padding_mode=padding_mode, temperature=temperature,
+            device=device, dtype=dtype,
         )
         self.reduction = check_positive_float(reduction, "reduction")
         self.min_channels = check_int(min_channels, "min_channels")
@@ -127,21 +128,21 @@ class ODConv2d(KernelBankConv):
         return {k: v for k, v in self.attentions(x)._asdict().items() if v is not None}
 
     def forward(self, x: Tensor) -> Tensor:
-        x, unbatched = self._check_input(x)
+        x, unbatched, output_size = self._check_input_size(x)
         att = self.attentions(x)
         n, dtype = x.shape[0], x.dtype
-        xp, padding = self._pad(x * att.channel.to(dtype).reshape(n, -1, 1, 1))
-        conv_kwargs = self._conv_kwargs(padding)
+        xp, geometry = self._pad(x * att.channel.to(dtype).reshape(n, -1, 1, 1))
         if self.is_pointwise_static:
-            out = F.conv2d(xp, self.weight, None, **conv_kwargs)
+            out = F.conv2d(xp, self.weight, None, **self._conv_kwargs(geometry))
         else:
             coefficients = (
                 self.weight.new_ones(n, 1) if att.kernel is None
                 else att.kernel.to(self.weight.dtype)
             )
             spatial = None if att.spatial is None else att.spatial.to(self.weight.dtype)
-            out = mixture_conv2d(xp, coefficients, self.kernels, None, **conv_kwargs,
-                                 spatial=spatial, method=self.method)
+            check_mixture_method(self.method)
+            out = mixture_conv2d_unchecked(xp, coefficients, self.kernels, None, geometry,
+                                           output_size, spatial=spatial, method=self.method)
         if att.filter is not None:
             out = out * att.filter.to(out.dtype).reshape(n, -1, 1, 1)
         if self.bias is not None:
