@@ -7,6 +7,8 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from .base import init_conv_fan_out_
+
 Routing = Literal["softmax", "sigmoid"]
 ROUTINGS = ("softmax", "sigmoid")
 
@@ -131,9 +133,7 @@ class ODConvAttention(nn.Module):
         """The official initialisation: Kaiming-normal (fan_out) convs, zero biases, unit norms."""
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+                init_conv_fan_out_(m)
             elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
                 m.reset_parameters()  # weight 1, bias 0 (and fresh running statistics)
 

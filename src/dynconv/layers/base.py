@@ -389,3 +389,11 @@ def kernel_numel(conv: nn.Module) -> int:
 def pooled_conv_macs(module: nn.Module) -> int:
     """MACs of the ``nn.Conv2d`` modules in ``module`` applied to a pooled (1x1) input."""
     return sum(kernel_numel(m) for m in module.modules() if isinstance(m, nn.Conv2d))
+
+
+def init_conv_fan_out_(conv: nn.Conv2d) -> None:
+    """Kaiming-normal weight (fan_out, ReLU gain) and zero bias, in place: torchvision's ResNet
+    initialisation of a convolution, which the official ODConv attention uses too."""
+    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+    if conv.bias is not None:
+        nn.init.zeros_(conv.bias)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..layers.base import DynamicConvBase
+from ..layers.base import DynamicConvBase, init_conv_fan_out_
 
 
 def init_weights(model: nn.Module) -> None:
@@ -12,9 +12,7 @@ def init_weights(model: nn.Module) -> None:
     their own (``reset_parameters``), including the small convolutions of their attention."""
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+            init_conv_fan_out_(m)
         elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
