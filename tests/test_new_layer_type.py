@@ -51,9 +51,19 @@ def _model() -> nn.Module:
                          nn.Conv2d(4, 2, 1)).double().eval()
 
 
-def test_no_registry_knows_the_new_type() -> None:
+def test_the_tools_take_the_layers_own_methods() -> None:
+    layer = _model()[0]
     assert "GatedConv2d" not in cost._MAC_RULES.registered()
     assert "GatedConv2d" not in fold_module._RULES.registered()
+    assert cost._MAC_RULES.lookup(layer) is GatedConv2d.macs
+    assert fold_module._RULES.lookup(layer) is GatedConv2d.effective_kernels
+    # a rule registered for a type comes before the type's own method
+    fold_module.register_fold_rule(GatedConv2d, _stand_in := lambda layer, x: None)
+    try:
+        assert fold_module._RULES.lookup(layer) is _stand_in
+    finally:
+        fold_module._RULES._rules.pop(GatedConv2d)
+    assert fold_module._RULES.lookup(nn.Conv2d(1, 1, 1)) is None  # no rule, no method
 
 
 def test_fold_uses_the_layers_own_kernels() -> None:

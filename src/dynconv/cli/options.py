@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 __all__ = [
     "Command",
@@ -26,7 +26,9 @@ __all__ = [
 # an option left out of the namespace unless given (a resumed run tells what was given)
 UNSET = argparse.SUPPRESS
 
-Target = argparse.ArgumentParser | argparse._ArgumentGroup
+# a parser or one of its argument groups (argparse names the group class privately)
+if TYPE_CHECKING:
+    Target = argparse.ArgumentParser | argparse._ArgumentGroup
 
 
 @dataclass(frozen=True)
