@@ -8,16 +8,26 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
 .PHONY: demo test lint bench bench-yolo clean
 
-$(STAMP): pyproject.toml Makefile
+# Two set-ups. `make demo` installs what the main job imports: the pinned torch build and the
+# package with its base dependencies. `make test` adds the extras the tests exercise (dev, thop,
+# export, yolo, yolov5). pip shows its progress: the torch wheels alone are several GB.
+DEMO_STAMP := $(VENV)/.demo-installed
+PIP := $(PY) -m pip install --progress-bar on
+
+$(DEMO_STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet $(TORCH_PINS)
-	$(PY) -m pip install --quiet -e '.[dev,thop,export,yolo,yolov5]' $(TORCH_PINS)
-	$(PY) -m pip install --quiet --no-deps yolov5==7.0.14
+	$(PIP) $(TORCH_PINS)
+	$(PIP) -e . $(TORCH_PINS)
+	touch $(DEMO_STAMP)
+
+$(STAMP): $(DEMO_STAMP)
+	$(PIP) -e '.[dev,thop,export,yolo,yolov5]' $(TORCH_PINS)
+	$(PIP) --no-deps yolov5==7.0.14
 	touch $(STAMP)
 
 # The main job: train one small network with every convolution type on the digits shipped with
 # scikit-learn (offline), print the table and write it with metrics and plots under runs/.
-demo: $(STAMP)
+demo: $(DEMO_STAMP)
 	$(VENV)/bin/dynconv compare
 
 test: $(STAMP)
