@@ -268,3 +268,16 @@ def test_compare_resumes_from_the_command_line(tmp_path: Path) -> None:
     printed = _run(f"dynconv compare {options} --resume", tmp_path).stdout
     assert (runs / "static-seed0" / "model.pt").read_bytes() == kept
     assert (runs / "dynamic-seed0" / "model.pt").is_file() and "dynamic" in printed
+
+
+def test_every_python_block_of_the_docs_is_valid_python() -> None:
+    """The Python snippets (their names are checked by test_doc_references.py) parse."""
+    blocks = 0
+    for path in DOC_FILES:
+        for match in re.finditer(r"^```python\n(.*?)^```", path.read_text(), re.S | re.M):
+            blocks += 1
+            try:
+                ast.parse(match.group(1))
+            except SyntaxError as error:
+                raise AssertionError(f"{path.name}: {error}\n{match.group(1)}") from None
+    assert blocks > 10
