@@ -190,6 +190,27 @@ def test_peak_memory_covers_the_output():
     assert peak_memory_bytes(conv, x) >= 4 * 16 * 16 * 16 * 4
 
 
+def test_cpu_peak_memory_prints_no_profiler_log(tmp_path):
+    """The profiler's C++ log (``profiler_start``/``profiler_stop`` markers, and on a CUDA build
+    without a driver ``gpuGetDeviceCount failed``) stays out of the output; in a fresh process,
+    because Kineto reads its log level once."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[1] / "src"
+    env = {k: v for k, v in os.environ.items() if k != "KINETO_LOG_LEVEL"}
+    env["PYTHONPATH"] = os.pathsep.join([str(src), env.get("PYTHONPATH", "")])
+    script = ("import torch\nfrom dynconv.tools.cost import peak_bytes_of\n"
+              "print(peak_bytes_of(lambda: torch.ones(1000) + 1))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=env, cwd=tmp_path, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout) >= 4000  # the 1000 floats of the sum, at least
+    assert done.stderr == ""
+
+
 def test_profile_model_reports_both_models():
     model = build_model("small_cnn", "dynamic", {"width": 4}, (1, 8, 8))
     report = profile_model(model, (1, 8, 8), batch_sizes=(2,), min_run_time=0.01)

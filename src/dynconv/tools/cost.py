@@ -9,6 +9,7 @@ what the layer costs.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 
 import torch
@@ -198,6 +199,10 @@ def _import_benchmark():
     return benchmark
 
 
+KINETO_QUIET = "6"
+"""Kineto's log level above all of its messages (0 verbose ... 4 error, 5 USDT markers)."""
+
+
 def peak_memory_bytes(model: nn.Module, inputs: Tensor) -> int:
     """Peak bytes of tensor memory allocated during one inference forward pass on ``inputs``
     (activations and temporaries; the parameters and ``inputs``, allocated before, are not
@@ -222,7 +227,11 @@ def peak_bytes_of(fn: Callable[[], object], device: torch.device | str = "cpu") 
 
     On CUDA: ``torch.cuda.max_memory_allocated`` above what was allocated before. On the CPU:
     the running total of the allocations and frees that ``torch.profiler`` records with
-    ``profile_memory=True``, in the order they happened.
+    ``profile_memory=True``, in the order they happened. The profiler's C++ part (Kineto) logs
+    ``profiler_start``/``profiler_stop`` lines for every use and, on a CUDA build of torch
+    without a GPU driver, ``gpuGetDeviceCount failed``: its own switch ``KINETO_LOG_LEVEL`` is
+    set to silence it (read once, when the first profiler of the process starts) unless it is
+    set already.
     """
     device = torch.device(device)
     if device.type == "cuda":
@@ -232,6 +241,7 @@ def peak_bytes_of(fn: Callable[[], object], device: torch.device | str = "cpu") 
         fn()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - before
+    os.environ.setdefault("KINETO_LOG_LEVEL", KINETO_QUIET)
     activities = [torch.profiler.ProfilerActivity.CPU]
     with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
         fn()
