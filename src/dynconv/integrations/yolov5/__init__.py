@@ -23,27 +23,36 @@ What :func:`register` does, all in memory and undone by :func:`unregister`:
   for (:mod:`dynconv.integrations._patching`): ``DynamicConv``/``ODConv``/... get ``Conv``'s
   channel and width handling, ``C3_*`` (and ``C2f_*``, ``C3k2_*``, whose arguments are C3's)
   get ``C3``'s, repeats included;
-- wraps ``BaseModel.fuse`` to fold BatchNorm into the dynamic blocks as well (exact).
+- wraps ``BaseModel.fuse`` to fold BatchNorm into the dynamic blocks as well (exact);
+- wraps ``model_info`` (the model summary) so that the GFLOPs of a model holding dynamic
+  layers are counted at the image size itself (see below).
 
 Checkpoints pickle the block classes by their ``dynconv.blocks.yolo`` path, so a saved
 ``best.pt`` loads wherever dynconv is installed (``import dynconv`` is enough to unpickle it).
 GFLOPs in YOLOv5's model summary count the dynamic layers because ``import dynconv`` registers
-their rules with thop (:mod:`dynconv.tools.counters`); YOLOv5 profiles at 32x32 and scales by area,
-which multiplies the attention's fixed per-image cost by 400 (yolov5s: 17.2 GFLOPs shown for
-DY-Conv and 19.9 for ODConv where the true figures are 16.6; docs/yolo.md).
+their rules with thop (:mod:`dynconv.tools.counters`). YOLOv5 profiles a model at 32x32 and
+multiplies by the area ratio, right for convolutions but not for the attention's fixed
+per-image cost, which it would multiply by 400 at 640 (yolov5s: 17.2 GFLOPs shown for DY-Conv
+and 19.9 for ODConv where 16.6 run). For a model with dynamic layers the wrapped ``model_info``
+has thop profile at the image size itself, so the summary shows what runs (docs/yolo.md).
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 import os
 import re
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
+from types import MethodType, ModuleType
+from typing import Any
 
 from ...blocks import yolo as blocks
+from ...layers.base import DynamicConvBase
 from .._patching import (
     ALIAS_FUNCTION,
     Patches,
@@ -63,6 +72,7 @@ __all__ = [
     "compat",
     "find_module",
     "is_registered",
+    "local_font",
     "register",
     "resolve_cfg",
     "shipped_cfgs",
@@ -146,6 +156,50 @@ def _check_layout(module: ModuleType) -> None:
                       "7.0.14")
 
 
+class _ThopAtImageSize:
+    """Stands in for ``thop`` in the namespace of YOLOv5's ``model_info`` during one call.
+
+    ``model_info`` runs ``thop.profile(model, inputs=(im,))`` on a ``stride x stride`` image
+    ``im`` and multiplies the count by ``(H / stride) * (W / stride)``; :meth:`profile` runs thop
+    on an image of the full size ``(H, W)`` instead and returns its count divided by that area
+    ratio, so that the figure printed is thop's count at ``(H, W)``.
+    """
+
+    def __init__(self, thop: ModuleType, size: tuple[int, int]) -> None:
+        self.thop, self.size = thop, size
+
+    def profile(self, model, inputs: tuple, **kwargs: Any) -> tuple[float, float]:
+        (image,) = inputs  # [1, C, stride, stride]
+        height, width = self.size
+        full = image.new_zeros((*image.shape[:-2], height, width))
+        ops, params = self.thop.profile(model, inputs=(full,), **kwargs)
+        return ops * image.shape[-2] * image.shape[-1] / (height * width), params
+
+
+def _profile_at_image_size(model_info: Callable) -> Callable:
+    """Wrap YOLOv5's ``model_info(model, verbose=False, imgsz=640)``: a model holding dynamic
+    layers is profiled by thop at ``imgsz`` itself, where YOLOv5 profiles at 32x32 and scales
+    by area (which multiplies the attentions' fixed per-image cost); other models as before."""
+    namespace = model_info.__globals__  # utils/torch_utils.py, where model_info reads ``thop``
+    lock = threading.Lock()
+
+    @functools.wraps(model_info)
+    def wrapper(model, verbose=False, imgsz=640):
+        thop = namespace.get("thop")
+        if thop is None or not any(isinstance(m, DynamicConvBase) for m in model.modules()):
+            return model_info(model, verbose, imgsz)
+        height, width = imgsz if isinstance(imgsz, (list, tuple)) else (imgsz, imgsz)
+        with lock:
+            namespace["thop"] = _ThopAtImageSize(thop, (int(height), int(width)))
+            try:
+                return model_info(model, verbose, imgsz)
+            finally:
+                namespace["thop"] = thop
+
+    wrapper.__dynconv_original__ = model_info
+    return wrapper
+
+
 def register(module: ModuleType | str | None = None) -> ModuleType:
     """Register the blocks with YOLOv5's ``models.yolo`` (see :func:`find_module` for which one
     when ``module`` is None) and return that module. Idempotent and thread-safe.
@@ -164,6 +218,8 @@ def register(module: ModuleType | str | None = None) -> ModuleType:
         patches.update(module, BLOCKS)
         patches.set(module, "parse_model", parse_model)
         patches.set(module.BaseModel, "fuse", fuse_blocks_first(module.BaseModel.fuse))
+        if callable(vars(module).get("model_info")):
+            patches.set(module, "model_info", _profile_at_image_size(module.model_info))
         _patches[module.__name__] = (module, patches)
         return module
 
@@ -238,9 +294,102 @@ def resolve_cfg(cfg: str) -> str:
         return cfg
 
 
-def compat() -> list[str]:
-    """Let YOLOv5 7.0's scripts (train/val/detect/export) run with today's libraries; return
-    what was changed. The launcher calls it; call it before ``yolov5.train.run(...)`` yourself.
+def _font_file(function: Callable, font: str | Path) -> Path | None:
+    """The file YOLOv5's ``function`` (``check_font``, ``check_pil_font``) takes for ``font``:
+    the path itself, else its name in the ``CONFIG_DIR`` of the function's module (read at call
+    time); None if neither is a file (where YOLOv5 would download it)."""
+    settings = function.__globals__["CONFIG_DIR"]
+    for path in (Path(font), Path(settings) / Path(font).name):
+        if path.is_file():
+            return path
+    return None
+
+
+def local_font() -> str:
+    """Path of the TTF that YOLOv5's plots use where YOLOv5 would download ``Arial.ttf``
+    (:func:`compat`): DejaVu Sans, shipped with matplotlib, which YOLOv5's plots import."""
+    import matplotlib
+
+    return str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf")
+
+
+def _getsize(font, text: str, *args: Any, **kwargs: Any) -> tuple[int, int]:
+    """Pillow 9's ``FreeTypeFont.getsize(text)``: (right, bottom) of ``getbbox(text)``, the
+    size with the offset from the drawing origin (YOLOv5's own later fix reads the same)."""
+    _, _, right, bottom = font.getbbox(text, *args, **kwargs)
+    return right, bottom
+
+
+def _arguments(function: Callable, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """``function``'s arguments by name for a call with ``args`` and ``kwargs``, defaults
+    included."""
+    bound = inspect.signature(function).bind(*args, **kwargs)
+    bound.apply_defaults()
+    return bound.arguments
+
+
+def _check_font_offline(check_font: Callable) -> Callable:
+    """Wrap YOLOv5's ``check_font(font=FONT, progress=False)``, which downloads a font missing
+    from ``CONFIG_DIR``: a missing font stays missing (``check_pil_font`` draws with
+    :func:`local_font` instead); otherwise as before."""
+
+    @functools.wraps(check_font)
+    def wrapper(*args, **kwargs):
+        if _font_file(check_font, _arguments(check_font, args, kwargs)["font"]) is None:
+            return None
+        return check_font(*args, **kwargs)
+
+    wrapper.__dynconv_original__ = check_font
+    return wrapper
+
+
+def _check_pil_font_local(check_pil_font: Callable) -> Callable:
+    """Wrap YOLOv5's ``check_pil_font(font=FONT, size=10)``: the font as before if YOLOv5 has
+    its file, else :func:`local_font` at that size (no download); either way with a
+    ``getsize`` method where Pillow has none (Pillow 10 removed it; YOLOv5 7.0's ``Annotator``
+    calls it)."""
+    from PIL import ImageFont
+
+    @functools.wraps(check_pil_font)
+    def wrapper(*args, **kwargs):
+        arguments = _arguments(check_pil_font, args, kwargs)
+        if _font_file(check_pil_font, arguments["font"]) is None:
+            loaded = ImageFont.truetype(local_font(), arguments["size"])
+        else:
+            loaded = check_pil_font(*args, **kwargs)
+        if loaded is not None and not hasattr(loaded, "getsize"):
+            loaded.getsize = MethodType(_getsize, loaded)
+        return loaded
+
+    wrapper.__dynconv_original__ = check_pil_font
+    return wrapper
+
+
+def _compat_fonts(yolo: ModuleType) -> list[str]:
+    """YOLOv5's fonts without a download, and ``getsize`` on them for Pillow >= 10 (see
+    :func:`compat`); ``yolo`` is YOLOv5's ``models.yolo``, which names the package's root."""
+    from PIL import ImageFont
+
+    root = yolo.__name__[: -len("models.yolo")]  # 'yolov5.' for the package, '' for a clone
+    general = importlib.import_module(f"{root}utils.general")
+    plots = importlib.import_module(f"{root}utils.plots")
+    if hasattr(plots.check_pil_font, "__dynconv_original__"):
+        return []
+    plots.check_pil_font = _check_pil_font_local(plots.check_pil_font)
+    for module in (general, plots):  # plots imported its own name for check_font
+        module.check_font = _check_font_offline(module.check_font)
+    changed = [f"fonts missing from {general.CONFIG_DIR}: {Path(local_font()).name} "
+               "(matplotlib), not downloaded"]
+    if not hasattr(ImageFont.FreeTypeFont, "getsize"):
+        changed.append("fonts: getsize from getbbox")
+    return changed
+
+
+def compat(module: ModuleType | str | None = None) -> list[str]:
+    """Let YOLOv5 7.0's scripts (train/val/detect/export) run offline with today's libraries;
+    return what was changed. The launcher calls it; call it before ``yolov5.train.run(...)``
+    yourself. ``module`` picks the YOLOv5 as for :func:`register` (by default the package, or
+    a clone's ``models.yolo`` already imported).
 
     - torch >= 2.6 loads checkpoints with ``weights_only=True`` by default, but YOLOv5 pickles
       whole models and loads them with plain ``torch.load``: sets
@@ -250,6 +399,17 @@ def compat() -> list[str]:
     - NumPy 2.4 removed ``np.trapz`` (YOLOv5's mAP): aliases it to ``np.trapezoid``.
     - huggingface_hub 1.0 removed ``huggingface_hub.utils._errors`` (imported by YOLOv5's
       ``train.py`` for every run): aliases it to ``huggingface_hub.errors``.
+    - YOLOv5 downloads ``Arial.ttf`` (``Arial.Unicode.ttf`` for non-ASCII class names) into its
+      settings folder ``CONFIG_DIR`` when checking a data set and for its plots: wraps
+      ``utils.general.check_font`` and ``utils.plots.check_font``/``check_pil_font`` so that a
+      font missing there is not downloaded and :func:`local_font` (DejaVu Sans) is drawn with
+      instead; a font that is there is used as before. Changes nothing on disk.
+    - Pillow 10 removed ``FreeTypeFont.getsize``, which YOLOv5's ``Annotator`` calls for every
+      label it draws with PIL (training and validation plots; ``detect`` with non-ASCII class
+      names): the fonts ``check_pil_font``
+      returns get a ``getsize`` computed from ``getbbox``, Pillow's own class is left alone.
+
+    Idempotent: a second call changes nothing and returns ``[]``.
     """
     changed = []
     switches = ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
@@ -269,4 +429,6 @@ def compat() -> list[str]:
         if error.name == "huggingface_hub.utils._errors":
             sys.modules[error.name] = importlib.import_module("huggingface_hub.errors")
             changed.append("huggingface_hub.utils._errors = huggingface_hub.errors")
+    with _lock:
+        changed += _compat_fonts(find_module(module))
     return changed

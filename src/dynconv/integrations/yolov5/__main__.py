@@ -57,10 +57,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         if not _is_clone(clone):
             parser.error(f"{clone} is not a YOLOv5 clone (no train.py and models/yolo.py)")
         sys.path.insert(0, str(clone))
-        register(importlib.import_module("models.yolo"))
+        module = register(importlib.import_module("models.yolo"))
     else:
-        register("yolov5.models.yolo")
-    changed = compat()
+        module = register("yolov5.models.yolo")
+    changed = compat(module)
     if changed:
         print(f"dynconv: for YOLOv5 with these libraries: {'; '.join(changed)}", file=sys.stderr)
     rest = _resolve_cfg_args(rest)
