@@ -28,8 +28,10 @@ SHELL_BLOCKS = ("", "bash", "sh", "shell", "console")
 RUN, SETUP = "run here", "set-up"
 RUN_DIR = "runs/train-20250101-120000"  # the run folder the docs' examples name
 
-YOLOV5_LAUNCHER = ("tests/test_yolov5.py::"
-                   "test_launcher_trains_an_epoch_and_the_checkpoint_loads_elsewhere")
+YOLOV5_LAUNCHER = ("tests/test_yolov5.py::test_launcher_trains_validates_detects_exports_and_"
+                   "the_checkpoint_loads_elsewhere")
+ULTRALYTICS_LAUNCHER = ("tests/test_ultralytics.py::"
+                        "test_the_launcher_runs_the_yolo_command_line_with_the_blocks")
 
 HOW: dict[str, str] = {
     # -- the set-up: .ci/run runs `make test`; `make demo` is the main job; extras must exist
@@ -73,12 +75,16 @@ HOW: dict[str, str] = {
     "dynconv train --out 运行目录 --resume": "tests/test_train.py::"
     "test_stopped_and_resumed_run_ends_with_the_same_weights",
     # -- YOLO: the integrations' tests run the launchers offline on a generated data set
+    "python -c \"from dynconv.integrations.shapes import write_shapes_dataset; "
+    "write_shapes_dataset('shapes')\"": RUN,
+    "python -m dynconv.integrations.ultralytics train model=yolov8n-dynconv.yaml "
+    "data=shapes/data.yaml epochs=3 imgsz=64 batch=8 device=cpu": ULTRALYTICS_LAUNCHER,
     "python -m dynconv.integrations.ultralytics train model=yolov8s-dynconv.yaml data=data.yaml "
-    "epochs=100": "tests/test_ultralytics.py::test_the_launcher_runs_the_yolo_command_line_with_"
-    "the_blocks",
+    "epochs=100": ULTRALYTICS_LAUNCHER,
     "python -m dynconv.integrations.ultralytics predict model=runs/detect/train/weights/best.pt "
-    "source=img.jpg": "tests/test_ultralytics.py::test_the_launcher_runs_the_yolo_command_line_"
-    "with_the_blocks",
+    "source=img.jpg": ULTRALYTICS_LAUNCHER,
+    "python -m dynconv.integrations.yolov5 train --cfg yolov5n-dynconv.yaml --weights '' "
+    "--data shapes/data.yaml --epochs 3 --imgsz 64 --batch-size 8 --device cpu": YOLOV5_LAUNCHER,
     "python -m dynconv.integrations.yolov5 train --cfg yolov5s-dynconv.yaml --weights '' "
     "--data data.yaml --epochs 100 --imgsz 640 --batch-size 16": YOLOV5_LAUNCHER,
     "python -m dynconv.integrations.yolov5 train --cfg yolov5s-dynconv.yaml --weights yolov5s.pt "
@@ -88,7 +94,7 @@ HOW: dict[str, str] = {
     "python -m dynconv.integrations.yolov5 detect --weights runs/train/exp/weights/best.pt "
     "--source img.jpg": YOLOV5_LAUNCHER,
     "python -m dynconv.integrations.yolov5 export --weights runs/train/exp/weights/best.pt "
-    "--include onnx": YOLOV5_LAUNCHER,
+    "--include onnx --opset 18": YOLOV5_LAUNCHER,
 }
 # Options that a test may replace by a quicker equivalent (it must still use the command's
 # other options): the number of epochs and seeds, the image size of a fixture folder.
@@ -101,9 +107,19 @@ def _shell_blocks(text: str):
             yield match.group(2)
 
 
+def _quote(word: str) -> str:
+    """``word`` as a shell word: as it is, or quoted where it is empty or holds a space (in
+    double quotes where it holds a single quote and nothing that they would expand)."""
+    if word and " " not in word:
+        return word
+    if "'" in word and not any(c in word for c in '"$`\\!'):
+        return f'"{word}"'
+    return shlex.quote(word)
+
+
 def _join(words: list[str]) -> str:
     """The words single-spaced, quoted only where a word is empty or holds a space."""
-    return " ".join(shlex.quote(w) if not w or " " in w else w for w in words)
+    return " ".join(_quote(w) for w in words)
 
 
 def documented_commands() -> dict[str, str]:
@@ -175,7 +191,8 @@ def test_the_set_up_commands_match_the_makefile_and_the_extras() -> None:
 
 # -- the commands run here ---------------------------------------------------------------------
 
-NOISE = ("Traceback", "Warning", "WARNING", "gpuGetDeviceCount", "simplifier failure")
+NOISE = ("Traceback", "Warning", "WARNING", "gpuGetDeviceCount", "profiler_start",
+         "simplifier failure")
 
 
 def _run(command: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
