@@ -36,9 +36,10 @@ class DynamicConv2d(KernelBankConv):
         routing: ``'softmax'`` (DY-Conv) or ``'sigmoid'`` (CondConv).
         hidden_channels: overrides the hidden width. The default follows the reference DY-Conv
             code, ``int(in_channels * reduction)`` (K when ``in_channels == 3``), except that it
-            is never below 1 where the reference would build an empty layer. For the current
-            layout of the public repository use ``int(in_channels * reduction) + 1`` and
-            ``attention_bias=True``.
+            is never below 1 where the reference would build an empty layer. For the 2022
+            layout of the public repository use ``int(in_channels * reduction) + 1`` (still K
+            when ``in_channels == 3``) and ``attention_bias=True``, or load with
+            :func:`dynconv.tools.official.load_official`, which takes both from the checkpoint.
         attention_bias: whether the second attention conv (``attention.fc2``) has a bias.
 
     Parameters (state_dict layout of the reference code):
