@@ -355,6 +355,28 @@ def test_routed_layer_errors() -> None:
         convert_timm_condconv(nn.Sequential(nn.Conv2d(3, 3, 1)))
     macs = layer.macs((6, 6))
     assert macs.conv == 4 * 4 * 9 * 16 and macs.attention == 0 and macs.aggregation == 2 * 144
+    # TensorFlow's padding: 3 x 3 outputs from 5 x 5 at stride 2, as the layer computes
+    padded = RoutedConv2d(4, 4, 3, stride=2, num_kernels=2, dynamic_padding=True)
+    assert padded(torch.randn(1, 4, 5, 5), torch.rand(1, 2)).shape == (1, 4, 3, 3)
+    assert padded.macs((5, 5)).conv == 4 * 4 * 9 * 9
+
+
+def test_a_converted_timm_block_is_counted() -> None:
+    class Block(nn.Module):  # timm's CondConvResidual, reduced to its routing and one conv
+        def __init__(self) -> None:
+            super().__init__()
+            self.routing_fn = nn.Linear(4, 2)
+            self.conv = timm.layers.CondConv2d(4, 6, 3, padding=1, num_experts=2)
+
+        def forward(self, x):
+            routing = torch.sigmoid(self.routing_fn(x.mean((2, 3))))
+            return self.conv(x, routing)
+
+    block = Block()
+    convert_timm_condconv(block)
+    x = torch.randn(2, 4, 5, 5)
+    kernel = 6 * 4 * 9
+    assert dynconv.count_macs(block, x) == kernel * 25 + 2 * kernel + 4 * 2
 
 
 # -- the reference code's spelling of the keywords ------------------------------------------------
