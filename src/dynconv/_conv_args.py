@@ -7,8 +7,10 @@ and what was given, so that mistakes surface at construction instead of deep ins
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+import inspect
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import Any, TypeVar
 
 import torch
 
@@ -198,3 +200,67 @@ def check_padding_mode(padding_mode: object) -> str:
     if padding_mode not in PADDING_MODES:
         raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
     return padding_mode  # type: ignore[return-value]
+
+
+# -- other spellings of the keywords -------------------------------------------------------------
+
+#: Keywords that the reference code spells otherwise, the layers' spelling first: ODConv's
+#: ``kernel_num`` and ``min_channel`` (kept by the official zoo, ``od_resnet18(kernel_num=4)``),
+#: DY-Conv's ``K`` and ``ratio``, DRConv's ``region_num``, and ``in_planes``/``out_planes``.
+KEYWORD_SPELLINGS: tuple[tuple[str, ...], ...] = (
+    ("num_kernels", "kernel_num", "K"),
+    ("reduction", "ratio"),
+    ("num_regions", "region_num"),
+    ("min_channels", "min_channel"),
+    ("in_channels", "in_planes"),
+    ("out_channels", "out_planes"),
+)
+_CHANNEL_KEYWORDS = ("in_channels", "out_channels")  # never in conv_kwargs
+
+
+def _spelling_hints(func: Callable[..., Any]) -> dict[str, str]:
+    """For each other spelling of :data:`KEYWORD_SPELLINGS` that ``func`` does not take: what
+    to write instead (its spelling of that keyword, or the ``conv_kwargs`` entry)."""
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    named = {p.name for p in inspect.signature(func).parameters.values() if p.kind in kinds}
+    hints = {}
+    for spellings in KEYWORD_SPELLINGS:
+        taken = [s for s in spellings if s in named]
+        for other in spellings:
+            if other in named:
+                continue
+            if taken:
+                source = "the layers'" if other == spellings[0] else "the reference code's"
+                hints[other] = f"use {taken[0]}= ({other} is {source} spelling)"
+            elif "conv_kwargs" in named and spellings[0] not in _CHANNEL_KEYWORDS:
+                hints[other] = (
+                    "the convolutions' keywords go in conv_kwargs, spelt as the layers spell "
+                    f"them: conv_kwargs={{{spellings[0]!r}: ...}}"
+                )
+    return hints
+
+
+_Callable = TypeVar("_Callable", bound=Callable[..., Any])
+
+
+def check_keyword_spellings(func: _Callable) -> _Callable:
+    """Decorator for the layers' ``__init__`` and the models: a keyword of
+    :data:`KEYWORD_SPELLINGS` that ``func`` does not take raises a ``TypeError`` that names the
+    keyword to use (its other spelling, or a ``conv_kwargs`` entry) instead of Python's bare
+    "unexpected keyword argument". Other keywords are left to Python."""
+    hints = _spelling_hints(func)
+    if not hints:
+        return func
+    is_init = func.__name__ == "__init__"
+
+    @functools.wraps(func)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        wrong = next((key for key in kwargs if key in hints), None)
+        if wrong is not None:
+            name = type(args[0]).__name__ if is_init and args else func.__name__
+            raise TypeError(
+                f"{name}() got an unexpected keyword argument {wrong!r}: {hints[wrong]}"
+            )
+        return func(*args, **kwargs)
+
+    return checked  # type: ignore[return-value]

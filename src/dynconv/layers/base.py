@@ -8,8 +8,9 @@ static kernels that DY-Conv, CondConv and ODConv mix per sample.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,7 @@ from .._conv_args import (
     Pair,
     check_bool,
     check_channels,
+    check_keyword_spellings,
     check_padding_mode,
     check_positive_float,
     parse_geometry,
@@ -66,6 +68,14 @@ class DynamicConvBase(nn.Module):
     #: and fixes the batch).
     export_dynamic_batch: bool = True
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # Every layer type: the reference code's spelling of a keyword (ODConv's kernel_num...)
+        # raises a TypeError that names the layer's own.
+        super().__init_subclass__(**kwargs)
+        if "__init__" in vars(cls):
+            cls.__init__ = check_keyword_spellings(cls.__init__)  # type: ignore[method-assign]
+
+    @check_keyword_spellings
     def __init__(
         self,
         in_channels: int,
@@ -113,6 +123,53 @@ class DynamicConvBase(nn.Module):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+
+    # -- the reference layouts (dynconv.tools.official) -----------------------------------------
+
+    #: The reference layouts the layer type can be written in, name -> where it comes from.
+    official_layouts: ClassVar[dict[str, str]] = {}
+
+    def official_layout(self) -> str:
+        """The name of the reference layout this layer's state_dict fits (one of
+        :attr:`official_layouts`); a ``ValueError`` names what the layer holds that the
+        reference code cannot (a layer type without one raises it always)."""
+        raise ValueError(f"{type(self).__name__} has no reference layout")
+
+    def official_state_dict(self, layout: str | None = None) -> dict[str, Tensor]:
+        """The layer's tensors in the layout of the reference code (keys relative to the layer):
+        its state_dict without the temperature, which the reference code keeps as a plain
+        attribute (so its modules refuse the key); ``layout``, if given, must be the layer's
+        (:meth:`official_layout`), else a ``ValueError`` says which it is."""
+        own = self.official_layout()
+        if layout is not None and layout != own:
+            raise ValueError(f"{type(self).__name__} fits the {own!r} layout, not {layout!r}")
+        state = self.state_dict()
+        del state["temperature"]
+        return dict(state)
+
+    def fit_to_state_dict(self, state_dict: Mapping[str, Any], prefix: str = "") -> str | None:
+        """Rebuild what the layer can take from the shapes of ``state_dict`` (its keys under
+        ``prefix``) before loading it, and say what changed; ``None`` if nothing did. By default
+        nothing is rebuilt (see :func:`dynconv.tools.official.load_official`)."""
+        return None
+
+    def _official_geometry_problems(self) -> list[str]:
+        """What the reference code, with its int ``kernel_size`` and zero padding, cannot
+        hold."""
+        problems = []
+        if self.kernel_size[0] != self.kernel_size[1]:
+            problems.append(f"a non-square kernel {self.kernel_size}")
+        if self.padding_mode != "zeros":
+            problems.append(f"padding_mode={self.padding_mode!r}")
+        return problems
+
+    def _refuse_layout(self, layout: str, problems: list[str]) -> None:
+        """Raise a ``ValueError`` listing ``problems`` if there are any."""
+        if problems:
+            raise ValueError(
+                f"{type(self).__name__} cannot be written in the {layout!r} layout: it has "
+                + "; ".join(problems)
+            )
 
     # -- conversion and fusion (overridden by the layers that support them) ---------------------
 

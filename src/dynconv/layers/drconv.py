@@ -4,7 +4,7 @@ learned guide."""
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -196,6 +196,21 @@ class DRConv2d(DynamicConvBase):
         bias = torch.zeros_like(scale) if self.bias is None else self.bias
         self.bias = nn.Parameter((bias * scale + shift).to(last.weight.dtype),
                                  requires_grad=last.weight.requires_grad)
+
+    official_layouts: ClassVar[dict[str, str]] = {
+        "drconv": "seed 003's DRConv2d (pasted into YOLOv5/v7 common.py)",
+    }
+
+    def official_layout(self) -> str:
+        """``'drconv'``; a ``ValueError`` if the reference code cannot build the layer (groups,
+        a bias, a non-square kernel, a padding mode)."""
+        problems = self._official_geometry_problems()
+        if self.groups != 1:
+            problems.append(f"groups={self.groups} (the reference code has none)")
+        if self.bias is not None:
+            problems.append("a bias (the reference code has none)")
+        self._refuse_layout("drconv", problems)
+        return "drconv"
 
     def macs(self, input_size: tuple[int, int]) -> LayerMacs:
         """Each output pixel with one region's kernel: a static convolution's MACs; the attention

@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -35,9 +36,10 @@ class DynamicConv2d(KernelBankConv):
         routing: ``'softmax'`` (DY-Conv) or ``'sigmoid'`` (CondConv).
         hidden_channels: overrides the hidden width. The default follows the reference DY-Conv
             code, ``int(in_channels * reduction)`` (K when ``in_channels == 3``), except that it
-            is never below 1 where the reference would build an empty layer. For the current
-            layout of the public repository use ``int(in_channels * reduction) + 1`` and
-            ``attention_bias=True``.
+            is never below 1 where the reference would build an empty layer. For the 2022
+            layout of the public repository use ``int(in_channels * reduction) + 1`` (still K
+            when ``in_channels == 3``) and ``attention_bias=True``, or load with
+            :func:`dynconv.tools.official.load_official`, which takes both from the checkpoint.
         attention_bias: whether the second attention conv (``attention.fc2``) has a bias.
 
     Parameters (state_dict layout of the reference code):
@@ -161,6 +163,56 @@ class DynamicConv2d(KernelBankConv):
             return LayerMacs(conv)
         mixing = self._bank_macs(self.bias is not None)
         return LayerMacs(conv, pooled_conv_macs(self.attention), mixing)
+
+    # -- the reference layouts ---------------------------------------------------------------
+
+    official_layouts: ClassVar[dict[str, str]] = {
+        "dyconv-2020": "kaijieshi7/Dynamic-convolution-Pytorch before 2022 (seed 001): "
+        "hidden = int(C_in * ratio), attention.fc2 without bias",
+        "dyconv-2022": "the same repository from 2022: hidden = int(C_in * ratio) + 1, "
+        "attention.fc2 with bias",
+    }
+
+    def official_layout(self) -> str:
+        """``'dyconv-2022'`` if ``attention.fc2`` has a bias, else ``'dyconv-2020'``; a
+        ``ValueError`` if the reference code cannot build the layer (sigmoid routing, a
+        non-square kernel, a padding mode, or a 3-channel input with a hidden width other than
+        K, which both versions use there)."""
+        layout = "dyconv-2020" if self.attention.fc2.bias is None else "dyconv-2022"
+        problems = self._official_geometry_problems()
+        if self.routing != "softmax":
+            problems.append(f"routing={self.routing!r} (the reference code has softmax only)")
+        hidden = self.attention.fc1.out_channels
+        if self.in_channels == 3 and hidden != self.num_kernels:
+            problems.append(
+                f"{hidden} hidden attention channels on a 3-channel input, where the reference "
+                f"code builds K = {self.num_kernels}"
+            )
+        self._refuse_layout(layout, problems)
+        return layout
+
+    def fit_to_state_dict(self, state_dict: Mapping[str, Any], prefix: str = "") -> str | None:
+        """Rebuild the attention with the hidden width of ``attention.fc1.weight`` in
+        ``state_dict`` and a bias on ``attention.fc2`` if it has one (both DY-Conv layouts, any
+        ``ratio``); say what changed. The new attention is freshly initialised (the load
+        fills it) on the bank's device and dtype."""
+        fc1 = state_dict.get(prefix + "attention.fc1.weight")
+        if not isinstance(fc1, Tensor) or fc1.dim() != 4 or fc1.shape[1] != self.in_channels:
+            return None  # absent or of another layer: load_state_dict reports it
+        hidden, bias = fc1.shape[0], prefix + "attention.fc2.bias" in state_dict
+        old_hidden, old_bias = self.attention.fc1.out_channels, self.attention.fc2.bias is not None
+        if (hidden, bias) == (old_hidden, old_bias):
+            return None
+        self.attention = KernelAttention(
+            self.in_channels, hidden, self.num_kernels, bias,
+            device=self.weight.device, dtype=self.weight.dtype,
+        ).train(self.training)
+        changes = []
+        if hidden != old_hidden:
+            changes.append(f"hidden channels {old_hidden} -> {hidden}")
+        if bias != old_bias:
+            changes.append("attention.fc2 bias " + ("added" if bias else "removed"))
+        return "attention rebuilt as in the checkpoint: " + ", ".join(changes)
 
     def extra_repr(self) -> str:
         s = super().extra_repr()

@@ -79,7 +79,7 @@ def create_conv2d(
     except TypeError as error:
         if "unexpected keyword argument" in str(error) or "multiple values" in str(error):
             raise TypeError(
-                f"conv type {conv_type!r} does not accept {sorted(kwargs)}: {error}"
+                f"conv type {conv_type!r} does not accept one of {sorted(kwargs)}: {error}"
             ) from None
         raise
 

@@ -4,7 +4,7 @@ parameter layout of the official code."""
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -152,6 +152,22 @@ class ODConv2d(KernelBankConv):
                 bias = (att.kernel.to(self.bias.dtype) @ self.bias).reshape(n, -1, 1, 1)
             out = out + bias
         return out.squeeze(0) if unbatched else out
+
+    official_layouts: ClassVar[dict[str, str]] = {
+        "odconv": "OSVAI/ODConv modules/odconv.py (ICLR 2022)",
+    }
+
+    def official_layout(self) -> str:
+        """``'odconv'``; a ``ValueError`` if the official code cannot build the layer (an
+        attention norm other than BatchNorm, a bias, a non-square kernel, a padding mode)."""
+        problems = self._official_geometry_problems()
+        if self.attention_norm != "batch":
+            problems.append(f"attention_norm={self.attention_norm!r} (the official code has "
+                            "'batch')")
+        if self.bias is not None:
+            problems.append("a bias (the official code has none)")
+        self._refuse_layout("odconv", problems)
+        return "odconv"
 
     @torch.no_grad()
     def init_from_conv(self, conv: torch.nn.Conv2d) -> None:

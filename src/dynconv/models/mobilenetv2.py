@@ -11,6 +11,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from .._conv_args import check_keyword_spellings
 from ..layers.factory import ConvBuilder, conv_builder
 from ._common import init_weights
 
@@ -91,6 +92,7 @@ class MobileNetV2(nn.Module):
     Shapes: [N, in_channels, H, W] -> [N, num_classes].
     """
 
+    @check_keyword_spellings
     def __init__(
         self,
         num_classes: int = 1000,
@@ -140,16 +142,19 @@ def _od_mobilenetv2(width_mult: float, kernel_num: int, reduction: float, **kwar
                        **kwargs)
 
 
+@check_keyword_spellings
 def od_mobilenetv2_050(kernel_num: int = 1, reduction: float = 0.0625, **kwargs: Any):
     """OSVAI/ODConv's ``od_mobilenetv2_050``: same state_dict keys and shapes."""
     return _od_mobilenetv2(0.5, kernel_num, reduction, **kwargs)
 
 
+@check_keyword_spellings
 def od_mobilenetv2_075(kernel_num: int = 1, reduction: float = 0.0625, **kwargs: Any):
     """OSVAI/ODConv's ``od_mobilenetv2_075``."""
     return _od_mobilenetv2(0.75, kernel_num, reduction, **kwargs)
 
 
+@check_keyword_spellings
 def od_mobilenetv2_100(kernel_num: int = 1, reduction: float = 0.0625, **kwargs: Any):
     """OSVAI/ODConv's ``od_mobilenetv2_100``."""
     return _od_mobilenetv2(1.0, kernel_num, reduction, **kwargs)

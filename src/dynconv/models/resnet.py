@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._conv_args import check_keyword_spellings
 from ..layers.factory import ConvBuilder, conv_builder
 from ._common import init_weights
 
@@ -111,6 +112,7 @@ class ResNet(nn.Module):
     Shapes: [N, in_channels, H, W] -> [N, num_classes].
     """
 
+    @check_keyword_spellings
     def __init__(
         self,
         block: type[BasicBlock] | type[Bottleneck],
@@ -205,21 +207,25 @@ def resnet101(conv_type: str = "static", **kwargs: Any) -> ResNet:
     return ResNet(Bottleneck, [3, 4, 23, 3], conv_type=conv_type, **kwargs)
 
 
+@check_keyword_spellings
 def od_resnet18(kernel_num: int = 1, reduction: float = 0.0625, **kwargs: Any) -> ResNet:
     """OSVAI/ODConv's ``od_resnet18``: same state_dict keys and shapes as the official model."""
     return _od_resnet(BasicBlock, [2, 2, 2, 2], kernel_num, reduction, **kwargs)
 
 
+@check_keyword_spellings
 def od_resnet34(kernel_num: int = 1, reduction: float = 0.0625, **kwargs: Any) -> ResNet:
     """OSVAI/ODConv's ``od_resnet34``."""
     return _od_resnet(BasicBlock, [3, 4, 6, 3], kernel_num, reduction, **kwargs)
 
 
+@check_keyword_spellings
 def od_resnet50(kernel_num: int = 1, reduction: float = 0.0625, **kwargs: Any) -> ResNet:
     """OSVAI/ODConv's ``od_resnet50``."""
     return _od_resnet(Bottleneck, [3, 4, 6, 3], kernel_num, reduction, **kwargs)
 
 
+@check_keyword_spellings
 def od_resnet101(kernel_num: int = 1, reduction: float = 0.0625, **kwargs: Any) -> ResNet:
     """OSVAI/ODConv's ``od_resnet101``."""
     return _od_resnet(Bottleneck, [3, 4, 23, 3], kernel_num, reduction, **kwargs)

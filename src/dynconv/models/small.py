@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._conv_args import check_keyword_spellings
 from ..layers.factory import ANY_BATCH_DEFAULTS, ConvBuilder, conv_builder
 from ._common import init_weights
 
@@ -51,6 +52,7 @@ class SmallCNN(nn.Module):
     Shapes: [N, in_channels, H, W] -> [N, num_classes], for any H, W >= 1.
     """
 
+    @check_keyword_spellings
     def __init__(
         self,
         num_classes: int = 10,
