@@ -225,6 +225,18 @@ def test_a_write_that_does_not_verify_leaves_the_old_file(tmp_path: Path) -> Non
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temporary left
 
 
+@pytest.mark.parametrize("links", [True, False], ids=["hard-link", "no-links"])
+def test_the_replaced_file_is_kept_as_the_previous_one(tmp_path: Path, monkeypatch,
+                                                       links: bool) -> None:
+    if not links:  # a file system without hard links: renamed instead
+        monkeypatch.setattr(os, "link", lambda *args: (_ for _ in ()).throw(OSError("no")))
+    path, previous = tmp_path / "checkpoint.pt", tmp_path / "checkpoint.prev.pt"
+    for content in (b"first", b"second", b"third"):
+        write_atomically(path, lambda f, c=content: f.write(c), previous=previous)
+    assert path.read_bytes() == b"third" and previous.read_bytes() == b"second"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [previous.name, path.name]
+
+
 # -- runs and commands ---------------------------------------------------------------------------
 
 

@@ -24,8 +24,8 @@ def write_atomically(path: str | Path, write: Any, *,
     over ``path``: a reader sees the old file or the new one, never a partial one.
 
     ``verify(temporary_path)`` runs on the written file before the rename; if it raises, ``path``
-    is left as it was. With ``previous``, the old ``path`` is first renamed there (replacing what
-    ``previous`` held) instead of being overwritten.
+    is left as it was. With ``previous``, the old ``path`` is kept there (replacing what
+    ``previous`` held) instead of being overwritten; ``path`` exists throughout.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -39,7 +39,7 @@ def write_atomically(path: str | Path, write: Any, *,
         if verify is not None:
             verify(Path(temporary))
         if previous is not None and path.exists():
-            os.replace(path, previous)
+            _keep_as(path, Path(previous))
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
@@ -54,6 +54,19 @@ def write_atomically(path: str | Path, write: Any, *,
         pass
     finally:
         os.close(directory)
+
+
+def _keep_as(path: Path, previous: Path) -> None:
+    """Give ``path``'s file the second name ``previous`` (a hard link put in place with a rename,
+    so that ``path`` never disappears), or rename it there where links are not supported."""
+    link = previous.with_name(f".{previous.name}.{os.getpid()}.link")
+    link.unlink(missing_ok=True)
+    try:
+        os.link(path, link)
+    except OSError:
+        os.replace(path, previous)
+        return
+    os.replace(link, previous)
 
 
 def _umask() -> int:
