@@ -210,7 +210,7 @@ def save_file(obj: Mapping[str, Any], path: str | os.PathLike,
     A state_dict (every value a tensor) stays one: the checksum goes into its ``_metadata`` (see
     :data:`CHECKSUM_KEY`), where ``load_state_dict`` ignores it. The file is written atomically and
     read back and verified before it replaces ``path``; with ``previous``, the file it replaces is
-    kept there (renamed) rather than deleted. ``obj`` itself is not modified.
+    kept there rather than deleted. ``obj`` itself is not modified.
     """
     if not isinstance(obj, Mapping):
         raise TypeError(f"save_file saves a dict, got {type(obj).__name__}")
