@@ -416,12 +416,17 @@ def test_safe_load_globals_allows_them_inside_the_block_only(tmp_path: Path) -> 
     assert set(torch.serialization.get_safe_globals()) == before
     with pytest.raises(CheckpointError, match=r"DynamicConv2d .*safe_load_globals"):
         load_file(path)
-    # a class the user allowed before the block stays allowed after it
+    # a class the user allowed before the block stays allowed after it, and so do the classes
+    # allowed by the global opt-in inside a block
     torch.serialization.add_safe_globals([DynamicConv2d])
     try:
         with dynconv.safe_load_globals():
             pass
         assert DynamicConv2d in torch.serialization.get_safe_globals()
+        torch.serialization.clear_safe_globals()
+        with dynconv.safe_load_globals():
+            dynconv.allow_weights_only_load()
+        assert isinstance(torch.load(path, weights_only=True)["layer"], DynamicConv2d)
     finally:
         torch.serialization.clear_safe_globals()
         torch.serialization.add_safe_globals(list(before))
