@@ -186,7 +186,8 @@ def test_safetensors_files_without_the_package(tmp_path, monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "safetensors", None)  # makes the import fail
     monkeypatch.setitem(sys.modules, "safetensors.torch", None)
     path = tmp_path / "model.safetensors"
-    path.write_bytes(b"")
+    header = b'{"__metadata__":{}}'
+    path.write_bytes(len(header).to_bytes(8, "little") + header)  # told apart by its bytes
     with pytest.raises(ImportError, match="install the optional package `safetensors`"):
         load_checkpoint(ODConv2d(4, 4, 3), path)
 

@@ -179,7 +179,7 @@ def test_checkpoint_errors(tmp_path: Path) -> None:
     checkpoint = tmp_path / "run" / "checkpoint.pt"
     content = checkpoint.read_bytes()
     checkpoint.write_bytes(content[: len(content) // 2])
-    with pytest.raises(CheckpointError, match=r"is corrupt or not a torch file.*was not used"):
+    with pytest.raises(CheckpointError, match=r"truncated or damaged.*it was not used: delete it"):
         train(config, resume=True, dataset=DIGITS)
     torch.save({"model": {}}, checkpoint)
     with pytest.raises(CheckpointError, match="not a dynconv training checkpoint"):

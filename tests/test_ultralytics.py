@@ -30,7 +30,7 @@ from dynconv.tools.cost import count_macs
 
 CFGS = dy_ultralytics.shipped_cfgs()
 SCALES = "nsmlx"
-SRC = Path(dy_ultralytics.__file__).parents[3]
+SRC = Path(dy_ultralytics.__file__).parents[3]  # the src/ folder of the dynconv under test
 
 
 def _family(cfg: str) -> str:
@@ -280,28 +280,49 @@ def test_trains_offline_then_reloads_and_predicts_in_a_fresh_process(cfg, tmp_pa
 
     image = next((data.parent / "images" / "val").glob("*.jpg"))
     script = textwrap.dedent(f"""
-        import sys
-        import dynconv  # the only dynconv import: no registration call
+        import contextlib, os, sys
+        import torch
+        import dynconv  # no registration call
         from ultralytics import YOLO
-        assert "dynconv.integrations.ultralytics" not in sys.modules
-        model = YOLO({str(best)!r})
+        how = os.environ["HOW"]
+        if how == "integration":
+            import dynconv.integrations.ultralytics
+        else:
+            assert "dynconv.integrations.ultralytics" not in sys.modules
+        scope = dynconv.safe_load_globals() if how == "block" else contextlib.nullcontext()
+        try:
+            with scope:
+                model = YOLO({str(best)!r})
+        except TypeError as error:
+            print("REFUSED", error)
+            raise SystemExit(0)
+        assert not set(dynconv.integrations.safe_load.module_classes()) & set(
+            torch.serialization.get_safe_globals())  # nothing left allowed after the load
         kinds = {{type(m).__name__ for m in model.model.modules()}}
         assert kinds & {{"DynamicConv2d", "ODConv2d", "DRConv2d"}}, kinds
         results = model.predict({str(image)!r}, imgsz=64, device="cpu", verbose=False)
         print("PREDICTED", len(results), results[0].boxes.data.shape[-1])
     """)
-    for safe in ("0", "1"):  # Ultralytics' default load, and its weights_only safe-load mode
-        env = {**os.environ, "PYTHONPATH": str(SRC / "src"), "ULTRALYTICS_SAFE_LOAD": safe}
+    # Ultralytics' default load (weights_only=False); its weights_only safe-load mode, which
+    # builds dynconv's classes inside safe_load_globals() or with the integration imported only
+    for safe, how, expected in (("0", "plain", "PREDICTED 1 6"),
+                                ("1", "plain", "REFUSED"),
+                                ("1", "block", "PREDICTED 1 6"),
+                                ("1", "integration", "PREDICTED 1 6")):
+        env = {**os.environ, "PYTHONPATH": str(SRC), "ULTRALYTICS_SAFE_LOAD": safe,
+               "HOW": how}
         run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                              env=env, cwd=tmp_path, timeout=300)
         assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
-        assert "PREDICTED 1 6" in run.stdout
+        assert expected in run.stdout, (safe, how, run.stdout[-2000:])
+        if expected == "REFUSED":  # Ultralytics' own refusal of classes it does not know
+            assert "references types outside the supported" in run.stdout, run.stdout[-2000:]
 
 
 def _launch(args: list[str], cwd: Path) -> str:
     """``python -m dynconv.integrations.ultralytics ARGS`` in ``cwd``: its stdout, after checking
     that it succeeded and printed no traceback."""
-    env = {**os.environ, "PYTHONPATH": str(SRC / "src")}
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
     run = subprocess.run([sys.executable, "-m", "dynconv.integrations.ultralytics", *args],
                          capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]

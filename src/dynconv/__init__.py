@@ -4,10 +4,11 @@ from . import functional
 from ._version import __version__ as __version__
 from .allocator import keep_freed_memory
 from .functional import mixture_conv2d, per_sample_conv2d, region_conv2d
+from .integrations.safe_load import allow_weights_only_load, safe_load_globals
 from .layers import DRConv2d, DynamicConv2d, DynamicConvBase, KernelBankConv, ODConv2d
 from .layers.factory import create_conv2d
 from .layers.temperature import dynamic_layers, get_temperature, set_temperature, temperatures
-from .tools.checkpoint import LoadResult, allow_weights_only_load, load_checkpoint
+from .tools.checkpoint import CheckpointError, LoadResult, load_checkpoint
 from .tools.convert import convert
 from .tools.cost import count_macs
 from .tools.counters import register_thop
@@ -17,17 +18,18 @@ from .tools.inspection import AttentionCapture, inspect_attention
 
 # thop (Ultralytics' FLOP counter), if installed, counts the dynamic layers from now on
 register_thop()
-# a weights_only torch.load (Ultralytics' safe-load mode) may build the package's modules
-allow_weights_only_load()
+# nothing is added to torch's weights_only allow-list: see safe_load_globals()
 
 __all__ = [
     "AttentionCapture",
+    "CheckpointError",
     "DRConv2d",
     "DynamicConv2d",
     "DynamicConvBase",
     "KernelBankConv",
     "LoadResult",
     "ODConv2d",
+    "allow_weights_only_load",
     "convert",
     "count_macs",
     "create_conv2d",
@@ -43,6 +45,7 @@ __all__ = [
     "per_sample_conv2d",
     "region_conv2d",
     "register_thop",
+    "safe_load_globals",
     "set_temperature",
     "temperatures",
 ]

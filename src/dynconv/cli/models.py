@@ -99,9 +99,7 @@ def _fold_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_fold(args: argparse.Namespace) -> int:
-    import torch
-
-    from .._io import write_atomically
+    from ..tools.checkpoint import save_file
     from ..tools.fold import fold
     from ..training import load_run
 
@@ -115,7 +113,7 @@ def _run_fold(args: argparse.Namespace) -> int:
     report = fold(model, calibration, test, tolerance=args.tolerance)
     print(report)
     out = Path(args.out) if args.out else Path(args.run) / "folded.pt"
-    write_atomically(out, lambda f: torch.save(report.model.state_dict(), f))
+    save_file(report.model.state_dict(), out)
     print(f"saved the folded state_dict to {out} (load it into "
           "dynconv.tools.convert.static_twin(model))")
     return 0

@@ -29,6 +29,7 @@ from tqdm import tqdm
 from .._io import write_atomically
 from ..layers.factory import check_conv_type, conv_types
 from ..tools.cost import count_macs, count_parameters, inference_latency_ms
+from .checkpoints import previous_checkpoint
 from .config import CHECKPOINT_NAME, METRIC_FIELDS, TrainConfig, TrainResult, resolve_defaults
 from .data import Dataset
 from .loop import train
@@ -172,7 +173,9 @@ def compare(
             bar.set_description(f"{conv_type} seed {seed}")
             config = dataclasses.replace(base, conv_type=conv_type, seed=seed,
                                          out=str(run_out), quiet=True)
-            result = train(config, resume=(run_out / CHECKPOINT_NAME).exists(),
+            checkpoint = run_out / CHECKPOINT_NAME
+            result = train(config, resume=checkpoint.exists()
+                           or previous_checkpoint(checkpoint).exists(),
                            dataset=dataset, on_epoch=lambda row: bar.update())
             done += len(result.metrics)
             bar.n = done

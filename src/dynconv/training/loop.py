@@ -6,9 +6,11 @@ flip, batch 128, 200 epochs. The attention temperature of every dynamic layer fo
 :class:`~dynconv.layers.temperature.TemperatureSchedule`; evaluation always runs at temperature 1.
 
 Nothing is lost: at the end of every epoch, and at the next batch boundary after Ctrl-C, the
-whole state is written atomically to ``<out>/checkpoint.pt``; ``resume=True`` continues from it
-and, on the CPU, ends with the same weights as a run that was never stopped. Mixed precision on
-CUDA; several GPUs through ``torchrun`` (DistributedDataParallel, see docs/training.md).
+whole state is written atomically to ``<out>/checkpoint.pt``, with a checksum, read back and
+verified first, the one it replaces kept as ``checkpoint.prev.pt``; ``resume=True`` continues
+from it and, on the CPU, ends with the same weights as a run that was never stopped. Mixed
+precision on CUDA; several GPUs through ``torchrun`` (DistributedDataParallel, see
+docs/training.md).
 """
 
 from __future__ import annotations
@@ -34,10 +36,12 @@ from tqdm import tqdm
 from .._io import write_atomically
 from ..layers.temperature import EVAL_TEMPERATURE, TemperatureSchedule, set_temperature
 from ..models import create_model_for_data
+from ..tools.checkpoint import load_checkpoint, save_file
 from .checkpoints import (
     CHECKPOINT_FORMAT,
     CheckpointError,
     check_same_config,
+    previous_checkpoint,
     read_checkpoint,
     write_checkpoint,
 )
@@ -145,7 +149,11 @@ def load_run(
     """Rebuild the model of the ``dynconv train`` run in the folder ``out``: its configuration
     and weights (``model.pt`` of a finished run, else the last checkpoint's), on the CPU, in eval
     mode at the final temperature. Returns (model, configuration, dataset); the dataset is
-    loaded from the configuration unless given (it fixes the model's input and classes)."""
+    loaded from the configuration unless given (it fixes the model's input and classes).
+
+    Raises a ``ValueError`` (:class:`~dynconv.tools.checkpoint.CheckpointError` for a file) in
+    one line naming the file: a missing, corrupt or tampered checkpoint or ``model.pt``, or
+    weights that do not fit the configured model (the first key that does not fit)."""
     out = Path(out)
     if not out.is_dir():
         raise ValueError(f"{str(out)!r} is not a folder of a 'dynconv train' run")
@@ -154,9 +162,7 @@ def load_run(
     dataset = dataset or load_dataset(config.data, config.image_size)
     model = _create_model(config, dataset)
     weights = out / MODEL_NAME
-    state = (torch.load(weights, map_location="cpu", weights_only=True) if weights.exists()
-             else checkpoint["model"])
-    model.load_state_dict(state)
+    load_checkpoint(model, weights if weights.exists() else out / CHECKPOINT_NAME)
     set_temperature(model, EVAL_TEMPERATURE)
     return model.eval(), config, dataset
 
@@ -197,8 +203,8 @@ def train(
 
     Args:
         config: the run; ``config.out`` is its folder (created), which receives
-            ``checkpoint.pt``, ``metrics.csv``, ``config.json`` and, at the end, ``model.pt``
-            (the state_dict).
+            ``checkpoint.pt`` (and ``checkpoint.prev.pt``, the one before), ``metrics.csv``,
+            ``config.json`` and, at the end, ``model.pt`` (the state_dict, with its checksum).
         resume: continue the run in ``config.out``; without it, a folder that already holds a
             checkpoint is refused (nothing is overwritten).
         dataset: an already loaded dataset (else ``config.data`` is loaded).
@@ -217,7 +223,7 @@ def train(
     checkpoint_path = out / CHECKPOINT_NAME
     if resume:
         checkpoint = read_checkpoint(checkpoint_path)
-    elif checkpoint_path.exists():
+    elif checkpoint_path.exists() or previous_checkpoint(checkpoint_path).exists():
         raise CheckpointError(
             f"{str(out)!r} already holds a run ({CHECKPOINT_NAME}); resume it (--resume) or choose "
             "another output folder: nothing is overwritten"
@@ -478,7 +484,7 @@ def _run(config: TrainConfig, dataset: Dataset, processes: Processes,
         run.log(f"stopped at epoch {epoch + 1}, batch {batch + 1}: saved "
                 f"{run.out / CHECKPOINT_NAME}; continue with --resume")
     elif processes.main:
-        write_atomically(run.out / MODEL_NAME, lambda f: torch.save(run.core.state_dict(), f))
+        save_file(run.core.state_dict(), run.out / MODEL_NAME)
     run.core.eval()
     return TrainResult(run.core, run.metrics, config, dataset, run.out, interrupted,
                        processes.main)

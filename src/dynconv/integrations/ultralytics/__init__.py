@@ -22,11 +22,15 @@ What :func:`register` does, all in memory and undone by :func:`unregister`:
 - makes ``yaml_model_load`` find the YAMLs shipped in ``cfg/`` by name (a file of the same name
   in the working directory still wins);
 - wraps ``BaseModel.fuse`` to fold BatchNorm into the dynamic blocks as well (exact);
+- wraps ``torch_safe_load`` so that Ultralytics' safe-load mode (``ULTRALYTICS_SAFE_LOAD=1``)
+  allows the package's classes during its own checkpoint loads, and only then
+  (:func:`~dynconv.integrations.safe_load.safe_load_globals`);
 
 GFLOPs in ``model.info()`` are right because ``import dynconv`` registers the layers' FLOP rules
 with thop (:mod:`dynconv.tools.counters`). Checkpoints pickle the block classes by their
-``dynconv.blocks.yolo`` path, so a saved ``best.pt`` loads wherever dynconv is installed, also
-in Ultralytics' safe-load mode (``import dynconv`` allows its classes in a weights_only load).
+``dynconv.blocks.yolo`` path, so a saved ``best.pt`` loads wherever dynconv is installed; in
+Ultralytics' safe-load mode, once this module is imported (or inside
+``with dynconv.safe_load_globals():``).
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from .._patching import (
     fuse_blocks_first,
     stock_aliases,
 )
+from ..safe_load import safe_load_globals
 
 __all__ = [
     "BLOCKS",
@@ -127,10 +132,20 @@ def register() -> None:
         def yaml_model_load(path):
             return load(_resolve_cfg(path))
 
+        safe_load = tasks.torch_safe_load
+
+        @functools.wraps(safe_load)
+        def torch_safe_load(weight, safe_only=None):
+            if not (tasks.SAFE_LOAD if safe_only is None else safe_only):
+                return safe_load(weight, safe_only)  # weights_only=False: nothing to allow
+            with safe_load_globals():
+                return safe_load(weight, safe_only)
+
         _patches.update(tasks, BLOCKS)
         _patches.set(tasks, "parse_model", parse_model)
         _patches.set(tasks, "yaml_model_load", yaml_model_load)
         _patches.set(engine_model, "yaml_model_load", yaml_model_load)
+        _patches.set(tasks, "torch_safe_load", torch_safe_load)
         _patches.set(tasks.BaseModel, "fuse", fuse_blocks_first(tasks.BaseModel.fuse))
 
 
