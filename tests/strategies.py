@@ -33,10 +33,19 @@ class ConvConfig:
         }
 
 
+#: An empty batch in a grouped, strided, padded, dilated geometry, which the property tests of the
+#: ops run explicitly (``@example``) on top of the N = 0 that :func:`conv_configs` draws.
+EMPTY_BATCH = ConvConfig(
+    batch=0, in_channels=4, out_channels=6, kernel_size=(3, 2), stride=(1, 2), padding=1,
+    dilation=(2, 1), groups=2, padding_mode="zeros", height=7, width=9, bias=True,
+)
+
+
 @st.composite
 def conv_configs(draw, max_batch: int = 5, padding_modes=("zeros", "reflect", "replicate",
                                                           "circular")) -> ConvConfig:
-    """A small, valid 2-D convolution: grouped and depthwise included, non-square everything."""
+    """A small, valid 2-D convolution: grouped and depthwise included, non-square everything,
+    and batches from empty (N = 0, which nn.Conv2d takes) to ``max_batch``."""
     groups = draw(st.sampled_from([1, 1, 2, 3]))
     depthwise = draw(st.booleans()) and groups > 1
     c_in_g = 1 if depthwise else draw(st.integers(1, 3))
@@ -61,7 +70,7 @@ def conv_configs(draw, max_batch: int = 5, padding_modes=("zeros", "reflect", "r
     height = draw(st.integers(min_h, min_h + 6))
     width = draw(st.integers(min_w, min_w + 6))
     return ConvConfig(
-        batch=draw(st.integers(1, max_batch)),
+        batch=draw(st.integers(0, max_batch)),
         in_channels=c_in_g * groups,
         out_channels=c_out_g * groups,
         kernel_size=kernel,

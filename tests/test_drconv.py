@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -24,7 +24,7 @@ from dynconv.testing import (
 
 from helpers import assert_same_outputs_and_grads
 from seed_layouts import SeedDRConv2d
-from strategies import ConvConfig, conv_configs
+from strategies import EMPTY_BATCH, ConvConfig, conv_configs
 
 F64 = torch.float64
 METHODS = [m for m in REGION_METHODS if m != "auto"]
@@ -51,6 +51,7 @@ def _region_tensors(cfg: ConvConfig, num_regions: int, gen: torch.Generator, tie
     ties=st.booleans(),
     seed=st.integers(0, 2**31 - 1),
 )
+@example(cfg=EMPTY_BATCH, num_regions=4, ties=False, seed=0)
 def test_region_conv2d_matches_per_pixel_reference(cfg, num_regions, ties, seed) -> None:
     gen = torch.Generator().manual_seed(seed)
     x, w, guide, b = _region_tensors(cfg, num_regions, gen, ties)

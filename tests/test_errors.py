@@ -49,7 +49,6 @@ def test_bad_constructor_arguments(kwargs, error, message) -> None:
         ((1, 2, 4, 8, 8), r"got shape \[1, 2, 4, 8, 8\]"),
         ((2, 3, 8, 8), r"expects 4 input channels, got input of shape \[2, 3, 8, 8\]"),
         ((2, 4, 2, 8), r"too small for kernel_size=\(3, 3\).*output would be 0x6"),
-        ((0, 4, 8, 8), "empty batch"),
     ],
 )
 def test_bad_inputs_at_first_forward(shape, message) -> None:
@@ -79,7 +78,7 @@ def test_per_sample_conv2d_errors() -> None:
         per_sample_conv2d(x, w, stride=2, padding="same")
     with pytest.raises(ValueError, match="method must be one of"):
         per_sample_conv2d(x, w, method="fft")
-    with pytest.raises(ValueError, match="method='direct' needs batch size 1, got 2"):
+    with pytest.raises(ValueError, match=r"'direct' needs batch size 1 \(or an empty batch\), got"):
         per_sample_conv2d(x, w, method="direct")
     with pytest.raises(ValueError, match="too small"):
         per_sample_conv2d(x[..., :2, :], w)
@@ -134,7 +133,6 @@ def test_odconv_bad_constructor_arguments(kwargs, error, message) -> None:
         ((4, 8), r"expects input of shape \[N, C, H, W\] or \[C, H, W\], got shape \[4, 8\]"),
         ((2, 3, 8, 8), r"expects 4 input channels, got input of shape \[2, 3, 8, 8\]"),
         ((2, 4, 8, 1), r"too small for kernel_size=\(3, 3\).*output would be 6x-1"),
-        ((0, 4, 8, 8), "empty batch"),
         ((1, 4, 8, 8), "batch of 1 in training mode.*attention_norm="),
     ],
 )

@@ -7,7 +7,7 @@ from unittest import mock
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from dynconv.functional import (
@@ -24,7 +24,7 @@ from dynconv.functional.per_sample import _choose_per_sample_method
 from dynconv.testing import reference_per_sample_conv2d
 
 from helpers import assert_same_outputs_and_grads
-from strategies import ConvConfig, conv_configs
+from strategies import EMPTY_BATCH, ConvConfig, conv_configs
 
 F64 = torch.float64
 
@@ -46,11 +46,13 @@ def _tensors(cfg: ConvConfig, generator: torch.Generator, num_kernels: int | Non
 
 
 def _methods(batch: int) -> list[str]:
-    return [m for m in PER_SAMPLE_METHODS if m != "direct" or batch == 1]
+    """Every method that runs at this batch size: all of them on an empty batch."""
+    return [m for m in PER_SAMPLE_METHODS if m != "direct" or batch <= 1]
 
 
 @settings(max_examples=200)
 @given(cfg=conv_configs(padding_modes=("zeros",)), seed=st.integers(0, 2**31 - 1))
+@example(cfg=EMPTY_BATCH, seed=0)
 def test_per_sample_conv2d_matches_reference(cfg: ConvConfig, seed: int) -> None:
     x, w, b = _tensors(cfg, torch.Generator().manual_seed(seed))
     inputs = [t for t in (x, w, b) if t is not None]
@@ -75,6 +77,7 @@ def test_per_sample_conv2d_matches_reference(cfg: ConvConfig, seed: int) -> None
     num_kernels=st.integers(1, 4),
     seed=st.integers(0, 2**31 - 1),
 )
+@example(cfg=EMPTY_BATCH, num_kernels=3, seed=0)
 def test_mixture_conv2d_matches_reference(cfg: ConvConfig, num_kernels: int, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     x, bank, bias_bank = _tensors(cfg, gen, num_kernels)
@@ -238,6 +241,7 @@ def test_torch_compile_small_case() -> None:
     num_kernels=st.integers(1, 4),
     seed=st.integers(0, 2**31 - 1),
 )
+@example(cfg=EMPTY_BATCH, num_kernels=3, seed=0)
 def test_mixture_conv2d_with_spatial_weight_matches_reference(
     cfg: ConvConfig, num_kernels: int, seed: int
 ) -> None:

@@ -47,9 +47,11 @@ def to_pair(value: object, name: str, minimum: int = 1) -> Pair:
 
 
 def check_bool(value: object, name: str) -> bool:
-    """Return ``value`` if it is a bool (not merely truthy: ``bias=1`` is refused)."""
+    """Return ``value`` if it is a bool (not merely truthy: ``bias=1`` and ``bias='no'`` are
+    refused)."""
     if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {value!r}")
+        raise TypeError(f"{name} must be a bool, got {value!r} "
+                        f"({type(value).__name__})")
     return value
 
 

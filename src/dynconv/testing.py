@@ -27,9 +27,14 @@ def reference_per_sample_conv2d(
     groups: int = 1,
     padding_mode: str = "zeros",
 ) -> Tensor:
-    """One ``F.conv2d`` per sample: x [N, C_in, H, W], weight [N, C_out, C_in/g, kH, kW]."""
+    """One ``F.conv2d`` per sample: x [N, C_in, H, W], weight [N, C_out, C_in/g, kH, kW]; for an
+    empty batch, ``F.conv2d``'s empty output."""
     geometry = parse_geometry(tuple(weight.shape[-2:]), stride, padding, dilation, groups)
     mode = "constant" if padding_mode == "zeros" else padding_mode
+    if x.shape[0] == 0:
+        xp = F.pad(x, geometry.pads, mode=mode)
+        return F.conv2d(xp, weight.new_zeros(weight.shape[1:]), None, geometry.stride, 0,
+                        geometry.dilation, groups)
     outs = []
     for n in range(x.shape[0]):
         xn = F.pad(x[n : n + 1], geometry.pads, mode=mode)
@@ -170,7 +175,6 @@ def reference_region_conv2d(
                 b = None if bias is None else bias[n, r]
                 pixels.append(F.conv2d(field, weight[n, r], b, 1, 0, (dh, dw), groups).flatten())
         samples.append(torch.stack(pixels, 1).reshape(-1, h_out, w_out))
-    out = torch.stack(samples)
     everywhere = torch.stack(
         [
             reference_per_sample_conv2d(
@@ -181,6 +185,7 @@ def reference_region_conv2d(
         ],
         1,
     )
+    out = torch.stack(samples) if samples else everywhere[:, 0]  # (an empty batch: empty)
     s = guide.softmax(1).unsqueeze(2)
     return out + ((s - s.detach()) * everywhere.detach()).sum(1)
 

@@ -1,4 +1,4 @@
-"""What the three ops share: the input checks, export detection and memory formats."""
+"""What the three ops share: the input checks, export detection, autocast and memory formats."""
 
 from __future__ import annotations
 
@@ -19,6 +19,63 @@ def is_exporting() -> bool:
     tracing): ``'auto'`` then dispatches to batch-agnostic formulations only."""
     return bool(
         torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+    )
+
+
+def values_are_readable(t: Tensor) -> bool:
+    """Whether a check may read ``t``'s values on the host: not on the meta device (no values),
+    nor while compiled, traced or exported (a data-dependent branch would break the graph, or
+    be baked into it)."""
+    return not (t.is_meta or torch.compiler.is_compiling() or is_exporting())
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast runs convolutions in on ``device_type`` ('cpu', 'cuda', ...), or
+    ``None`` when autocast is off there or the device has none (the meta device)."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def autocast_like_conv(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    """``tensors`` cast as autocast casts a convolution's inputs (floating-point ones other than
+    float64 to the autocast dtype of their device), for formulations that autocast does not
+    reach (custom autograd functions, ``out=`` products); unchanged when autocast is off."""
+    first = next(t for t in tensors if t is not None)
+    dtype = autocast_dtype(first.device.type)
+    if dtype is None:
+        return tensors
+    return tuple(
+        t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64
+        else t
+        for t in tensors
+    )
+
+
+def check_input_dtype(x: Tensor, dtype: torch.dtype | None, caller: str,
+                      what: str = "the layer") -> None:
+    """Raise a ``TypeError`` naming ``caller`` and both dtypes unless ``x`` can go where ``what``
+    (the layer's parameters, an op's weight) is of ``dtype``: a floating-point input of that
+    dtype, or under autocast on ``x``'s device of another floating dtype, which autocast casts
+    as it does for ``nn.Conv2d`` (float64 excepted: autocast leaves it alone). ``dtype`` None:
+    any floating dtype. torch refuses the rest deep inside a kernel."""
+    if x.dtype == dtype:
+        return
+    if not x.is_floating_point():
+        raise TypeError(
+            f"{caller} expects a floating-point input, got dtype {x.dtype} (convert it, e.g. "
+            "x.float() / 255 for images stored as integers)"
+        )
+    if dtype is None:
+        return
+    autocast = autocast_dtype(x.device.type) is not None
+    if autocast and torch.float64 not in (x.dtype, dtype):
+        return
+    remedy = ("autocast does not cast float64" if autocast
+              else "or run under torch.autocast")
+    raise TypeError(
+        f"{caller}: the input is {x.dtype} but {what} is {dtype}; convert one to the other "
+        f"(x.to({dtype}), or the module's .to({x.dtype})), {remedy}"
     )
 
 

@@ -13,8 +13,10 @@ from torch import Tensor
 from .. import allocator
 from .._conv_args import ConvGeometry, PaddingArg, Pair
 from ._common import (
+    autocast_dtype,
     check_conv,
     check_input,
+    check_input_dtype,
     check_shape,
     is_exporting,
     match_memory_format,
@@ -73,6 +75,8 @@ def mixture_conv2d(
             unfolded input (im2col), weighted per kernel position if ``spatial`` is given).
         per_sample_method: passed to :func:`per_sample_conv2d` by ``'aggregate'``.
 
+    An empty batch (N = 0) gives an empty output with every method, as ``F.conv2d`` does.
+
     Returns:
         [N, C_out, H_out, W_out].
     """
@@ -80,6 +84,7 @@ def mixture_conv2d(
     if not isinstance(bank, Tensor) or bank.dim() != 5:
         got = shape_list(bank) if isinstance(bank, Tensor) else type(bank).__name__
         raise ValueError(f"bank must have shape [K, C_out, C_in/groups, kH, kW], got {got}")
+    check_input_dtype(x, bank.dtype, "mixture_conv2d", "the bank")
     num_kernels, c_out = bank.shape[:2]
     n = x.shape[0]
     if not isinstance(coefficients, Tensor) or shape_list(coefficients) != [n, num_kernels]:
@@ -138,7 +143,7 @@ def mixture_conv2d_unchecked(
                                               output_size, method=per_sample_method)
         weights.forget()
         return out
-    if spatial is not None and spatial[0].numel() == 1:  # a 1x1 kernel: one weight per sample
+    if spatial is not None and spatial.shape[-2:].numel() == 1:  # 1x1 kernel: one weight a sample
         coefficients = coefficients * spatial.reshape(n, 1).to(coefficients.dtype)
         spatial = None
     xp, pad = pad_for_conv(x, geometry)
@@ -201,9 +206,7 @@ class _MixedKernels:
         recognises them until :meth:`forget`."""
         mix = self._mix()
         if track:  # before the spatial product, which saves the mix
-            device = self.bank.device.type
-            if torch.is_autocast_enabled(device):
-                self._autocast = torch.get_autocast_dtype(device)
+            self._autocast = autocast_dtype(self.bank.device.type)
             self._track(mix, self.MIX)
         weight = self._weigh(mix)
         if track:
@@ -307,11 +310,11 @@ def _mixout(
         dense = dense.transpose(0, 1).reshape(num_kernels * c_out, *bank.shape[2:])
     y = F.conv2d(x, dense, None, stride, padding, dilation, groups)
     h_out, w_out = y.shape[-2:]
-    y = y.reshape(n, groups, num_kernels, -1)  # [N, g, K, C_out/g * H_out * W_out]
+    y = y.reshape(n, groups, num_kernels, c_out // groups * h_out * w_out)
     out = torch.matmul(coefficients.reshape(n, 1, 1, num_kernels).to(y.dtype), y)
     out = out.reshape(n, c_out, h_out, w_out)
     if bias is not None:
-        out = out + bias.reshape(n, c_out, 1, 1)
+        out = out + bias.reshape(n, c_out, 1, 1).to(out.dtype)
     return out
 
 
@@ -349,5 +352,5 @@ def _mixout_unfold(
     out = torch.einsum("nk,gkonp->ngop", coefficients.to(y.dtype), y)
     out = out.reshape(n, c_out, h_out, w_out)
     if bias is not None:
-        out = out + bias.reshape(n, c_out, 1, 1)
+        out = out + bias.reshape(n, c_out, 1, 1).to(out.dtype)
     return out

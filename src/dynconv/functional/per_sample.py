@@ -15,6 +15,7 @@ from .._conv_args import ConvGeometry, PaddingArg, Pair
 from ._common import (
     check_conv,
     check_input,
+    check_input_dtype,
     check_shape,
     is_exporting,
     match_memory_format,
@@ -53,9 +54,11 @@ def per_sample_conv2d(
         bias: one bias per sample [N, C_out], or ``None``.
         stride, padding, dilation, groups: as in ``F.conv2d`` (int or pair; ``'same'``/``'valid'``).
         method: ``'auto'`` (the dispatch rule), or one exact formulation: ``'direct'`` (a plain
-            convolution, N = 1 only), ``'grouped'`` (the batch folded into the groups),
+            convolution, N = 1 only; or N = 0), ``'grouped'`` (the batch folded into the groups),
             ``'loop'`` (one convolution per sample) or ``'unfold'`` (im2col and a batched matrix
             product; exports to ONNX with a dynamic batch).
+
+    An empty batch (N = 0) gives an empty output, with every method, as ``F.conv2d`` does.
 
     Returns:
         [N, C_out, H_out, W_out], channels_last when ``x`` is.
@@ -63,6 +66,7 @@ def per_sample_conv2d(
     check_input(x)
     if not isinstance(weight, Tensor):
         raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    check_input_dtype(x, weight.dtype, "per_sample_conv2d", "the weight")
     if weight.dim() != 5:
         raise ValueError(
             "weight must have shape [N, C_out, C_in/groups, kH, kW] (5-D, one kernel per sample), "
@@ -86,8 +90,8 @@ def check_per_sample_method(method: str, batch: int) -> None:
     """Raise unless ``method`` is one of :data:`PER_SAMPLE_METHODS` that runs at this batch."""
     if method not in PER_SAMPLE_METHODS:
         raise ValueError(f"method must be one of {PER_SAMPLE_METHODS}, got {method!r}")
-    if method == "direct" and batch != 1:
-        raise ValueError(f"method='direct' needs batch size 1, got {batch}")
+    if method == "direct" and batch > 1:
+        raise ValueError(f"method='direct' needs batch size 1 (or an empty batch), got {batch}")
 
 
 def per_sample_conv2d_unchecked(
@@ -132,13 +136,21 @@ def _choose_per_sample_method(
     return "grouped"
 
 
+# 'direct', 'grouped' and 'loop' cannot run on an empty batch (no kernel to convolve with,
+# groups = 0, nothing to concatenate): it goes through 'unfold', whose products take N = 0.
+
+
 def _direct(x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation, groups):
+    if x.shape[0] == 0:
+        return _unfold(x, weight, bias, stride, padding, dilation, groups)
     b = None if bias is None else bias[0]
     return F.conv2d(x, weight[0], b, stride, padding, dilation, groups)
 
 
 def _grouped(x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation, groups):
     n, c_in, h, w = x.shape
+    if n == 0:
+        return _unfold(x, weight, bias, stride, padding, dilation, groups)
     c_out = weight.shape[1]
     out = F.conv2d(
         x.reshape(1, n * c_in, h, w),
@@ -153,6 +165,8 @@ def _grouped(x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, di
 
 
 def _loop(x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation, groups):
+    if x.shape[0] == 0:
+        return _unfold(x, weight, bias, stride, padding, dilation, groups)
     # unbind, not indexing: indexing builds a full-size gradient per sample in backward.
     biases = [None] * x.shape[0] if bias is None else bias.unbind(0)
     outs = [
@@ -178,8 +192,8 @@ def _unfold(x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dil
     else:
         out = torch.matmul(kernels, _im2col(x, groups, (kh, kw), dilation, padding, stride))
     out = out.reshape(n, c_out, h_out, w_out)
-    if bias is not None:
-        out = out + bias.reshape(n, c_out, 1, 1)
+    if bias is not None:  # in the product's dtype (autocast's), as F.conv2d adds its bias
+        out = out + bias.reshape(n, c_out, 1, 1).to(out.dtype)
     return out
 
 
@@ -195,7 +209,7 @@ def is_recomputed(needs_grad: bool, nbytes: int) -> bool:
 def _im2col(x: Tensor, groups: int, kernel_size: Pair, dilation, padding, stride) -> Tensor:
     """The unfolded input [N, groups, C_in/groups * kH * kW, H_out * W_out]."""
     cols = F.unfold(x, kernel_size, dilation=dilation, padding=padding, stride=stride)
-    return cols.reshape(x.shape[0], groups, -1, cols.shape[-1])
+    return cols.reshape(x.shape[0], groups, cols.shape[1] // groups, cols.shape[-1])
 
 
 class _Im2colProduct(torch.autograd.Function):
@@ -230,7 +244,7 @@ class _Im2colProduct(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             # [N, g, C_in/g * kH * kW, P]
             grad_cols = torch.matmul(kernels.to(grad.dtype).transpose(-1, -2), grad)
-            grad_cols = grad_cols.to(x.dtype).reshape(x.shape[0], -1, grad_cols.shape[-1])
+            grad_cols = grad_cols.to(x.dtype).flatten(1, 2)
             grad_x = F.fold(grad_cols, x.shape[-2:], kernel_size, dilation=dilation,
                             padding=padding, stride=stride)
         return grad_x, grad_kernels, None, None, None, None

@@ -12,8 +12,10 @@ from torch.autograd.function import once_differentiable
 
 from .._conv_args import ConvGeometry, PaddingArg, Pair
 from ._common import (
+    autocast_like_conv,
     check_conv,
     check_input,
+    check_input_dtype,
     check_shape,
     is_channels_last,
     is_exporting,
@@ -70,6 +72,9 @@ def region_conv2d(
     were ``s``. ``g`` needs every region's output, so the backward costs R convolutions whatever
     the method (none if the guide needs no gradient).
 
+    An empty batch (N = 0) gives an empty output with every method. On the meta device, which
+    holds no values to sort pixels by, ``'restricted'`` runs as ``'dense'`` (the same output).
+
     Returns:
         [N, C_out, H_out, W_out], channels_last when ``x`` is.
     """
@@ -80,6 +85,7 @@ def region_conv2d(
             "weight must have shape [N, R, C_out, C_in/groups, kH, kW] (6-D, R kernels per "
             f"sample), got {got}"
         )
+    check_input_dtype(x, weight.dtype, "region_conv2d", "the weight")
     n_w, num_regions, c_out, c_in_g, kh, kw = weight.shape
     geometry, (h_out, w_out) = check_conv(x, c_out, c_in_g, (kh, kw), stride, padding, dilation,
                                           groups)
@@ -123,10 +129,12 @@ def region_conv2d_unchecked(
     output_size = guide.shape[-2:]
     if method == "auto":
         method = _choose_region_method(weight, geometry, output_size[0] * output_size[1])
-    if method == "dense":
+    if method == "dense" or x.device.type == "meta":  # meta: no values to sort pixels by
         y = _all_region_outputs(x, weight, bias, geometry, output_size)
         out = _PickRegion.apply(y, guide, regions)
     else:
+        # its products are out of autocast's reach: the inputs cast as for a convolution
+        x, weight, bias = autocast_like_conv(x, weight, bias)
         out = _RestrictedRegionConv.apply(x, weight, guide, bias, regions, geometry)
     return match_memory_format(out, x)
 
@@ -166,7 +174,8 @@ def _all_region_outputs(
     kernel = kernel.transpose(1, 2).reshape(n, num_regions * c_out, *weight.shape[3:])
     b = None
     if bias is not None:
-        b = bias.reshape(n, num_regions, g, c_out // g).transpose(1, 2).reshape(n, -1)
+        b = bias.reshape(n, num_regions, g, c_out // g).transpose(1, 2)
+        b = b.reshape(n, num_regions * c_out)
     y = per_sample_conv2d_unchecked(x, kernel, b, geometry, output_size)
     return y.reshape(n, g, num_regions, c_out // g, y.shape[-2], y.shape[-1])
 
@@ -235,7 +244,7 @@ class _RegionPlan:
         corner = (rows[:, None] + cols[None, :]).flatten()[self.order]  # [N, P]
         taps = torch.arange(kh, device=device)[:, None] * (dh * padded_width)
         taps = (taps + torch.arange(kw, device=device)[None, :] * dw).flatten()
-        self.fields = (corner[:, :, None] + taps[None, None, :]).reshape(n, -1)
+        self.fields = (corner[:, :, None] + taps[None, None, :]).flatten(1)
 
     def segments(self, sample: int):
         """(region, slice of the sorted pixels) for every non-empty region of a sample."""
@@ -310,7 +319,7 @@ class _RestrictedRegionConv(torch.autograd.Function):
         grad_x_rows = xp.new_zeros(n, g, xp.shape[-2] * xp.shape[-1], c_in_g) if need_x else None
         grad_w = torch.zeros_like(weight) if need_w else None  # zero for regions without pixels
         grad_b = torch.zeros_like(bias) if need_b else None
-        grad_sorted = torch.empty_like(grad_rows[0])  # buffers reused from sample to sample
+        grad_sorted = grad_rows.new_empty(grad_rows.shape[1:])  # buffers reused sample to sample
         grad_fields = xp.new_empty(g, pixels, kh * kw * c_in_g) if need_x else None
         for i in range(n):
             torch.index_select(grad_rows[i], 1, plan.order[i], out=grad_sorted)  # [g, P, C/g]
@@ -380,6 +389,8 @@ def _region_scores(
                                 grad_out.shape[-2:])
         grad = grad_out[i].reshape(1, g, 1, c_out // g, y.shape[-2], y.shape[-1])
         scores.append((y * grad).sum((1, 3)))
+    if not scores:  # an empty batch
+        return grad_out.new_zeros(0, weight.shape[1], *grad_out.shape[-2:])
     return torch.cat(scores)
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
+from ..functional._common import autocast_dtype, values_are_readable
 from .base import init_conv_fan_out_
 
 Routing = Literal["softmax", "sigmoid"]
@@ -20,7 +22,7 @@ def routing_weights(logits: Tensor, temperature: Tensor, routing: Routing = "sof
     attention saturate or overflow; the result keeps that dtype.
     """
     dtype = torch.promote_types(logits.dtype, torch.float32)
-    if torch.is_autocast_enabled(logits.device.type):
+    if autocast_dtype(logits.device.type) is not None:
         with torch.autocast(device_type=logits.device.type, enabled=False):
             return routing_weights(logits, temperature, routing)
     if logits.dtype != dtype:
@@ -88,12 +90,17 @@ class ODConvAttention(nn.Module):
     1x1 kernel and the kernel head for K = 1.
 
     ``norm``: ``'batch'`` (BatchNorm2d ``bn``, the official layout; it needs more than one sample
-    per batch in training), ``'layer'`` (GroupNorm with one group, ``norm``: each sample's hidden
-    vector normalised over its channels, so any batch size and the same computation in training
-    and evaluation) or ``'none'`` (``fc`` then has a bias).
+    per batch in training, and refuses a training batch with a non-finite sample, which would
+    make the whole batch and the running statistics NaN), ``'layer'`` (GroupNorm with one group,
+    ``norm``: each sample's hidden vector normalised over its channels, so any batch size and
+    the same computation in training and evaluation) or ``'none'`` (``fc`` then has a bias).
+
+    ``name`` names the layer in error messages.
 
     Shapes: input [N, C_in, H, W] -> :class:`ODAttentionWeights`.
     """
+
+    name = "ODConv2d"  # (the default of modules pickled before the attribute existed)
 
     def __init__(
         self,
@@ -106,11 +113,13 @@ class ODConvAttention(nn.Module):
         norm: AttentionNorm = "batch",
         device: Any = None,
         dtype: torch.dtype | None = None,
+        name: str = "ODConv2d",
     ) -> None:
         super().__init__()
         kw = {"device": device, "dtype": dtype}
         self.kernel_size = kernel_size
         self.norm_kind = norm
+        self.name = name
         self.avgpool = nn.AdaptiveAvgPool2d(1)  # a module: FLOP counters see a size-free cost
         self.fc = nn.Conv2d(in_channels, hidden_channels, 1, bias=norm == "none", **kw)
         if norm == "batch":
@@ -141,17 +150,42 @@ class ODConvAttention(nn.Module):
         """The shared hidden features [N, hidden, 1, 1] for input [N, C_in, H, W]."""
         if self.norm_kind == "batch" and self.training and x.shape[0] == 1:
             raise ValueError(
-                "ODConv2d got a batch of 1 in training mode, but the BatchNorm of its attention "
-                "(attention_norm='batch', the official layout) needs more than one sample per "
-                "batch: train with batches of 2 or more, call .eval(), or build the layer with "
-                "attention_norm='layer' (or 'none'), which works at any batch size"
+                f"{self.name} got a batch of 1 in training mode, but the BatchNorm of its "
+                "attention (attention_norm='batch', the official layout) needs more than one "
+                "sample per batch: train with batches of 2 or more, call .eval(), or build the "
+                "layer with attention_norm='layer' (or 'none'), which works at any batch size"
             )
         h = self.fc(self.avgpool(x))
         if self.norm_kind == "batch":
+            if self.training and values_are_readable(h):
+                self._check_finite(h)
             h = self.bn(h)
         elif self.norm_kind == "layer":
             h = self.norm(h)
         return torch.relu(h)
+
+    def _check_finite(self, h: Tensor) -> None:
+        """Refuse a training batch whose BatchNorm input h [N, hidden, 1, 1] holds a non-finite
+        value: the batch statistics would spread it to every sample and to the running
+        statistics, for good. One reduction (a sum, in at least float32: not finite if a value
+        is not, or if the values overflow, which would overflow the statistics too) and one
+        host sync, in training only."""
+        total = h.sum(dtype=torch.promote_types(h.dtype, torch.float32))
+        if math.isfinite(total.item()):
+            return
+        bad = (~torch.isfinite(h.flatten(1)).all(1)).nonzero().flatten().tolist()
+        shown = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
+        what = (f"sample(s) {shown} of a batch of {h.shape[0]} reach the BatchNorm of its "
+                "attention (attention_norm='batch') with non-finite values (NaN or inf)"
+                if bad else
+                f"a batch of {h.shape[0]} reaches the BatchNorm of its attention "
+                "(attention_norm='batch') with values so large that their sum overflows")
+        raise ValueError(
+            f"{self.name} in training mode: {what}, which would make the whole batch and the "
+            "running statistics NaN; nothing was updated. Find where they come from (the input, "
+            "an earlier layer), or build the layer with attention_norm='layer' (or 'none'), "
+            "which keeps a bad sample to itself"
+        )
 
     def forward(self, x: Tensor, temperature: Tensor) -> ODAttentionWeights:
         h = self.hidden(x)

@@ -28,6 +28,7 @@ from .._conv_args import (
     parse_geometry,
 )
 from ..functional import mix_kernels
+from ..functional._common import check_input_dtype
 
 #: The paragraphs every public layer's docstring shares, written there as ``{conv_args}`` and
 #: ``{shapes}`` and filled in by :func:`shared_notes` (as torch formats ``convolution_notes``
@@ -227,10 +228,16 @@ class DynamicConvBase(nn.Module):
         return x, unbatched
 
     def _check_input_size(self, x: Tensor) -> tuple[Tensor, bool, Pair]:
-        """:meth:`_check_input`, and the output size (H_out, W_out) it checked."""
+        """:meth:`_check_input`, and the output size (H_out, W_out) it checked.
+
+        As ``nn.Conv2d``: an empty batch (N = 0) is accepted; an input whose dtype is not the
+        layer's is refused (a ``TypeError`` naming both), except under autocast."""
         name = type(self).__name__
         if not isinstance(x, Tensor):
             raise TypeError(f"{name} expects a torch.Tensor, got {type(x).__name__}")
+        dtype = self._parameter_dtype()
+        if x.dtype != dtype:  # (the check's own first test, saving a call in the hot path)
+            check_input_dtype(x, dtype, name)
         if x.dim() not in (3, 4):
             raise ValueError(
                 f"{name} expects input of shape [N, C, H, W] or [C, H, W], got shape "
@@ -244,10 +251,15 @@ class DynamicConvBase(nn.Module):
                 f"{name} expects {self.in_channels} input channels, got input of shape "
                 f"{list(x.shape)} ({x.shape[1]} channels)"
             )
-        if x.shape[0] == 0:
-            raise ValueError(f"{name} got an empty batch (input shape {list(x.shape)})")
         output_size = self._geometry.checked_output_size(x.shape[-2], x.shape[-1], name)
         return x, unbatched, output_size
+
+    def _parameter_dtype(self) -> torch.dtype | None:
+        """The dtype of the layer's parameters, which its input must have outside autocast
+        (``None`` for a layer without any). A layer type overrides it with its own weight's,
+        which is faster to reach."""
+        parameter = next(self.parameters(), None)
+        return None if parameter is None else parameter.dtype
 
     def _pad(self, x: Tensor) -> tuple[Tensor, ConvGeometry]:
         """Pad where the convolution cannot (a ``padding_mode`` other than zeros, or asymmetric
@@ -280,7 +292,8 @@ class DynamicConvBase(nn.Module):
             s += f", groups={self.groups}"
         if self.padding_mode != "zeros":
             s += f", padding_mode={self.padding_mode!r}"
-        s += f", temperature={self.temperature.item():g}"
+        if not self.temperature.is_meta:  # a meta tensor holds no value to show
+            s += f", temperature={self.temperature.item():g}"
         return s
 
 
@@ -319,6 +332,9 @@ class KernelBankConv(DynamicConvBase):
             self.bias = nn.Parameter(torch.empty(num_kernels, c_out, **kw))
         else:
             self.register_parameter("bias", None)
+
+    def _parameter_dtype(self) -> torch.dtype:
+        return self.weight.dtype
 
     @property
     def kernels(self) -> Tensor:

@@ -119,6 +119,9 @@ class DRConv2d(DynamicConvBase):
             bound = 1 / math.sqrt(fan_in)
             nn.init.uniform_(self.bias, -bound, bound)
 
+    def _parameter_dtype(self) -> torch.dtype:
+        return self.conv_guide.weight.dtype
+
     def region_kernels(self, x: Tensor) -> Tensor:
         """The R kernels of every sample [N, R, C_out, C_in/g, kH, kW] for input [N, C_in, H, W].
 
@@ -150,8 +153,8 @@ class DRConv2d(DynamicConvBase):
         regions = assign_regions(guide.detach())  # once, for the convolution and the attribute
         out = region_conv2d_unchecked(xp, kernels, guide, None, geometry, method=self.method,
                                       regions=regions)
-        if self.bias is not None:
-            out = out + self.bias.reshape(1, -1, 1, 1)
+        if self.bias is not None:  # in the convolution's dtype (autocast's), as nn.Conv2d
+            out = out + self.bias.reshape(1, self.out_channels, 1, 1).to(out.dtype)
         if not is_exporting():  # a plain attribute: not part of an exported graph
             self.last_region_map = regions.squeeze(0) if unbatched else regions
         return out.squeeze(0) if unbatched else out

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._conv_args import PaddingArg, check_int, check_positive_float
+from .._conv_args import PaddingArg, check_bool, check_int, check_positive_float
 from ..functional.mixture import check_mixture_method, mixture_conv2d_unchecked
 from .attention import ROUTINGS, KernelAttention, Routing, routing_weights
 from .base import KernelBankConv, LayerMacs, pooled_conv_macs, shared_notes
@@ -89,6 +89,7 @@ class DynamicConv2d(KernelBankConv):
                 num_kernels if in_channels == 3 else max(1, int(in_channels * self.reduction))
             )
         check_int(hidden_channels, "hidden_channels")
+        check_bool(attention_bias, "attention_bias")
         self.routing = routing
         self.attention = KernelAttention(
             in_channels, hidden_channels, num_kernels, attention_bias, **self._factory_kwargs

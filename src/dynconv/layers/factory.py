@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from .._conv_args import PaddingArg
+from .._conv_args import PaddingArg, check_bool
 from .base import DynamicConvBase
 from .drconv import DRConv2d
 from .dynamic import DynamicConv2d
@@ -71,6 +71,7 @@ def create_conv2d(
     the type.
     """
     builder = _REGISTRY[check_conv_type(conv_type)]
+    check_bool(bias, "bias")  # nn.Conv2d ('static', and foreign builders) takes any truthy value
     try:
         return builder(
             in_channels, out_channels, kernel_size, stride=stride, padding=padding,

@@ -100,6 +100,8 @@ class ODConv2d(KernelBankConv):
         self.attention = ODConvAttention(
             self.in_channels, self.out_channels, self.kernel_size, self.groups, num_kernels,
             hidden, attention_norm, **self._factory_kwargs,
+            name=f"ODConv2d({self.in_channels}, {self.out_channels}, "
+                 f"kernel_size={self.kernel_size})",
         )
         self.reset_parameters()
 
@@ -131,7 +133,7 @@ class ODConv2d(KernelBankConv):
         x, unbatched, output_size = self._check_input_size(x)
         att = self.attentions(x)
         n, dtype = x.shape[0], x.dtype
-        xp, geometry = self._pad(x * att.channel.to(dtype).reshape(n, -1, 1, 1))
+        xp, geometry = self._pad(x * att.channel.to(dtype).reshape(n, self.in_channels, 1, 1))
         if self.is_pointwise_static:
             out = F.conv2d(xp, self.weight, None, **self._conv_kwargs(geometry))
         else:
@@ -144,13 +146,14 @@ class ODConv2d(KernelBankConv):
             out = mixture_conv2d_unchecked(xp, coefficients, self.kernels, None, geometry,
                                            output_size, spatial=spatial, method=self.method)
         if att.filter is not None:
-            out = out * att.filter.to(out.dtype).reshape(n, -1, 1, 1)
+            out = out * att.filter.to(out.dtype).reshape(n, self.out_channels, 1, 1)
         if self.bias is not None:
             if att.kernel is None:
-                bias = self.bias[0].reshape(1, -1, 1, 1)
+                bias = self.bias[0].reshape(1, self.out_channels, 1, 1)
             else:
-                bias = (att.kernel.to(self.bias.dtype) @ self.bias).reshape(n, -1, 1, 1)
-            out = out + bias
+                bias = att.kernel.to(self.bias.dtype) @ self.bias
+                bias = bias.reshape(n, self.out_channels, 1, 1)
+            out = out + bias.to(out.dtype)  # the convolution's dtype (autocast's), as nn.Conv2d
         return out.squeeze(0) if unbatched else out
 
     official_layouts: ClassVar[dict[str, str]] = {

@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .._conv_args import check_keyword_spellings
+from .._conv_args import check_bool, check_keyword_spellings
 from ..layers.factory import ConvBuilder, conv_builder
 from ._common import init_weights
 
@@ -109,7 +109,7 @@ class MobileNetV2(nn.Module):
         ):
             raise ValueError(f"width_mult must be a number > 0, got {width_mult!r}")
         conv = conv_builder(conv_type, **(conv_kwargs or {}))
-        stem_conv = conv if dynamic_stem else conv_builder("static")
+        stem_conv = conv if check_bool(dynamic_stem, "dynamic_stem") else conv_builder("static")
         channels = make_divisible(32 * width_mult)
         self.last_channel = make_divisible(1280 * max(1.0, width_mult))
         features: list[nn.Module] = [ConvBNReLU(in_channels, channels, 3, 2, conv=stem_conv)]

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._conv_args import check_keyword_spellings
+from .._conv_args import check_bool, check_keyword_spellings
 from ..layers.factory import ConvBuilder, conv_builder
 from ._common import init_weights
 
@@ -133,8 +133,10 @@ class ResNet(nn.Module):
             raise ValueError(f"layers must be 4 positive ints, got {layers!r}")
         conv = conv_builder(conv_type, **(conv_kwargs or {}))
         static = conv_builder("static")
-        stem_conv = conv if dynamic_stem else static
-        self._downsample_conv = conv if dynamic_downsample else static
+        stem_conv = conv if check_bool(dynamic_stem, "dynamic_stem") else static
+        self._downsample_conv = (
+            conv if check_bool(dynamic_downsample, "dynamic_downsample") else static
+        )
         self._conv = conv
         self.inplanes = 64
         if stem == "imagenet":
