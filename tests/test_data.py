@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import io
+import os
 import pickle
+import re
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -11,12 +15,55 @@ import torch
 from PIL import Image
 
 from dynconv.training.data import Augmentation, augment, batch_indices, seeded_generator
+from dynconv.training.safe_pickle import UnsafePickleError, load_data_pickle
 from dynconv.training.sources import load_dataset, load_digits
 
 
+def python2_pickle(obj: object) -> bytes:
+    """``obj`` as Python 2's cPickle (protocol 2) with numpy 1.x wrote the real CIFAR files:
+    str (bytes here) as SHORT_BINSTRING/BINSTRING, ints as BININT, uint8 arrays rebuilt by
+    ``numpy.core.multiarray._reconstruct`` from a raw-bytes state."""
+    out = [b"\x80\x02"]
+
+    def put(o: object) -> None:
+        if isinstance(o, dict):
+            out.append(b"}(")  # EMPTY_DICT MARK ... SETITEMS
+            for key, value in o.items():
+                put(key)
+                put(value)
+            out.append(b"u")
+        elif isinstance(o, list):
+            out.append(b"](")  # EMPTY_LIST MARK ... APPENDS
+            for value in o:
+                put(value)
+            out.append(b"e")
+        elif isinstance(o, int):
+            out.append(b"J" + struct.pack("<i", o))
+        elif isinstance(o, bytes):
+            out.append(b"U" + bytes([len(o)]) + o if len(o) < 256
+                       else b"T" + struct.pack("<I", len(o)) + o)
+        elif isinstance(o, np.ndarray) and o.dtype == np.uint8:
+            # _reconstruct(ndarray, (0,), 'b'), then BUILD with
+            # (1, shape, dtype('u1') with its state, fortran=False, raw bytes)
+            out.append(b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85")
+            put(b"b")
+            out.append(b"\x87R(K\x01(")
+            for size in o.shape:
+                put(size)
+            out.append(b"tcnumpy\ndtype\n")
+            put(b"u1")
+            out.append(b"K\x00K\x01\x87R(K\x03U\x01|NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb\x89")
+            put(np.ascontiguousarray(o).tobytes())
+            out.append(b"tb")
+        else:
+            raise TypeError(f"python2_pickle does not write {type(o).__name__}")
+
+    put(obj)
+    return b"".join([*out, b"."])
+
+
 def _write_pickle(path: Path, content: dict) -> None:
-    with path.open("wb") as f:
-        pickle.dump(content, f)
+    path.write_bytes(python2_pickle(content))
 
 
 def make_cifar10(root: Path, per_batch: int = 4) -> tuple[np.ndarray, list[int]]:
@@ -101,6 +148,137 @@ def test_cifar100_pickle_folder(tmp_path: Path) -> None:
     assert data.classes[5] == "class5"
     with pytest.raises(ValueError, match="does not hold CIFAR10"):
         load_dataset("cifar10:" + str(tmp_path))
+
+
+def test_cifar_files_of_every_pickle_protocol_load(tmp_path: Path) -> None:
+    # the real files are Python 2 pickles (make_cifar10); a batch pickled again by Python 3 with
+    # numpy 2 at any protocol (arrays, numpy scalars as labels) loads the same
+    data_0, labels_0 = make_cifar10(tmp_path)
+    folder = tmp_path / "cifar-10-batches-py"
+    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
+        batch = {b"data": data_0, b"labels": [np.int64(x) for x in labels_0]}
+        (folder / "data_batch_1").write_bytes(pickle.dumps(batch, protocol=protocol))
+        data = load_dataset(str(tmp_path))
+        assert torch.equal(data.train.images[:4].flatten(1), torch.from_numpy(data_0))
+        assert data.train.labels[:4].tolist() == labels_0
+
+
+def test_numpy_pickles_round_trip_through_the_data_unpickler() -> None:
+    values = [np.arange(6, dtype=np.uint8).reshape(2, 3), np.asfortranarray(np.eye(3)),
+              np.zeros(3, ">u2"), np.ones(2, dtype=[("a", "u1"), ("b", "f4")]),
+              np.array([b"a", 1], dtype=object), np.float32(0.5), np.arange(8)[::2],
+              {"k": [1, 2.5, "s", b"b", (3,)]}]
+    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
+        for value in values:
+            pickled = pickle.dumps(value, protocol)
+            loaded = load_data_pickle(io.BytesIO(pickled), "x")
+            expected = pickle.loads(pickled, encoding="bytes")  # what a plain load gives
+            assert type(loaded) is type(expected)
+            if isinstance(value, np.ndarray):
+                assert loaded.dtype == expected.dtype and np.array_equal(loaded, value)
+            else:
+                assert loaded == expected == value
+
+
+class _Payload:
+    """Pickles as ``callable(*args)``: what a hostile file runs on a plain ``pickle.load``."""
+
+    def __init__(self, callable_, *args) -> None:
+        self.call = (callable_, args)
+
+    def __reduce__(self):
+        return self.call
+
+
+def _hostile_batches(marker: Path) -> dict[str, bytes]:
+    """Pickled CIFAR batches whose loading would write ``marker``, each by another route."""
+    code = f"open({str(marker)!r}, 'w').write('ran')"
+    batch = {b"data": np.zeros((1, 3072), np.uint8), b"labels": [0]}
+    return {
+        "builtins.exec": pickle.dumps({**batch, b"x": _Payload(exec, code)}),
+        "builtins.eval": pickle.dumps({**batch, b"labels": _Payload(eval, f"[0, {code}][:1]")}),
+        "posix.system": pickle.dumps(
+            {**batch, b"x": _Payload(os.system, f"printf ran > {marker}")}),
+        "pathlib.Path.write_text": pickle.dumps(
+            {**batch, b"x": _Payload(Path.write_text, marker, "ran")}),
+        # Python 2's name of builtins, as an old hostile file would spell it
+        "__builtin__.eval": pickle.dumps({**batch, b"x": _Payload(eval, code)}, protocol=2)
+        .replace(b"cbuiltins\neval", b"c__builtin__\neval"),
+    }
+
+
+@pytest.mark.parametrize("route", ["builtins.exec", "builtins.eval", "posix.system",
+                                   "pathlib.Path.write_text", "__builtin__.eval"])
+def test_a_hostile_cifar_batch_is_refused_without_running(tmp_path: Path, route: str) -> None:
+    make_cifar10(tmp_path)
+    marker = tmp_path / "marker"
+    hostile = _hostile_batches(marker)[route]
+    # the payload is live: a plain pickle.load runs it
+    pickle.loads(hostile)
+    assert marker.read_text() == "ran"
+    marker.unlink()
+    file = tmp_path / "cifar-10-batches-py" / "data_batch_3"
+    file.write_bytes(hostile)
+    expected = (rf"CIFAR file '{re.escape(str(file))}' is not a plain data pickle: it names the "
+                rf"global {re.escape(route)}, which could run code, and was refused")
+    with pytest.raises(UnsafePickleError, match=expected):
+        load_dataset(str(tmp_path))
+    assert not marker.exists()
+
+
+def test_the_data_unpickler_allows_no_other_codec_and_no_persistent_id() -> None:
+    # _codecs.encode is allowed for the latin-1 bytes of protocols 0-2 only
+    rot13 = b"\x80\x02c_codecs\nencode\nX\x01\x00\x00\x00aX\x05\x00\x00\x00rot13\x86R."
+    assert pickle.loads(rot13) == "n"
+    with pytest.raises(UnsafePickleError, match=r"x\.pkl is not a plain data pickle: it "
+                                                r"calls _codecs\.encode with 'rot13'"):
+        load_data_pickle(io.BytesIO(rot13), "x.pkl")
+    with pytest.raises(UnsafePickleError, match="persistent reference"):
+        load_data_pickle(io.BytesIO(b"\x80\x02X\x01\x00\x00\x00aQ."), "x.pkl")
+    with pytest.raises(ValueError, match=r"cannot read x.pkl: not a complete data pickle"):
+        load_data_pickle(io.BytesIO(pickle.dumps(np.zeros(3))[:-5]), "x.pkl")
+
+
+@pytest.mark.parametrize(
+    ("batch", "message"),
+    [
+        ({b"data": np.zeros((4, 3072), np.float32) + 0.5, b"labels": [0] * 4},
+         r"'data' must be bytes 0-255 of shape \[N, 3072\] \(uint8, as the real files hold\), "
+         r"found ndarray of float32 \[4, 3072\] with values 0.5 to 0.5"),
+        ({b"data": np.full((4, 3072), 299, np.int64), b"labels": [0] * 4},
+         r"found ndarray of int64 \[4, 3072\] with values 299 to 299"),
+        ({b"data": np.zeros((4, 3, 32, 32), np.uint8), b"labels": [0] * 4},
+         r"found ndarray of uint8 \[4, 3, 32, 32\]"),
+        ({b"data": np.zeros((4, 3072), np.uint8), b"labels": [0] * 3},
+         r"'labels' must be 4 integer labels, one per image, found list of int64 \[3\]"),
+        ({b"data": np.zeros((4, 3072), np.uint8), b"labels": [0.5] * 4},
+         r"'labels' must be 4 integer labels.*float64"),
+        ({b"data": np.zeros((4, 3072), np.uint8), b"labels": [0, 1, 2, 10]},
+         r"'labels' must lie in 0..9, found 0 to 10"),
+        ({b"data": np.zeros((4, 3072), np.uint8), b"fine_labels": [0] * 4},
+         r"lacks \['labels'\]; it holds the keys \['data', 'fine_labels'\]"),
+        ([np.zeros((4, 3072), np.uint8)], r"is not a CIFAR batch: expected a pickled dict, found "
+                                          r"list"),
+    ],
+)
+def test_cifar_data_that_is_not_bytes_is_refused(tmp_path: Path, batch, message) -> None:
+    make_cifar10(tmp_path)
+    file = tmp_path / "cifar-10-batches-py" / "data_batch_2"
+    file.write_bytes(pickle.dumps(batch))
+    with pytest.raises(ValueError, match=rf"CIFAR file '{re.escape(str(file))}'.*{message}"):
+        load_dataset(str(tmp_path))
+
+
+def test_cifar_meta_files_must_name_every_class(tmp_path: Path) -> None:
+    make_cifar100(tmp_path)
+    meta = tmp_path / "cifar-100-python" / "meta"
+    meta.write_bytes(python2_pickle({b"fine_label_names": [b"a", b"b"]}))
+    expected = (rf"CIFAR file '{re.escape(str(meta))}': 'fine_label_names' must list 100 class "
+                r"names, found list of \S+ \[2\]")
+    with pytest.raises(ValueError, match=expected):
+        load_dataset(str(tmp_path))
+    meta.unlink()  # without a meta file, the classes are numbered
+    assert load_dataset(str(tmp_path)).classes[:3] == ["0", "1", "2"]
 
 
 def test_image_folder_with_train_and_test(tmp_path: Path) -> None:

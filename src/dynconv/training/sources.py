@@ -13,13 +13,15 @@ with a fixed train/test split (the same for every seed).
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from .data import Augmentation, Dataset, ImageSet
+from .safe_pickle import load_data_pickle
 
 __all__ = [
     "HOLDOUT_FRACTION",
@@ -137,39 +139,92 @@ def _find_cifar(path: Path) -> tuple[str, Path] | None:
     return None
 
 
-def _unpickle(path: Path) -> dict:
+def _unpickle(path: Path) -> dict[str, Any]:
+    """A CIFAR pickle's dict, its keys as str, read as data only (:mod:`.safe_pickle`)."""
     if not path.is_file():
         raise ValueError(f"missing CIFAR file {str(path)!r}")
+    name = f"CIFAR file {str(path)!r}"
     try:
         with path.open("rb") as f:
-            content = pickle.load(f, encoding="bytes")
-    except Exception as error:
-        raise ValueError(f"cannot read CIFAR file {str(path)!r}: {error}") from None
+            content = load_data_pickle(f, name)
+    except OSError as error:
+        raise ValueError(f"cannot read {name}: {error.strerror or error}") from None
     if not isinstance(content, dict):
-        raise ValueError(f"{str(path)!r} is not a CIFAR batch (a pickled dict)")
-    return {k.decode() if isinstance(k, bytes) else k: v for k, v in content.items()}
+        raise ValueError(f"{name} is not a CIFAR batch: expected a pickled dict, found "
+                         f"{type(content).__name__}")
+    return {k.decode("latin-1") if isinstance(k, bytes) else str(k): v
+            for k, v in content.items()}
 
 
-def _cifar_set(batches: list[dict], label_key: str, path: Path) -> ImageSet:
-    images, labels = [], []
-    for batch in batches:
-        if "data" not in batch or label_key not in batch:
-            raise ValueError(f"a CIFAR batch in {str(path)!r} lacks 'data' or '{label_key}'")
-        data = torch.as_tensor(batch["data"], dtype=torch.uint8)
-        if data.dim() != 2 or data.shape[1] != 3 * 32 * 32:
+def _cifar_batch(path: Path, label_key: str) -> ImageSet:
+    """One batch file: 'data' uint8 [N, 3072] (R, G, B planes of 32 x 32), labels [N]."""
+    batch = _unpickle(path)
+    missing = [k for k in ("data", label_key) if k not in batch]
+    if missing:
+        raise ValueError(f"CIFAR file {str(path)!r} lacks {missing}; it holds the keys "
+                         f"{sorted(batch)} (a CIFAR-{'10' if label_key == 'labels' else '100'} "
+                         f"batch holds 'data' and {label_key!r})")
+    data = _integer_array(batch["data"])
+    if data is None or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or (
+        data.size and (data.min() < 0 or data.max() > 255)
+    ):
+        raise ValueError(
+            f"CIFAR file {str(path)!r}: 'data' must be bytes 0-255 of shape [N, 3072] (uint8, as "
+            f"the real files hold), found {_describe(batch['data'])}"
+        )
+    labels = _integer_array(batch[label_key])
+    if labels is None or labels.shape != (data.shape[0],):
+        raise ValueError(
+            f"CIFAR file {str(path)!r}: {label_key!r} must be {data.shape[0]} integer labels, one "
+            f"per image, found {_describe(batch[label_key])}"
+        )
+    images = torch.from_numpy(data.astype(np.uint8).reshape(-1, 3, 32, 32))
+    return ImageSet(images, torch.from_numpy(labels.astype(np.int64)))
+
+
+def _integer_array(value: object) -> np.ndarray | None:
+    """``value`` as an integer numpy array (a list of ints included), or None if it is not."""
+    try:
+        array = np.asarray(value)
+    except (ValueError, TypeError):
+        return None
+    return array if array.dtype.kind in "iu" else None
+
+
+def _describe(value: object) -> str:
+    """What a CIFAR entry holds, for errors: type, dtype, shape and value range."""
+    try:
+        array = np.asarray(value)
+    except (ValueError, TypeError):
+        return type(value).__name__
+    if array.dtype.kind not in "biuf" or not array.size:
+        return f"{type(value).__name__} of {array.dtype} {list(array.shape)}"
+    return (f"{type(value).__name__} of {array.dtype} {list(array.shape)} with values "
+            f"{array.min()} to {array.max()}")
+
+
+def _cifar_set(files: list[Path], label_key: str, count: int) -> ImageSet:
+    sets = [_cifar_batch(file, label_key) for file in files]
+    for file, batch in zip(files, sets, strict=True):
+        if len(batch) and (batch.labels.min() < 0 or batch.labels.max() >= count):
             raise ValueError(
-                f"CIFAR data in {str(path)!r} must be [N, 3072] uint8, got {list(data.shape)}"
+                f"CIFAR file {str(file)!r}: {label_key!r} must lie in 0..{count - 1}, found "
+                f"{batch.labels.min().item()} to {batch.labels.max().item()}"
             )
-        images.append(data.reshape(-1, 3, 32, 32))
-        labels.append(torch.as_tensor(list(batch[label_key]), dtype=torch.int64))
-    return ImageSet(torch.cat(images), torch.cat(labels))
+    return ImageSet(torch.cat([s.images for s in sets]), torch.cat([s.labels for s in sets]))
 
 
-def _names(meta: dict, key: str, count: int) -> list[str]:
-    names = meta.get(key)
-    if not names or len(names) != count:
+def _names(meta_file: Path, key: str, count: int) -> list[str]:
+    """The class names in the meta file; 0..count-1 if there is no meta file."""
+    if not meta_file.is_file():
         return [str(i) for i in range(count)]
-    return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+    names = _unpickle(meta_file).get(key)
+    if not isinstance(names, (list, tuple)) or len(names) != count or not all(
+        isinstance(n, (bytes, str)) for n in names
+    ):
+        raise ValueError(f"CIFAR file {str(meta_file)!r}: {key!r} must list {count} class "
+                         f"names, found {_describe(names)}")
+    return [n.decode("latin-1") if isinstance(n, bytes) else n for n in names]
 
 
 def load_cifar(folder: str | Path, image_size: int | None = None) -> Dataset:
@@ -185,23 +240,15 @@ def load_cifar(folder: str | Path, image_size: int | None = None) -> Dataset:
     kind, path = found
     _refuse_resize(kind, image_size)
     if kind == "cifar10":
-        train = _cifar_set([_unpickle(path / n) for n in _CIFAR10_TRAIN], "labels", path)
-        test = _cifar_set([_unpickle(path / "test_batch")], "labels", path)
-        meta_file, names_key, count = path / "batches.meta", "label_names", 10
+        train = _cifar_set([path / n for n in _CIFAR10_TRAIN], "labels", 10)
+        test = _cifar_set([path / "test_batch"], "labels", 10)
+        names = _names(path / "batches.meta", "label_names", 10)
     else:
-        train = _cifar_set([_unpickle(path / "train")], "fine_labels", path)
-        test = _cifar_set([_unpickle(path / "test")], "fine_labels", path)
-        meta_file, names_key, count = path / "meta", "fine_label_names", 100
-    meta = _unpickle(meta_file) if meta_file.is_file() else {}
-    _check_labels(train, test, count, str(path))
-    return Dataset(kind.replace("cifar", "CIFAR-"), train, test, _names(meta, names_key, count),
+        train = _cifar_set([path / "train"], "fine_labels", 100)
+        test = _cifar_set([path / "test"], "fine_labels", 100)
+        names = _names(path / "meta", "fine_label_names", 100)
+    return Dataset(kind.replace("cifar", "CIFAR-"), train, test, names,
                    Augmentation(crop_padding=4, flip=True))
-
-
-def _check_labels(train: ImageSet, test: ImageSet, count: int, where: str) -> None:
-    for split in (train, test):
-        if len(split) and (split.labels.min() < 0 or split.labels.max() >= count):
-            raise ValueError(f"labels in {where!r} must lie in 0..{count - 1}")
 
 
 # -- ImageFolder ----------------------------------------------------------------------------------
