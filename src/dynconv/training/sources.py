@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .config import SettingError
 from .data import Augmentation, Dataset, ImageSet
 from .safe_pickle import load_data_pickle
 
@@ -99,7 +100,8 @@ def _existing_folder(text: str) -> Path:
 
 def _refuse_resize(name: str, image_size: int | None) -> None:
     if image_size is not None:
-        raise ValueError(f"image_size applies to ImageFolder data only; {name} keeps its size")
+        raise SettingError("image_size", f"image_size applies to ImageFolder data only; {name} "
+                                         "keeps its size")
 
 
 def load_digits() -> Dataset:
