@@ -29,8 +29,9 @@ BAD: list[tuple[str, list[str]]] = [
     ("compare --conv-types nope", ["argument --conv-types: unknown conv type 'nope'; expected"]),
     ("compare --conv-types static static", ["argument --conv-types: a conv type is listed twice"]),
     ("compare --conv-types", ["argument --conv-types: expected at least one argument"]),
-    ("compare --seeds -1", ["argument --seeds: expected an integer >= 0, got '-1'"]),
-    ("compare --seeds x", ["argument --seeds: expected an integer >= 0, got 'x'"]),
+    ("compare --seeds -1", ["argument --seeds: seed must be >= 0, got -1"]),
+    ("compare --seeds x", ["argument --seeds: expected an integer from 0 to 2**64 - 1, got "
+                           "'x'"]),
     ("compare --seeds 1 1", ["argument --seeds: seeds must be distinct"]),
     ("compare --data {missing}", ["dataset folder", "does not exist; --data takes"]),
     ("compare --data {file}", ["--data must name a folder or 'digits', got the file"]),
@@ -75,8 +76,10 @@ BAD: list[tuple[str, list[str]]] = [
     ("train --conv-type deform", ["argument --conv-type: unknown conv type 'deform'; expected"]),
     ("train --model od_resnet18 --conv-type static", ["argument --conv-type: model 'od_resnet18' "
                                                       "is built with conv type 'odconv' only"]),
-    ("train --seed -1", ["argument --seed: expected an integer >= 0, got '-1'"]),
-    ("train --seed 1e3", ["argument --seed: expected an integer >= 0, got '1e3'"]),
+    ("train --seed -1", ["argument --seed: seed must be >= 0, got -1"]),
+    ("train --seed 1e3", ["argument --seed: expected an integer from 0 to 2**64 - 1"]),
+    ("train --seed 18446744073709551616", ["argument --seed: seed must be <= 2**64 - 1 "
+                                           "(torch's largest), got 18446744073709551616"]),
     ("train --data {missing}", ["dataset folder", "does not exist; --data takes"]),
     ("train --image-size -3", ["argument --image-size: expected an integer >= 1, got '-3'"]),
     ("train --model", ["argument --model: expected one argument"]),
@@ -155,7 +158,7 @@ BAD: list[tuple[str, list[str]]] = [
     ("inspect --model resnet19", ["argument --model: unknown model 'resnet19'"]),
     ("inspect --model small_cnn --conv-type nope", ["argument --conv-type: unknown conv type"]),
     ("inspect --model small_cnn --model-arg nope=1", ["argument --model-arg: ", "'nope'"]),
-    ("inspect --model small_cnn --seed -1", ["argument --seed: expected an integer >= 0"]),
+    ("inspect --model small_cnn --seed -1", ["argument --seed: seed must be >= 0, got -1"]),
     ("inspect --model small_cnn --data {missing}", ["dataset folder", "--data takes"]),
     ("inspect --model small_cnn --out {file}", ["argument --out: expected a folder, got the "
                                                 "file"]),
@@ -170,7 +173,7 @@ BAD: list[tuple[str, list[str]]] = [
     ("export --model resnet19", ["argument --model: unknown model 'resnet19'"]),
     ("export --model small_cnn --conv-type nope", ["argument --conv-type: unknown conv type"]),
     ("export --model small_cnn --model-arg width=-1", ["argument --model-arg: width must be"]),
-    ("export --model small_cnn --seed x", ["argument --seed: expected an integer >= 0"]),
+    ("export --model small_cnn --seed 2e64", ["argument --seed: expected an integer from 0"]),
     ("export --model small_cnn --data {file}", ["--data must name a folder or 'digits'"]),
     ("export --model small_cnn --out {dir}", ["argument --out: expected a file, got the folder"]),
     ("export --model small_cnn --out {file}/m.onnx", ["argument --out: ", "is a file"]),

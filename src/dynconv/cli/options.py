@@ -69,7 +69,6 @@ def _number(parse: type, minimum: float, above: bool = False) -> Callable[[str],
             raise argparse.ArgumentTypeError(f"expected {accepts}, got {text!r}")
         return value
 
-    number.__name__ = accepts  # what argparse would name it
     return number
 
 
@@ -95,7 +94,6 @@ def checked(check: Callable[[Any], Any], parse: Callable[[str], Any] = str,
             raise argparse.ArgumentTypeError(str(error)) from None
         return value
 
-    parse_and_check.__name__ = kind
     return parse_and_check
 
 
@@ -117,6 +115,12 @@ def _initial_temperature(value: float) -> None:
     TemperatureSchedule("linear", value)
 
 
+def _seed(value: int) -> None:
+    from ..training.config import check_seed
+
+    check_seed(value)
+
+
 def _opset(value: int) -> None:
     from ..tools.export import check_opset
 
@@ -127,6 +131,7 @@ model_name = checked(_model, kind="a model of 'dynconv list'")
 conv_type = checked(_conv_type, kind="a conv type of 'dynconv list'")
 initial_temperature = checked(_initial_temperature, float, "a number >= 1")
 opset = checked(_opset, int, "an integer")
+seed = checked(_seed, int, "an integer from 0 to 2**64 - 1")
 
 
 def device(text: str, auto: bool = False) -> str:
@@ -138,21 +143,21 @@ def device(text: str, auto: bool = False) -> str:
     if auto and text == "auto":
         return text
     try:
-        kind = torch.device(text)
+        parsed = torch.device(text)
     except (RuntimeError, ValueError):
-        kind = None
-    if kind is None or kind.type not in ("cpu", "cuda", "mps"):
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda", "mps"):
         raise argparse.ArgumentTypeError(f"expected {accepts}, got {text!r}")
-    if kind.type == "cuda":
+    if parsed.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if not count:
             raise argparse.ArgumentTypeError(f"{text!r}: no CUDA GPU is available here (use "
                                              f"{'auto or ' if auto else ''}cpu)")
-        if kind.index is not None and kind.index >= count:
+        if parsed.index is not None and parsed.index >= count:
             raise argparse.ArgumentTypeError(
                 f"{text!r}: this machine has {count} CUDA GPU{'s' if count > 1 else ''} "
                 f"(cuda:0{f' to cuda:{count - 1}' if count > 1 else ''})")
-    if kind.type == "mps" and not torch.backends.mps.is_available():
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
         raise argparse.ArgumentTypeError(f"{text!r}: MPS (Apple GPUs) is not available here")
     return text
 
@@ -207,16 +212,15 @@ def key_value(text: str) -> tuple[str, Any]:
 
 
 @contextmanager
-def blame(option: str | None, errors: tuple[type[Exception], ...] = (ValueError, TypeError)
-          ) -> Iterator[None]:
-    """Name ``option`` in an error of the block that stems from its value and that argparse
-    cannot check (it depends on the model or the data): 'argument --OPTION: <error>'."""
-    if option is None:
-        yield
-        return
+def blame(option: str | None) -> Iterator[None]:
+    """Name ``option`` in a ``ValueError`` or ``TypeError`` of the block that stems from its
+    value and that argparse cannot check (it depends on the model or the data): 'argument
+    --OPTION: <error>'. ``None`` blames nothing."""
     try:
         yield
-    except errors as error:
+    except (ValueError, TypeError) as error:
+        if option is None:
+            raise
         raise ValueError(f"argument {option}: {error}") from None
 
 
@@ -325,7 +329,7 @@ def add_model_source(parser: argparse.ArgumentParser) -> None:
                         help="a model of 'dynconv list'")
     add_conv_type(source)
     add_model_args(source)
-    source.add_argument("--seed", type=non_negative_int, default=0, help="(default: 0)")
+    source.add_argument("--seed", type=seed, default=0, help="(default: 0)")
     parser.add_argument("--data", default=None, metavar="SOURCE",
                         help="images to run on and build the model for (default: the run's, "
                              "or 'digits')")

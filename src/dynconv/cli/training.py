@@ -15,7 +15,7 @@ from .options import (
     add_training_options,
     conv_type,
     default_out,
-    non_negative_int,
+    seed,
 )
 
 __all__ = ["COMPARE", "LIST", "TRAIN"]
@@ -52,7 +52,7 @@ def _compare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--conv-types", type=conv_type, nargs="+", default=UNSET, metavar="TYPE",
                         help="types to compare (default: static dynamic condconv odconv "
                              "drconv, those registered)")
-    parser.add_argument("--seeds", type=non_negative_int, nargs="+", default=UNSET,
+    parser.add_argument("--seeds", type=seed, nargs="+", default=UNSET,
                         metavar="SEED", help="(default: 0 1 2)")
     add_training_options(parser, compare=True)
 
@@ -100,7 +100,7 @@ COMPARE = Command(
 
 def _train_arguments(parser: argparse.ArgumentParser) -> None:
     add_conv_type(parser, UNSET, ", static for most")
-    parser.add_argument("--seed", type=non_negative_int, default=UNSET,
+    parser.add_argument("--seed", type=seed, default=UNSET,
                         help="seed of the initialisation, data order and augmentation "
                              "(default: 0)")
     add_training_options(parser, compare=False)

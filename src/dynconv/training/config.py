@@ -24,12 +24,14 @@ __all__ = [
     "CHECKPOINT_NAME",
     "CONFIG_NAME",
     "LR_SCHEDULES",
+    "MAX_SEED",
     "METRICS_NAME",
     "METRIC_FIELDS",
     "MODEL_NAME",
     "SettingError",
     "TrainConfig",
     "TrainResult",
+    "check_seed",
     "config_for_resume",
     "resolve_defaults",
     "setting",
@@ -120,7 +122,7 @@ class TrainConfig:
                 check_model_conv_type(self.model, self.conv_type)
         _check_setting(self.batch_size, "batch_size", 1)
         _check_setting(self.test_batch_size, "test_batch_size", 1)
-        _check_setting(self.seed, "seed", 0)
+        check_seed(self.seed)
         if self.epochs is not None:
             _check_setting(self.epochs, "epochs", 1)
         if self.crop_padding is not None:
@@ -188,6 +190,18 @@ def setting(name: str, errors: tuple[type[Exception], ...] = (ValueError,)) -> I
         raise
     except errors as error:
         raise SettingError(name, str(error)) from None
+
+
+#: The largest seed ``torch.manual_seed`` takes.
+MAX_SEED = 2**64 - 1
+
+
+def check_seed(value: object) -> int:
+    """Return ``value`` if it is a seed: an int from 0 to :data:`MAX_SEED`."""
+    _check_setting(value, "seed", 0)
+    if value > MAX_SEED:  # type: ignore[operator]
+        raise SettingError("seed", f"seed must be <= 2**64 - 1 (torch's largest), got {value}")
+    return value  # type: ignore[return-value]
 
 
 def _check_setting(value: object, name: str, minimum: int) -> None:
