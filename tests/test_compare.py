@@ -125,10 +125,12 @@ def test_command_line_errors_are_one_clear_line(tmp_path: Path, capsys) -> None:
     assert main(["train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("dynconv train: error: dataset folder") and "Traceback" not in err
-    assert main(["train", "--conv-type", "deform", "--out", str(tmp_path)]) == 2
-    assert "unknown conv type 'deform'" in capsys.readouterr().err
-    assert main(["train", "--model", "resnet19", "--out", str(tmp_path)]) == 2
-    assert "unknown model 'resnet19'" in capsys.readouterr().err
+    for option, value, message in (("--conv-type", "deform", "unknown conv type 'deform'"),
+                                   ("--model", "resnet19", "unknown model 'resnet19'")):
+        with pytest.raises(SystemExit) as exit_:  # argparse checks the value
+            main(["train", option, value, "--out", str(tmp_path)])
+        assert exit_.value.code == 2
+        assert f"dynconv train: error: argument {option}: {message}" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["train", "--model-arg", "width"])
     assert "expected KEY=VALUE" in capsys.readouterr().err
@@ -147,6 +149,6 @@ def test_train_keeps_freed_memory_unless_told_not_to(tmp_path: Path, monkeypatch
         monkeypatch.delenv(cli.KEEP_MEMORY_ENV, raising=False)
     else:
         monkeypatch.setenv(cli.KEEP_MEMORY_ENV, env)
-    assert main(["train", "--conv-type", "deform", "--out", str(tmp_path)]) == 2  # stops early
+    assert main(["train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2
     assert main(["list"]) == 0  # not a training command: never
     assert calls == ([True] if expected else [])

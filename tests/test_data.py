@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import io
+import os
 import pickle
+import re
+import struct
+import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -11,12 +17,55 @@ import torch
 from PIL import Image
 
 from dynconv.training.data import Augmentation, augment, batch_indices, seeded_generator
-from dynconv.training.sources import load_dataset, load_digits
+from dynconv.training.safe_pickle import UnsafePickleError, load_data_pickle
+from dynconv.training.sources import load_dataset, load_digits, read_rgb_image
+
+
+def python2_pickle(obj: object) -> bytes:
+    """``obj`` as Python 2's cPickle (protocol 2) with numpy 1.x wrote the real CIFAR files:
+    str (bytes here) as SHORT_BINSTRING/BINSTRING, ints as BININT, uint8 arrays rebuilt by
+    ``numpy.core.multiarray._reconstruct`` from a raw-bytes state."""
+    out = [b"\x80\x02"]
+
+    def put(o: object) -> None:
+        if isinstance(o, dict):
+            out.append(b"}(")  # EMPTY_DICT MARK ... SETITEMS
+            for key, value in o.items():
+                put(key)
+                put(value)
+            out.append(b"u")
+        elif isinstance(o, list):
+            out.append(b"](")  # EMPTY_LIST MARK ... APPENDS
+            for value in o:
+                put(value)
+            out.append(b"e")
+        elif isinstance(o, int):
+            out.append(b"J" + struct.pack("<i", o))
+        elif isinstance(o, bytes):
+            out.append(b"U" + bytes([len(o)]) + o if len(o) < 256
+                       else b"T" + struct.pack("<I", len(o)) + o)
+        elif isinstance(o, np.ndarray) and o.dtype == np.uint8:
+            # _reconstruct(ndarray, (0,), 'b'), then BUILD with
+            # (1, shape, dtype('u1') with its state, fortran=False, raw bytes)
+            out.append(b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85")
+            put(b"b")
+            out.append(b"\x87R(K\x01(")
+            for size in o.shape:
+                put(size)
+            out.append(b"tcnumpy\ndtype\n")
+            put(b"u1")
+            out.append(b"K\x00K\x01\x87R(K\x03U\x01|NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb\x89")
+            put(np.ascontiguousarray(o).tobytes())
+            out.append(b"tb")
+        else:
+            raise TypeError(f"python2_pickle does not write {type(o).__name__}")
+
+    put(obj)
+    return b"".join([*out, b"."])
 
 
 def _write_pickle(path: Path, content: dict) -> None:
-    with path.open("wb") as f:
-        pickle.dump(content, f)
+    path.write_bytes(python2_pickle(content))
 
 
 def make_cifar10(root: Path, per_batch: int = 4) -> tuple[np.ndarray, list[int]]:
@@ -103,6 +152,137 @@ def test_cifar100_pickle_folder(tmp_path: Path) -> None:
         load_dataset("cifar10:" + str(tmp_path))
 
 
+def test_cifar_files_of_every_pickle_protocol_load(tmp_path: Path) -> None:
+    # the real files are Python 2 pickles (make_cifar10); a batch pickled again by Python 3 with
+    # numpy 2 at any protocol (arrays, numpy scalars as labels) loads the same
+    data_0, labels_0 = make_cifar10(tmp_path)
+    folder = tmp_path / "cifar-10-batches-py"
+    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
+        batch = {b"data": data_0, b"labels": [np.int64(x) for x in labels_0]}
+        (folder / "data_batch_1").write_bytes(pickle.dumps(batch, protocol=protocol))
+        data = load_dataset(str(tmp_path))
+        assert torch.equal(data.train.images[:4].flatten(1), torch.from_numpy(data_0))
+        assert data.train.labels[:4].tolist() == labels_0
+
+
+def test_numpy_pickles_round_trip_through_the_data_unpickler() -> None:
+    values = [np.arange(6, dtype=np.uint8).reshape(2, 3), np.asfortranarray(np.eye(3)),
+              np.zeros(3, ">u2"), np.ones(2, dtype=[("a", "u1"), ("b", "f4")]),
+              np.array([b"a", 1], dtype=object), np.float32(0.5), np.arange(8)[::2],
+              {"k": [1, 2.5, "s", b"b", (3,)]}]
+    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
+        for value in values:
+            pickled = pickle.dumps(value, protocol)
+            loaded = load_data_pickle(io.BytesIO(pickled), "x")
+            expected = pickle.loads(pickled, encoding="bytes")  # what a plain load gives
+            assert type(loaded) is type(expected)
+            if isinstance(value, np.ndarray):
+                assert loaded.dtype == expected.dtype and np.array_equal(loaded, value)
+            else:
+                assert loaded == expected == value
+
+
+class _Payload:
+    """Pickles as ``callable(*args)``: what a hostile file runs on a plain ``pickle.load``."""
+
+    def __init__(self, callable_, *args) -> None:
+        self.call = (callable_, args)
+
+    def __reduce__(self):
+        return self.call
+
+
+def _hostile_batches(marker: Path) -> dict[str, bytes]:
+    """Pickled CIFAR batches whose loading would write ``marker``, each by another route."""
+    code = f"open({str(marker)!r}, 'w').write('ran')"
+    batch = {b"data": np.zeros((1, 3072), np.uint8), b"labels": [0]}
+    return {
+        "builtins.exec": pickle.dumps({**batch, b"x": _Payload(exec, code)}),
+        "builtins.eval": pickle.dumps({**batch, b"labels": _Payload(eval, f"[0, {code}][:1]")}),
+        "posix.system": pickle.dumps(
+            {**batch, b"x": _Payload(os.system, f"printf ran > {marker}")}),
+        "pathlib.Path.write_text": pickle.dumps(
+            {**batch, b"x": _Payload(Path.write_text, marker, "ran")}),
+        # Python 2's name of builtins, as an old hostile file would spell it
+        "__builtin__.eval": pickle.dumps({**batch, b"x": _Payload(eval, code)}, protocol=2)
+        .replace(b"cbuiltins\neval", b"c__builtin__\neval"),
+    }
+
+
+@pytest.mark.parametrize("route", ["builtins.exec", "builtins.eval", "posix.system",
+                                   "pathlib.Path.write_text", "__builtin__.eval"])
+def test_a_hostile_cifar_batch_is_refused_without_running(tmp_path: Path, route: str) -> None:
+    make_cifar10(tmp_path)
+    marker = tmp_path / "marker"
+    hostile = _hostile_batches(marker)[route]
+    # the payload is live: a plain pickle.load runs it
+    pickle.loads(hostile)
+    assert marker.read_text() == "ran"
+    marker.unlink()
+    file = tmp_path / "cifar-10-batches-py" / "data_batch_3"
+    file.write_bytes(hostile)
+    expected = (rf"CIFAR file '{re.escape(str(file))}' is not a plain data pickle: it names the "
+                rf"global {re.escape(route)}, which could run code, and was refused")
+    with pytest.raises(UnsafePickleError, match=expected):
+        load_dataset(str(tmp_path))
+    assert not marker.exists()
+
+
+def test_the_data_unpickler_allows_no_other_codec_and_no_persistent_id() -> None:
+    # _codecs.encode is allowed for the latin-1 bytes of protocols 0-2 only
+    rot13 = b"\x80\x02c_codecs\nencode\nX\x01\x00\x00\x00aX\x05\x00\x00\x00rot13\x86R."
+    assert pickle.loads(rot13) == "n"
+    with pytest.raises(UnsafePickleError, match=r"x\.pkl is not a plain data pickle: it "
+                                                r"calls _codecs\.encode with 'rot13'"):
+        load_data_pickle(io.BytesIO(rot13), "x.pkl")
+    with pytest.raises(UnsafePickleError, match="persistent reference"):
+        load_data_pickle(io.BytesIO(b"\x80\x02X\x01\x00\x00\x00aQ."), "x.pkl")
+    with pytest.raises(ValueError, match=r"cannot read x.pkl: not a complete data pickle"):
+        load_data_pickle(io.BytesIO(pickle.dumps(np.zeros(3))[:-5]), "x.pkl")
+
+
+@pytest.mark.parametrize(
+    ("batch", "message"),
+    [
+        ({b"data": np.zeros((4, 3072), np.float32) + 0.5, b"labels": [0] * 4},
+         r"'data' must be bytes 0-255 of shape \[N, 3072\] \(uint8, as the real files hold\), "
+         r"found ndarray of float32 \[4, 3072\] with values 0.5 to 0.5"),
+        ({b"data": np.full((4, 3072), 299, np.int64), b"labels": [0] * 4},
+         r"found ndarray of int64 \[4, 3072\] with values 299 to 299"),
+        ({b"data": np.zeros((4, 3, 32, 32), np.uint8), b"labels": [0] * 4},
+         r"found ndarray of uint8 \[4, 3, 32, 32\]"),
+        ({b"data": np.zeros((4, 3072), np.uint8), b"labels": [0] * 3},
+         r"'labels' must be 4 integer labels, one per image, found list of int64 \[3\]"),
+        ({b"data": np.zeros((4, 3072), np.uint8), b"labels": [0.5] * 4},
+         r"'labels' must be 4 integer labels.*float64"),
+        ({b"data": np.zeros((4, 3072), np.uint8), b"labels": [0, 1, 2, 10]},
+         r"'labels' must lie in 0..9, found 0 to 10"),
+        ({b"data": np.zeros((4, 3072), np.uint8), b"fine_labels": [0] * 4},
+         r"lacks \['labels'\]; it holds the keys \['data', 'fine_labels'\]"),
+        ([np.zeros((4, 3072), np.uint8)], r"is not a CIFAR batch: expected a pickled dict, found "
+                                          r"list"),
+    ],
+)
+def test_cifar_data_that_is_not_bytes_is_refused(tmp_path: Path, batch, message) -> None:
+    make_cifar10(tmp_path)
+    file = tmp_path / "cifar-10-batches-py" / "data_batch_2"
+    file.write_bytes(pickle.dumps(batch))
+    with pytest.raises(ValueError, match=rf"CIFAR file '{re.escape(str(file))}'.*{message}"):
+        load_dataset(str(tmp_path))
+
+
+def test_cifar_meta_files_must_name_every_class(tmp_path: Path) -> None:
+    make_cifar100(tmp_path)
+    meta = tmp_path / "cifar-100-python" / "meta"
+    meta.write_bytes(python2_pickle({b"fine_label_names": [b"a", b"b"]}))
+    expected = (rf"CIFAR file '{re.escape(str(meta))}': 'fine_label_names' must list 100 class "
+                r"names, found list of \S+ \[2\]")
+    with pytest.raises(ValueError, match=expected):
+        load_dataset(str(tmp_path))
+    meta.unlink()  # without a meta file, the classes are numbered
+    assert load_dataset(str(tmp_path)).classes[:3] == ["0", "1", "2"]
+
+
 def test_image_folder_with_train_and_test(tmp_path: Path) -> None:
     make_image_folder(tmp_path / "train", {"cat": 3, "dog": 2})
     make_image_folder(tmp_path / "val", {"cat": 1, "dog": 1})
@@ -131,14 +311,13 @@ def test_dataset_errors(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match=r"not an ImageFolder-style folder.*found 0"):
         load_dataset(str(tmp_path / "empty"))
-    make_image_folder(tmp_path / "mixed", {"a": 1}, size=(8, 8))
-    make_image_folder(tmp_path / "mixed", {"b": 1}, size=(9, 8))
+    make_image_folder(tmp_path / "mixed", {"a": 2}, size=(8, 8))
+    make_image_folder(tmp_path / "mixed", {"b": 2}, size=(9, 8))
     with pytest.raises(ValueError, match=r"different sizes.*--image-size"):
         load_dataset(str(tmp_path / "mixed"))
-    (tmp_path / "bad" / "a").mkdir(parents=True)
-    (tmp_path / "bad" / "b").mkdir(parents=True)
+    make_image_folder(tmp_path / "bad", {"a": 2, "b": 2})
     (tmp_path / "bad" / "a" / "0.png").write_bytes(b"not a png")
-    with pytest.raises(ValueError, match="cannot read image"):
+    with pytest.raises(ValueError, match=r"cannot read image .*0\.png'"):
         load_dataset(str(tmp_path / "bad"))
     folder = tmp_path / "broken" / "cifar-10-batches-py"
     folder.mkdir(parents=True)
@@ -149,6 +328,183 @@ def test_dataset_errors(tmp_path: Path) -> None:
         load_dataset("digits", image_size=32)
     with pytest.raises(TypeError, match="non-empty str"):
         load_dataset(None)
+
+
+def _png_rgb16(pixels: np.ndarray) -> bytes:
+    """A 16-bit RGB PNG of ``pixels`` [H, W, 3] (Pillow reads these, but cannot write them)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data)))
+
+    height, width, _ = pixels.shape
+    rows = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in pixels)
+    header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
+            + chunk(b"IEND", b""))
+
+
+def _palette_image(transparent: bool) -> Image.Image:
+    image = Image.new("P", (2, 1))
+    image.putpalette([255, 0, 0, 0, 255, 0])
+    image.putpixel((1, 0), 1)
+    if transparent:  # per-entry alpha: half-transparent red, transparent green
+        image.info["transparency"] = bytes([128, 0])
+    return image
+
+
+def _write_image(path: Path, kind: str) -> Path:
+    """One image of each kind a folder may hold, a row of pixels whose 8-bit RGB is known."""
+    row = lambda values, dtype: np.array([values], dtype)  # noqa: E731
+    file = path / f"{kind.replace(';', '_')}.{'tif' if kind in _TIFF else 'png'}"
+    if kind == "RGB":
+        Image.fromarray(row([[10, 20, 30], [200, 100, 0]], np.uint8)).save(file)
+    elif kind == "L":
+        Image.fromarray(row([0, 77, 255], np.uint8)).save(file)
+    elif kind == "1":
+        Image.fromarray(row([False, True], bool)).save(file)
+    elif kind in ("P", "P+transparency"):
+        _palette_image(kind != "P").save(file)
+    elif kind == "RGBA":
+        Image.fromarray(row([[10, 20, 30, 0], [40, 50, 60, 255]], np.uint8)).save(file)
+    elif kind == "LA":
+        Image.fromarray(row([[100, 0], [7, 255]], np.uint8), "LA").save(file)
+    elif kind == "CMYK":
+        Image.frombytes("CMYK", (3, 1), bytes([0, 255, 0, 0, 0, 0, 0, 255, 0, 0, 0, 0])).save(file)
+    elif kind in ("I;16", "I;16B"):
+        dtype = "<u2" if kind == "I;16" else ">u2"
+        Image.fromarray(row([0, 32896, 65535, 1000, 255], dtype)).save(file)
+    elif kind == "I":
+        Image.fromarray(row([0, 2**23, 2**31 - 1, 5 * 2**23], np.int32)).save(file)
+    elif kind == "F":
+        Image.fromarray(row([0, 0.5, 1, 0.25], np.float32)).save(file)
+    elif kind == "PGM 12-bit":
+        file = path / "grey12.pgm"
+        file.write_bytes(b"P5\n3 1\n4095\n" + np.array([0, 4095, 2048], ">u2").tobytes())
+    elif kind == "RGB 16-bit":
+        file.write_bytes(_png_rgb16(row([[0, 32896, 65535], [65535, 255, 256]], np.uint16)))
+    return file
+
+
+_TIFF = ("CMYK", "I;16B", "I", "F")
+_GREY = lambda *values: [[v, v, v] for v in values]  # noqa: E731
+
+
+@pytest.mark.parametrize(
+    ("kind", "mode", "expected"),
+    [
+        ("RGB", "RGB", [[10, 20, 30], [200, 100, 0]]),
+        ("L", "L", _GREY(0, 77, 255)),
+        ("1", "1", _GREY(0, 255)),
+        ("P", "P", [[255, 0, 0], [0, 255, 0]]),
+        # alpha dropped: the colour channels as stored, as torchvision's ImageFolder reads them
+        ("P+transparency", "P", [[255, 0, 0], [0, 255, 0]]),
+        ("RGBA", "RGBA", [[10, 20, 30], [40, 50, 60]]),
+        ("LA", "LA", _GREY(100, 7)),
+        ("CMYK", "CMYK", [[255, 0, 255], [0, 0, 0], [255, 255, 255]]),
+        # by the bit depth: the top 8 of 16 bits (convert('RGB') makes all but 0 white)
+        ("I;16", "I;16", _GREY(0, 128, 255, 3, 0)),
+        ("I;16B", "I;16B", _GREY(0, 128, 255, 3, 0)),
+        ("I", "I", _GREY(0, 1, 255, 5)),  # int32: the top 8 of 31 value bits
+        ("F", "F", _GREY(0, 127, 255, 63)),  # 0-1, torchvision's v * 255.999
+        ("PGM 12-bit", "I", _GREY(0, 255, 128)),  # Pillow scales 0-4095 to 16 bits
+        ("RGB 16-bit", "RGB", [[0, 128, 255], [255, 0, 1]]),  # Pillow's own top 8 bits
+    ],
+)
+def test_every_image_mode_trains_as_the_file_holds_it(tmp_path: Path, kind, mode,
+                                                      expected) -> None:
+    file = _write_image(tmp_path, kind)
+    with Image.open(file) as image:
+        assert image.mode == mode  # the mode the case is about
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. Pillow's warning on a palette's transparency
+        rgb = read_rgb_image(file)
+    assert rgb.mode == "RGB"
+    assert np.asarray(rgb).reshape(-1, 3).tolist() == expected
+
+
+def test_a_folder_of_16_bit_images_trains_on_their_values(tmp_path: Path) -> None:
+    for name, value in (("dark", 4096), ("bright", 61440)):
+        (tmp_path / name).mkdir()
+        for i in range(2):
+            pixels = np.full((4, 4), value + i, np.uint16)
+            Image.fromarray(pixels).save(tmp_path / name / f"{i}.png")
+    data = load_dataset(str(tmp_path))
+    images = torch.cat([data.train.images, data.test.images])
+    labels = torch.cat([data.train.labels, data.test.labels])
+    assert data.classes == ["bright", "dark"]
+    assert set(images[labels == 0].unique().tolist()) == {240}
+    assert set(images[labels == 1].unique().tolist()) == {16}
+
+
+@pytest.mark.parametrize(
+    ("values", "dtype", "message"),
+    [
+        ([0, 2, 0.5], np.float32, "is a floating-point image with values 0 to 2; float images "
+                                  "must hold 0-1"),
+        ([0, float("nan")], np.float32, r"is a floating-point image with non-finite values \(NaN"),
+        ([-5, 3], np.int32, r"stores 31-bit samples \(mode I, I;32S\) but holds values -5 to 3"),
+    ],
+)
+def test_image_values_the_mode_cannot_hold_are_refused(tmp_path: Path, values, dtype,
+                                                       message) -> None:
+    file = tmp_path / "odd.tif"
+    Image.fromarray(np.array([values], dtype)).save(file)
+    with pytest.raises(ValueError, match=rf"image '{re.escape(str(file))}' {message}"):
+        read_rgb_image(file)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg"])
+def test_a_truncated_or_unreadable_image_is_named(tmp_path: Path, suffix: str) -> None:
+    make_image_folder(tmp_path, {"a": 2, "b": 2}, size=(40, 30))
+    good = tmp_path / "b" / "1.png"
+    file = tmp_path / "b" / f"1{suffix}"
+    Image.open(good).save(file)
+    good.unlink() if file != good else None
+    content = file.read_bytes()
+    for broken in (content[: len(content) // 2], content[:20], b"", b"text, not an image"):
+        file.write_bytes(broken)
+        with pytest.raises(ValueError, match=rf"^cannot read image '{re.escape(str(file))}': "):
+            load_dataset(str(tmp_path))
+
+
+def test_a_class_folder_without_images_is_refused(tmp_path: Path) -> None:
+    make_image_folder(tmp_path, {"cat": 2, "dog": 2})
+    (tmp_path / "emu").mkdir()
+    (tmp_path / "owl").mkdir()
+    (tmp_path / "owl" / "notes.txt").write_text("no image here")
+    expected = (r"found no image \(\.png, .*\) in the class folders "
+                rf"'{re.escape(str(tmp_path / 'emu'))}' \(empty\), "
+                rf"'{re.escape(str(tmp_path / 'owl'))}' \(holds only notes\.txt\); every class "
+                "folder needs at least one image, as in torchvision's ImageFolder")
+    with pytest.raises(ValueError, match=expected):
+        load_dataset(str(tmp_path))
+    # the same in the train/ and test/ layout, in either split
+    make_image_folder(tmp_path / "split" / "train", {"cat": 1, "dog": 1})
+    make_image_folder(tmp_path / "split" / "test", {"cat": 1, "dog": 1})
+    assert load_dataset(str(tmp_path / "split")).classes == ["cat", "dog"]
+    (tmp_path / "split" / "train" / "emu").mkdir()
+    with pytest.raises(ValueError, match=r"no image .* in the class folder '.*train/emu' \(empty"):
+        load_dataset(str(tmp_path / "split"))
+    (tmp_path / "split" / "train" / "emu").rmdir()
+    (tmp_path / "split" / "test" / "dog" / "0.png").unlink()
+    with pytest.raises(ValueError, match=r"no image .* in the class folder '.*test/dog' \(empty"):
+        load_dataset(str(tmp_path / "split"))
+
+
+def test_a_folder_without_class_folders_says_what_it_holds(tmp_path: Path) -> None:
+    Image.new("RGB", (4, 4)).save(tmp_path / "0.png")
+    Image.new("RGB", (4, 4)).save(tmp_path / "1.png")
+    with pytest.raises(ValueError, match=r"not an ImageFolder-style folder: expected one "
+                                         r"sub-folder of images per class \(at least 2\), found "
+                                         r"0 and 2 images directly in it \(put each class's"):
+        load_dataset(str(tmp_path))
+    make_image_folder(tmp_path / "train", {"a": 2, "b": 2})
+    with pytest.raises(ValueError, match=r"found 1 \(a train/ folder, but no test/ or val/"):
+        load_dataset(str(tmp_path))
+    make_image_folder(tmp_path / "one", {"a": 2, "b": 1})
+    with pytest.raises(ValueError, match=r"the class folder '.*one/b' has 1 image; each class "
+                                         "needs at least 2"):
+        load_dataset(str(tmp_path / "one"))
 
 
 def test_batches_are_seeded_per_epoch_and_shard_the_global_batch() -> None:

@@ -153,6 +153,11 @@ def test_clear_errors(tmp_path):
         export_onnx(layer, tmp_path / "x.onnx", [1, 2])
     with pytest.raises(ValueError, match="check batches must be ints >= 1"):
         export_onnx(layer, tmp_path / "x.onnx", torch.randn(2, 4, 5, 5), check_batches=[0])
+    # below 18 torch's exporter would write opset 18 and say nothing (measured: 3 and 7)
+    for opset in (3, 17, 10_000, True, "18"):
+        with pytest.raises(ValueError, match=r"the ONNX opset must be an integer from 18 to \d+"):
+            export_onnx(layer, tmp_path / "x.onnx", torch.randn(2, 4, 5, 5), opset_version=opset)
+    assert not (tmp_path / "x.onnx").exists()
 
 
 def test_cli_exports_a_trained_run_with_check(tmp_path, capsys):

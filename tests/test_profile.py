@@ -239,4 +239,7 @@ def test_cli_profile(capsys):
                  "--model-arg", "width=4", "--no-timing"]) == 0
     out = capsys.readouterr().out
     assert "ODConv2d" in out and "static twin" in out
-    assert main(["profile", "no_such_model", "--no-timing"]) == 2
+    with pytest.raises(SystemExit) as exit_:
+        main(["profile", "no_such_model", "--no-timing"])
+    assert exit_.value.code == 2
+    assert "argument MODEL: unknown model 'no_such_model'" in capsys.readouterr().err

@@ -52,7 +52,10 @@ def test_none_and_final() -> None:
     "kwargs,message",
     [
         ({"name": "cosine"}, r"unknown temperature schedule 'cosine'; expected one of"),
-        ({"initial": 0.5}, "initial temperature must be >= 1, got 0.5"),
+        ({"initial": 0.5}, r"initial temperature must be a finite number >= 1 \(the final "
+                           r"one\), got 0.5"),
+        ({"initial": 0}, "initial temperature must be a finite number >= 1"),
+        ({"initial": float("nan")}, "initial temperature must be a finite number >= 1"),
         ({"initial": "hot"}, "must be a number"),
         ({"epochs": 0}, "annealing length must be >= 1 epochs, got 0"),
     ],

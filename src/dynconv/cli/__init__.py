@@ -63,9 +63,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     Ctrl-C after saving)."""
     parser = _build_parser()
     args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 2
+    if args.command is None:  # as argparse does for a missing argument: usage, one line, 2
+        parser.error(f"a command is required: one of {', '.join(c.name for c in COMMANDS)} "
+                     "('dynconv --help' says what each does)")
     command = next(c for c in COMMANDS if c.name == args.command)
     if args.command in ("train", "compare") and os.environ.get(KEEP_MEMORY_ENV, "1") != "0":
         keep_freed_memory()  # a step's large tensors are reused, not page-faulted in again

@@ -14,7 +14,14 @@ from .options import (
     add_model_source,
     add_out,
     add_threads,
+    blame,
     default_out,
+    device,
+    model_name,
+    non_negative_float,
+    opset,
+    positive_float,
+    positive_int,
 )
 
 __all__ = ["EXPORT", "FOLD", "INSPECT", "PROFILE", "load_model"]
@@ -24,7 +31,7 @@ def load_model(args: argparse.Namespace):
     """(model in eval mode, dataset, a name) from RUN_DIR or --model (:func:`add_model_source`)."""
     import torch
 
-    from ..models import create_model_for_data
+    from ..models import check_model_conv_type, create_model_for_data
     from ..training import load_dataset, load_run
 
     if (args.run is None) == (args.model is None):
@@ -36,11 +43,14 @@ def load_model(args: argparse.Namespace):
         dataset = None if args.data is None else load_dataset(args.data)
         model, _, dataset = load_run(args.run, dataset)
         return model, dataset, Path(args.run).name
+    with blame("--conv-type"):
+        check_model_conv_type(args.model, args.conv_type)
     dataset = load_dataset(args.data or "digits")
     torch.manual_seed(args.seed)
-    model = create_model_for_data(args.model, args.conv_type, dataset.num_classes,
-                                  dataset.in_channels, min(dataset.image_size),
-                                  **dict(args.model_args))
+    with blame("--model-arg" if args.model_args else None):
+        model = create_model_for_data(args.model, args.conv_type, dataset.num_classes,
+                                      dataset.in_channels, min(dataset.image_size),
+                                      **dict(args.model_args))
     return model.eval(), dataset, f"{args.model}-{args.conv_type or 'default'}"
 
 
@@ -48,15 +58,18 @@ def load_model(args: argparse.Namespace):
 
 
 def _profile_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", metavar="MODEL", help="a model of 'dynconv list'")
+    parser.add_argument("model", type=model_name, metavar="MODEL",
+                        help="a model of 'dynconv list'")
     add_conv_type(parser)
     add_model_args(parser)
-    parser.add_argument("--input-size", type=int, nargs=3, default=(3, 32, 32),
+    parser.add_argument("--input-size", type=positive_int, nargs=3, default=(3, 32, 32),
                         metavar=("C", "H", "W"), help="one image (default: 3 32 32)")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=(1, 32), metavar="N",
+    parser.add_argument("--batch-sizes", type=positive_int, nargs="+", default=(1, 32),
+                        metavar="N",
                         help="batch sizes for latency and memory (default: 1 32)")
-    parser.add_argument("--device", default="cpu", help="(default: cpu)")
-    parser.add_argument("--min-run-time", type=float, default=0.5, metavar="S",
+    parser.add_argument("--device", type=device, default="cpu",
+                        help="'cpu', 'cuda', 'cuda:N' or 'mps' (default: cpu)")
+    parser.add_argument("--min-run-time", type=positive_float, default=0.5, metavar="S",
                         help="seconds of timed runs per model and batch size (default: 0.5)")
     parser.add_argument("--no-timing", dest="timing", action="store_false",
                         help="parameters and MACs only")
@@ -64,9 +77,13 @@ def _profile_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_profile(args: argparse.Namespace) -> int:
+    from ..models import check_model_conv_type
     from ..tools.profile import build_model, profile_model
 
-    model = build_model(args.model, args.conv_type, dict(args.model_args), args.input_size)
+    with blame("--conv-type"):
+        check_model_conv_type(args.model, args.conv_type)
+    with blame("--model-arg" if args.model_args else None):
+        model = build_model(args.model, args.conv_type, dict(args.model_args), args.input_size)
     report = profile_model(model, args.input_size, args.batch_sizes, args.device,
                            args.min_run_time, args.timing)
     print(f"{args.model} ({args.conv_type or 'its own conv type'})")
@@ -89,9 +106,9 @@ PROFILE = Command(
 
 def _fold_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", metavar="RUN_DIR", help="output folder of 'dynconv train'")
-    parser.add_argument("--calibration-size", type=int, default=512, metavar="N",
+    parser.add_argument("--calibration-size", type=positive_int, default=512, metavar="N",
                         help="training images used to calibrate (default: 512)")
-    parser.add_argument("--tolerance", type=float, default=0.1,
+    parser.add_argument("--tolerance", type=non_negative_float, default=0.1,
                         help="flag layers whose relative kernel spread exceeds this "
                              "(default: 0.1)")
     add_out(parser, "FILE", "where to save the folded state_dict (default: RUN_DIR/folded.pt)")
@@ -104,8 +121,6 @@ def _run_fold(args: argparse.Namespace) -> int:
     from ..training import load_run
 
     model, _, dataset = load_run(args.run)
-    if args.calibration_size < 1:
-        raise ValueError(f"--calibration-size must be >= 1, got {args.calibration_size}")
     images = dataset.normalize(dataset.train.images[: args.calibration_size])
     calibration = images.split(256)
     test = list(zip(dataset.normalize(dataset.test.images).split(500),
@@ -135,8 +150,8 @@ FOLD = Command(
 def _inspect_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_source(parser)
     add_out(parser, "DIR", "output folder (default: runs/inspect-<date>-<time>)")
-    parser.add_argument("--batch-size", type=int, default=256, metavar="N")
-    parser.add_argument("--limit", type=int, default=None, metavar="N",
+    parser.add_argument("--batch-size", type=positive_int, default=256, metavar="N")
+    parser.add_argument("--limit", type=positive_int, default=None, metavar="N",
                         help="use the first N test images only (default: all)")
 
 
@@ -152,10 +167,6 @@ def _run_inspect(args: argparse.Namespace) -> int:
     )
     from ..training import iterate_test
 
-    for name in ("batch_size", "limit"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     model, dataset, _ = load_model(args)
     test = dataset.test
     if args.limit is not None:
@@ -197,9 +208,10 @@ def _export_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_source(parser)
     add_out(parser, "FILE", "the .onnx file (default: RUN_DIR/model.onnx, or "
                             "<model>-<conv type>.onnx)")
-    parser.add_argument("--fixed-batch", type=int, default=None, metavar="N",
+    parser.add_argument("--fixed-batch", type=positive_int, default=None, metavar="N",
                         help="export for batch size N only (default: a dynamic batch)")
-    parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: torch's)")
+    parser.add_argument("--opset", type=opset, default=None,
+                        help="ONNX opset, from 18 (default: torch's)")
     parser.add_argument("--check", action="store_true",
                         help="run the file in onnxruntime at batch sizes 1, 3 and 8 and report "
                              "the largest absolute difference from PyTorch")
@@ -208,8 +220,6 @@ def _export_arguments(parser: argparse.ArgumentParser) -> None:
 def _run_export(args: argparse.Namespace) -> int:
     from ..tools.export import export_onnx
 
-    if args.fixed_batch is not None and args.fixed_batch < 1:
-        raise ValueError(f"--fixed-batch must be >= 1, got {args.fixed_batch}")
     model, dataset, name = load_model(args)
     default = Path(args.run) / "model.onnx" if args.run else Path(f"{name}.onnx")
     path = Path(args.out) if args.out else default

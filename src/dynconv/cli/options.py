@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import argparse
 import ast
+import math
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,6 +48,158 @@ class Command:
     sets_threads: bool = False
 
 
+# -- option values: argparse ``type=`` callables ---------------------------------------------------
+# Each parses one value or raises ArgumentTypeError saying what the option accepts; argparse
+# then prints "dynconv CMD: error: argument --OPTION: <that>" and exits with status 2.
+
+
+def _number(parse: type, minimum: float, above: bool = False) -> Callable[[str], Any]:
+    """A parser of ints or finite floats >= ``minimum`` (> with ``above``)."""
+    kind = "an integer" if parse is int else "a finite number"
+    accepts = f"{kind} {'>' if above else '>='} {minimum:g}"
+
+    def number(text: str) -> Any:
+        try:
+            value = parse(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or (
+            value <= minimum if above else value < minimum
+        ):
+            raise argparse.ArgumentTypeError(f"expected {accepts}, got {text!r}")
+        return value
+
+    return number
+
+
+positive_int = _number(int, 1)
+non_negative_int = _number(int, 0)
+positive_float = _number(float, 0, above=True)
+non_negative_float = _number(float, 0)
+
+
+def checked(check: Callable[[Any], Any], parse: Callable[[str], Any] = str,
+            kind: str = "a value") -> Callable[[str], Any]:
+    """A parser that applies ``parse`` (``kind`` says what it takes), then the library's own
+    ``check``, which raises a ``ValueError`` or ``TypeError`` saying what it accepts: each rule
+    stays in one place."""
+    def parse_and_check(text: str) -> Any:
+        try:
+            value = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind}, got {text!r}") from None
+        try:
+            check(value)
+        except (ValueError, TypeError) as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+        return value
+
+    return parse_and_check
+
+
+def _model(name: str) -> None:
+    from ..models import check_model
+
+    check_model(name)
+
+
+def _conv_type(name: str) -> None:
+    from ..layers.factory import check_conv_type
+
+    check_conv_type(name)
+
+
+def _initial_temperature(value: float) -> None:
+    from ..layers.temperature import TemperatureSchedule
+
+    TemperatureSchedule("linear", value)
+
+
+def _seed(value: int) -> None:
+    from ..training.config import check_seed
+
+    check_seed(value)
+
+
+def _opset(value: int) -> None:
+    from ..tools.export import check_opset
+
+    check_opset(value)
+
+
+model_name = checked(_model, kind="a model of 'dynconv list'")
+conv_type = checked(_conv_type, kind="a conv type of 'dynconv list'")
+initial_temperature = checked(_initial_temperature, float, "a number >= 1")
+opset = checked(_opset, int, "an integer")
+seed = checked(_seed, int, "an integer from 0 to 2**64 - 1")
+
+
+def device(text: str, auto: bool = False) -> str:
+    """A device of this machine: 'cpu', 'cuda', 'cuda:N' (N below the number of GPUs), 'mps';
+    with ``auto``, also 'auto'."""
+    import torch
+
+    accepts = ("'auto', " if auto else "") + "'cpu', 'cuda', 'cuda:N' or 'mps'"
+    if auto and text == "auto":
+        return text
+    try:
+        parsed = torch.device(text)
+    except (RuntimeError, ValueError):
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda", "mps"):
+        raise argparse.ArgumentTypeError(f"expected {accepts}, got {text!r}")
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            raise argparse.ArgumentTypeError(f"{text!r}: no CUDA GPU is available here (use "
+                                             f"{'auto or ' if auto else ''}cpu)")
+        if parsed.index is not None and parsed.index >= count:
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: this machine has {count} CUDA GPU{'s' if count > 1 else ''} "
+                f"(cuda:0{f' to cuda:{count - 1}' if count > 1 else ''})")
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: MPS (Apple GPUs) is not available here")
+    return text
+
+
+def training_device(text: str) -> str:
+    """:func:`device`, or 'auto' (CUDA if any, else the CPU)."""
+    return device(text, auto=True)
+
+
+def _creatable(path: Path) -> None:
+    """Refuse a path whose nearest existing ancestor is not a writable folder."""
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise argparse.ArgumentTypeError(
+                    f"{str(path)!r} cannot be created: {str(parent)!r} is a file")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise argparse.ArgumentTypeError(
+                    f"{str(path)!r} cannot be created: {str(parent)!r} is not writable")
+            return
+
+
+def out_folder(text: str) -> str:
+    """A folder to write into: an existing folder, or one that can be created."""
+    path = Path(text).expanduser()
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"expected a folder, got the file {text!r}")
+    if not path.exists():
+        _creatable(path)
+    return str(path)
+
+
+def out_file(text: str) -> str:
+    """A file to write: a new one (its folder is created) or one to replace, not a folder."""
+    path = Path(text).expanduser()
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"expected a file, got the folder {text!r}")
+    if not path.exists():
+        _creatable(path)
+    return str(path)
+
+
 def key_value(text: str) -> tuple[str, Any]:
     """``KEY=VALUE`` -> (key, the value as a Python literal, or as the string if it is none)."""
     key, sep, value = text.partition("=")
@@ -56,13 +211,26 @@ def key_value(text: str) -> tuple[str, Any]:
         return key, value
 
 
+@contextmanager
+def blame(option: str | None) -> Iterator[None]:
+    """Name ``option`` in a ``ValueError`` or ``TypeError`` of the block that stems from its
+    value and that argparse cannot check (it depends on the model or the data): 'argument
+    --OPTION: <error>'. ``None`` blames nothing."""
+    try:
+        yield
+    except (ValueError, TypeError) as error:
+        if option is None:
+            raise
+        raise ValueError(f"argument {option}: {error}") from None
+
+
 def default_out(command: str) -> str:
     """``runs/<command>-<date>-<time>``."""
     return str(Path("runs") / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
 def add_threads(target: Target, default: Any = None) -> None:
-    target.add_argument("--threads", type=int, default=default, metavar="N",
+    target.add_argument("--threads", type=positive_int, default=default, metavar="N",
                         help="CPU threads for torch (default: torch's choice)")
 
 
@@ -74,12 +242,14 @@ def add_model_args(target: Target, default: Any = None,
 
 
 def add_conv_type(target: Target, default: Any = None, note: str = "") -> None:
-    target.add_argument("--conv-type", default=default, metavar="TYPE",
+    target.add_argument("--conv-type", type=conv_type, default=default, metavar="TYPE",
                         help=f"convolution type (default: the model's own{note})")
 
 
 def add_out(target: Target, metavar: str, help: str, default: Any = None) -> None:
-    target.add_argument("--out", default=default, metavar=metavar, help=help)
+    """``--out DIR`` (a folder, :func:`out_folder`) or ``--out FILE`` (:func:`out_file`)."""
+    kind = {"DIR": out_folder, "FILE": out_file}[metavar]
+    target.add_argument("--out", type=kind, default=default, metavar=metavar, help=help)
 
 
 def add_training_options(parser: argparse.ArgumentParser, compare: bool) -> None:
@@ -91,10 +261,10 @@ def add_training_options(parser: argparse.ArgumentParser, compare: bool) -> None
                       help="'digits' (default: scikit-learn's handwritten digits, no download), "
                            "a CIFAR-10/CIFAR-100 python-pickle folder, or an ImageFolder folder "
                            "(<class>/<image>, optionally in train/ and test/)")
-    data.add_argument("--image-size", type=int, default=S, metavar="N",
+    data.add_argument("--image-size", type=positive_int, default=S, metavar="N",
                       help="resize ImageFolder images to N x N (shorter side, centre crop)")
     model = parser.add_argument_group("model")
-    model.add_argument("--model", default=S, metavar="NAME",
+    model.add_argument("--model", type=model_name, default=S, metavar="NAME",
                        help="a model of 'dynconv list' (default: small_cnn)")
     add_model_args(model, S, "keyword for the model, repeatable (e.g. width=32, "
                              "conv_kwargs={'num_kernels': 2}, stem=imagenet)")
@@ -102,21 +272,23 @@ def add_training_options(parser: argparse.ArgumentParser, compare: bool) -> None
         "recipe", "defaults: seed 002's CIFAR recipe" + (
             "; compare trains 15 epochs" if compare else
             "; 200 epochs on CIFAR, 30 on the digits, 100 otherwise"))
-    recipe.add_argument("--epochs", type=int, default=S, metavar="N")
-    recipe.add_argument("--batch-size", type=int, default=S, metavar="N",
+    recipe.add_argument("--epochs", type=positive_int, default=S, metavar="N")
+    recipe.add_argument("--batch-size", type=positive_int, default=S, metavar="N",
                         help="global batch size (default: 128)")
-    recipe.add_argument("--lr", type=float, default=S, help="SGD learning rate (default: 0.1)")
-    recipe.add_argument("--momentum", type=float, default=S, metavar="M",
+    recipe.add_argument("--lr", type=positive_float, default=S,
+                        help="SGD learning rate (default: 0.1)")
+    recipe.add_argument("--momentum", type=non_negative_float, default=S, metavar="M",
                         help="(default: 0.9)")
-    recipe.add_argument("--weight-decay", type=float, default=S, metavar="WD",
+    recipe.add_argument("--weight-decay", type=non_negative_float, default=S, metavar="WD",
                         help="(default: 5e-4)")
     recipe.add_argument("--lr-schedule", choices=("cosine", "multistep", "constant"), default=S,
                         help="per epoch (default: cosine)")
-    recipe.add_argument("--lr-milestones", type=int, nargs="+", default=S, metavar="EPOCH",
+    recipe.add_argument("--lr-milestones", type=positive_int, nargs="+", default=S,
+                        metavar="EPOCH",
                         help="epochs where multistep multiplies the lr by --lr-gamma")
-    recipe.add_argument("--lr-gamma", type=float, default=S, metavar="G",
+    recipe.add_argument("--lr-gamma", type=non_negative_float, default=S, metavar="G",
                         help="(default: 0.1)")
-    recipe.add_argument("--crop-padding", type=int, default=S, metavar="PIXELS",
+    recipe.add_argument("--crop-padding", type=non_negative_int, default=S, metavar="PIXELS",
                         help="random crop after this much zero padding (default: 4 on CIFAR, "
                              "1 on the digits, 1/8 of the size on folders; 0 turns it off)")
     recipe.add_argument("--flip", action=argparse.BooleanOptionalAction, default=S,
@@ -127,9 +299,10 @@ def add_training_options(parser: argparse.ArgumentParser, compare: bool) -> None
         help="annealing: 'linear' (ODConv: per iteration from 30 to 1 over the first "
              "--temperature-epochs), 'step' (DY-Conv: 34, minus 3 per epoch, down to 1), "
              "'none' (1). Evaluation always runs at 1 (default: linear)")
-    temperature.add_argument("--temperature-init", dest="temperature_initial", type=float,
+    temperature.add_argument("--temperature-init", dest="temperature_initial",
+                             type=initial_temperature,
                              default=S, metavar="T", help="start (default: 30 linear, 34 step)")
-    temperature.add_argument("--temperature-epochs", type=int, default=S, metavar="N",
+    temperature.add_argument("--temperature-epochs", type=positive_int, default=S, metavar="N",
                              help="length of the linear annealing (default: "
                                   + ("a fifth of the epochs)" if compare else "10)"))
     run = parser.add_argument_group("run")
@@ -137,7 +310,8 @@ def add_training_options(parser: argparse.ArgumentParser, compare: bool) -> None
     run.add_argument("--resume", action="store_true",
                      help="continue the run in --out from its checkpoint"
                           + (" (finished runs are kept)" if compare else ""))
-    run.add_argument("--device", default=S, help="'auto' (default: CUDA if any), 'cpu', 'cuda:N'")
+    run.add_argument("--device", type=training_device, default=S,
+                     help="'auto' (default: CUDA if any), 'cpu', 'cuda:N'")
     run.add_argument("--amp", action=argparse.BooleanOptionalAction, default=S,
                      help="mixed precision (default: on CUDA only)")
     add_threads(run, S)
@@ -151,11 +325,11 @@ def add_model_source(parser: argparse.ArgumentParser) -> None:
                         help="the output folder of 'dynconv train' (its model and data)")
     source = parser.add_argument_group(
         "untrained model", "instead of RUN_DIR: build a model, initialised with --seed")
-    source.add_argument("--model", default=None, metavar="NAME",
+    source.add_argument("--model", type=model_name, default=None, metavar="NAME",
                         help="a model of 'dynconv list'")
     add_conv_type(source)
     add_model_args(source)
-    source.add_argument("--seed", type=int, default=0, help="(default: 0)")
+    source.add_argument("--seed", type=seed, default=0, help="(default: 0)")
     parser.add_argument("--data", default=None, metavar="SOURCE",
                         help="images to run on and build the model for (default: the run's, "
                              "or 'digits')")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from .options import (
@@ -11,10 +13,28 @@ from .options import (
     Command,
     add_conv_type,
     add_training_options,
+    conv_type,
     default_out,
+    seed,
 )
 
 __all__ = ["COMPARE", "LIST", "TRAIN"]
+
+
+#: The settings whose option is not ``--`` and the setting's name with dashes.
+_OPTIONS = {"temperature_initial": "--temperature-init", "model_args": "--model-arg"}
+
+
+@contextmanager
+def _settings_named() -> Iterator[None]:
+    """A setting that cannot work names its option: 'argument --batch-size: ...'."""
+    from ..training import SettingError
+
+    try:
+        yield
+    except SettingError as error:
+        option = _OPTIONS.get(error.setting, "--" + error.setting.replace("_", "-"))
+        raise ValueError(f"argument {option}: {error}") from None
 
 
 def _training_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -29,10 +49,10 @@ def _training_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _compare_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--conv-types", nargs="+", default=UNSET, metavar="TYPE",
+    parser.add_argument("--conv-types", type=conv_type, nargs="+", default=UNSET, metavar="TYPE",
                         help="types to compare (default: static dynamic condconv odconv "
                              "drconv, those registered)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=UNSET,
+    parser.add_argument("--seeds", type=seed, nargs="+", default=UNSET,
                         metavar="SEED", help="(default: 0 1 2)")
     add_training_options(parser, compare=True)
 
@@ -48,10 +68,11 @@ def _run_compare(args: argparse.Namespace) -> int:
     overrides.setdefault("temperature_epochs", max(1, overrides["epochs"] // 5))
     quiet = overrides.pop("quiet", False)
     base = TrainConfig.from_dict(overrides)
-    result = compare(base, out, getattr(args, "conv_types", None),
-                     getattr(args, "seeds", (0, 1, 2)), resume=args.resume,
-                     progress=not quiet and sys.stderr.isatty(),
-                     log=(lambda message: None) if quiet else print)
+    with _settings_named():
+        result = compare(base, out, getattr(args, "conv_types", None),
+                         getattr(args, "seeds", (0, 1, 2)), resume=args.resume,
+                         progress=not quiet and sys.stderr.isatty(),
+                         log=(lambda message: None) if quiet else print)
     print()
     if result.summaries:
         print(format_table(result.summaries))
@@ -79,7 +100,7 @@ COMPARE = Command(
 
 def _train_arguments(parser: argparse.ArgumentParser) -> None:
     add_conv_type(parser, UNSET, ", static for most")
-    parser.add_argument("--seed", type=int, default=UNSET,
+    parser.add_argument("--seed", type=seed, default=UNSET,
                         help="seed of the initialisation, data order and augmentation "
                              "(default: 0)")
     add_training_options(parser, compare=False)
@@ -95,7 +116,8 @@ def _run_train(args: argparse.Namespace) -> int:
         config = config_for_resume(overrides["out"], overrides)
     else:
         config = TrainConfig.from_dict({"out": default_out("train"), **overrides})
-    result = train(config, resume=args.resume)
+    with _settings_named():
+        result = train(config, resume=args.resume)
     if not result.main_process:  # under torchrun, process 0 reports
         return 130 if result.interrupted else 0
     if result.interrupted:

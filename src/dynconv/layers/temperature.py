@@ -3,12 +3,12 @@ the published annealing schedules (:class:`TemperatureSchedule`)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
 from torch import nn
 
-from .._conv_args import check_positive_float
 from .base import DynamicConvBase
 
 
@@ -88,8 +88,12 @@ class TemperatureSchedule:
                 f"unknown temperature schedule {self.name!r}; expected one of "
                 f"{TEMPERATURE_SCHEDULES}"
             )
-        if self.initial is not None and check_positive_float(self.initial, "initial") < 1:
-            raise ValueError(f"the initial temperature must be >= 1, got {self.initial}")
+        if self.initial is not None:
+            if isinstance(self.initial, bool) or not isinstance(self.initial, (int, float)):
+                raise TypeError(f"the initial temperature must be a number, got {self.initial!r}")
+            if not (math.isfinite(self.initial) and self.initial >= self.final):
+                raise ValueError("the initial temperature must be a finite number >= 1 (the final "
+                                 f"one), got {self.initial}")
         if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
             raise ValueError(f"the annealing length must be >= 1 epochs, got {self.epochs!r}")
 

@@ -60,6 +60,16 @@ def fixed_conv_type(name: str) -> str | None:
     return "odconv" if check_model(name).startswith("od_") else None
 
 
+def check_model_conv_type(name: str, conv_type: str | None) -> str | None:
+    """Raise a ``ValueError`` if model ``name`` cannot be built with ``conv_type`` (the ``od_*``
+    zoo is ODConv only); return :func:`fixed_conv_type`."""
+    fixed = fixed_conv_type(name)
+    if fixed is not None and conv_type not in (None, fixed):
+        raise ValueError(f"model {name!r} is built with conv type {fixed!r} only, got "
+                         f"{conv_type!r}; use {name.removeprefix('od_')!r} for other types")
+    return fixed
+
+
 def create_model_for_data(
     name: str,
     conv_type: str | None,
@@ -75,12 +85,7 @@ def create_model_for_data(
     ``od_*`` zoo); a zoo model asked for another type raises a ``ValueError``.
     ``num_classes=None`` keeps the model's default.
     """
-    fixed = fixed_conv_type(name)
-    if fixed is not None:
-        if conv_type not in (None, fixed):
-            raise ValueError(f"model {name!r} is built with conv type {fixed!r} only, got "
-                             f"{conv_type!r}; use {name.removeprefix('od_')!r} for other types")
-    else:
+    if check_model_conv_type(name, conv_type) is None:
         kwargs["conv_type"] = "static" if conv_type is None else conv_type
     if "resnet" in name:
         kwargs.setdefault("stem", "cifar" if image_size <= 64 else "imagenet")
@@ -94,6 +99,7 @@ __all__ = [
     "ResNet",
     "SmallCNN",
     "check_model",
+    "check_model_conv_type",
     "create_model",
     "create_model_for_data",
     "fixed_conv_type",

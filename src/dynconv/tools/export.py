@@ -21,9 +21,14 @@ from torch import Tensor, nn
 
 from ..layers.base import DynamicConvBase
 
-__all__ = ["ExportResult", "check_onnx", "export_onnx", "fixed_batch_layers"]
+__all__ = ["MIN_OPSET", "ExportResult", "check_onnx", "check_opset", "export_onnx",
+           "fixed_batch_layers"]
 
 _INPUT, _OUTPUT = "input", "output"
+#: The lowest ONNX opset torch's exporter implements: it writes a lower one by converting the
+#: file with onnx's version converter, which fails for many operators and then keeps the file
+#: at this opset without an error.
+MIN_OPSET = 18
 
 
 @dataclass
@@ -53,6 +58,24 @@ def _require(module: str) -> Any:
             f"ONNX export needs the package {module!r}: pip install 'dynconv[export]' "
             "(onnx, onnxruntime, onnxscript)"
         ) from error
+
+
+def check_opset(opset_version: object) -> int:
+    """Return ``opset_version`` if torch's exporter writes it: an int from :data:`MIN_OPSET` to
+    the newest opset of the installed ``onnx``; raise a ``ValueError`` saying the range."""
+    try:
+        import onnx
+    except ImportError:
+        newest = None  # export_onnx says how to install it
+    else:
+        newest = int(onnx.defs.onnx_opset_version())
+    accepted = f"{MIN_OPSET} to {newest}" if newest else f">= {MIN_OPSET}"
+    if isinstance(opset_version, bool) or not isinstance(opset_version, int) or not (
+        MIN_OPSET <= opset_version <= (newest or opset_version)
+    ):
+        raise ValueError(f"the ONNX opset must be an integer from {accepted} (those torch's "
+                         f"exporter writes), got {opset_version!r}")
+    return opset_version
 
 
 def fixed_batch_layers(model: nn.Module) -> list[str]:
@@ -106,7 +129,7 @@ def export_onnx(
         dynamic_batch: export the batch dimension as dynamic. A model holding a layer that
             cannot (:func:`fixed_batch_layers`) is exported at the example's batch size, with a
             warning naming the layers.
-        opset_version: the ONNX opset (default: the exporter's).
+        opset_version: the ONNX opset (default: the exporter's; see :func:`check_opset`).
         check: run the file in onnxruntime at the batch sizes ``check_batches`` (the export batch
             only, if fixed) on random inputs, record the largest absolute difference from PyTorch
             in ``max_abs_diff`` and raise a ``ValueError`` if one exceeds ``atol``.
@@ -116,6 +139,8 @@ def export_onnx(
     """
     _check_arguments(model, example_input, check_batches)
     onnx = _require("onnx")
+    if opset_version is not None:
+        check_opset(opset_version)
     fixed = fixed_batch_layers(model) if dynamic_batch else []
     if fixed:
         warnings.warn(

@@ -6,7 +6,7 @@ Sits above :mod:`dynconv.tools`, :mod:`dynconv.models` and :mod:`dynconv.layers`
 """
 
 from .compare import COMPARE_EPOCHS, DEFAULT_CONV_TYPES, compare
-from .config import TrainConfig, TrainResult, config_for_resume
+from .config import SettingError, TrainConfig, TrainResult, config_for_resume
 from .data import iterate_test
 from .loop import load_run, train
 from .sources import dataset_sources, load_dataset, load_digits
@@ -15,6 +15,7 @@ from .summary import format_table
 __all__ = [
     "COMPARE_EPOCHS",
     "DEFAULT_CONV_TYPES",
+    "SettingError",
     "TrainConfig",
     "TrainResult",
     "compare",

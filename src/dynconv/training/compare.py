@@ -30,7 +30,15 @@ from .._io import write_atomically
 from ..layers.factory import check_conv_type, conv_types
 from ..tools.cost import count_macs, count_parameters, inference_latency_ms
 from .checkpoints import previous_checkpoint
-from .config import CHECKPOINT_NAME, METRIC_FIELDS, TrainConfig, TrainResult, resolve_defaults
+from .config import (
+    CHECKPOINT_NAME,
+    METRIC_FIELDS,
+    SettingError,
+    TrainConfig,
+    TrainResult,
+    resolve_defaults,
+    setting,
+)
 from .data import Dataset
 from .loop import train
 from .sources import load_dataset
@@ -47,10 +55,11 @@ RUNS_FOLDER = "runs"
 def _resolve_types(requested: Sequence[str] | None) -> tuple[list[str], list[str]]:
     """(types to run, default types skipped because they are not registered)."""
     if requested:
-        for name in requested:
-            check_conv_type(name)
+        with setting("conv_types"):
+            for name in requested:
+                check_conv_type(name)
         if len(set(requested)) != len(requested):
-            raise ValueError(f"a conv type is listed twice: {list(requested)}")
+            raise SettingError("conv_types", f"a conv type is listed twice: {list(requested)}")
         return list(requested), []
     available = set(conv_types())
     return ([t for t in DEFAULT_CONV_TYPES if t in available],
@@ -146,7 +155,7 @@ def compare(
     types, skipped = _resolve_types(conv_types_)
     seeds = list(seeds)
     if not seeds or len(set(seeds)) != len(seeds):
-        raise ValueError(f"seeds must be distinct and at least one, got {seeds}")
+        raise SettingError("seeds", f"seeds must be distinct and at least one, got {seeds}")
     out = Path(out)
     if not resume and (out / RUNS_FOLDER).exists() and any((out / RUNS_FOLDER).iterdir()):
         raise ValueError(f"{str(out)!r} already holds a comparison; resume it (--resume) or "

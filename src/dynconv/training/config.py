@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,7 @@ from torch import nn
 
 from ..layers.factory import check_conv_type
 from ..layers.temperature import TemperatureSchedule
-from ..models import check_model, fixed_conv_type
+from ..models import check_model, check_model_conv_type, fixed_conv_type
 from .checkpoints import check_same_config, read_checkpoint
 from .data import Dataset
 
@@ -22,13 +24,17 @@ __all__ = [
     "CHECKPOINT_NAME",
     "CONFIG_NAME",
     "LR_SCHEDULES",
+    "MAX_SEED",
     "METRICS_NAME",
     "METRIC_FIELDS",
     "MODEL_NAME",
+    "SettingError",
     "TrainConfig",
     "TrainResult",
+    "check_seed",
     "config_for_resume",
     "resolve_defaults",
+    "setting",
 ]
 
 LR_SCHEDULES = ("cosine", "multistep", "constant")
@@ -106,19 +112,23 @@ class TrainConfig:
                                    self.temperature_epochs)
 
     def check(self) -> None:
-        """Raise a ``ValueError``/``TypeError`` for a setting that cannot work."""
-        check_model(self.model)
+        """Raise a :class:`SettingError` (a ``ValueError`` naming the setting) or a ``TypeError``
+        for a setting that cannot work."""
+        with setting("model"):
+            check_model(self.model)
         if self.conv_type is not None:
-            check_conv_type(self.conv_type)
-        _check_setting(self.batch_size, "batch size", 1)
-        _check_setting(self.test_batch_size, "test batch size", 1)
-        _check_setting(self.seed, "seed", 0)
+            with setting("conv_type"):
+                check_conv_type(self.conv_type)
+                check_model_conv_type(self.model, self.conv_type)
+        _check_setting(self.batch_size, "batch_size", 1)
+        _check_setting(self.test_batch_size, "test_batch_size", 1)
+        check_seed(self.seed)
         if self.epochs is not None:
             _check_setting(self.epochs, "epochs", 1)
         if self.crop_padding is not None:
-            _check_setting(self.crop_padding, "crop padding", 0)
+            _check_setting(self.crop_padding, "crop_padding", 0)
         if self.image_size is not None:
-            _check_setting(self.image_size, "image size", 1)
+            _check_setting(self.image_size, "image_size", 1)
         if self.threads is not None:
             _check_setting(self.threads, "threads", 1)
         for name in ("lr", "momentum", "weight_decay", "lr_gamma"):
@@ -126,35 +136,82 @@ class TrainConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
                 math.isfinite(value) and value >= 0
             ):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+                raise SettingError(name, f"{name} must be a finite number >= 0, got {value!r}")
         if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+            raise SettingError("lr", f"lr must be > 0, got {self.lr}")
         if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(
-                f"unknown learning-rate schedule {self.lr_schedule!r}; expected one of "
-                f"{LR_SCHEDULES}"
+            raise SettingError(
+                "lr_schedule", f"unknown learning-rate schedule {self.lr_schedule!r}; expected "
+                f"one of {LR_SCHEDULES}"
             )
         if self.lr_schedule == "multistep" and not self.lr_milestones:
-            raise ValueError("the multistep schedule needs milestones (epochs), e.g. 30 60 90")
-        self.temperature_schedule()
+            raise SettingError("lr_milestones", "the multistep schedule needs milestones "
+                                                "(epochs), e.g. 30 60 90")
+        if any(isinstance(m, bool) or not isinstance(m, int) or m < 1
+               for m in self.lr_milestones):
+            raise SettingError("lr_milestones", "the milestones must be epochs (ints >= 1), got "
+                                                f"{self.lr_milestones!r}")
+        for name, schedule in (
+            ("temperature", lambda: TemperatureSchedule(self.temperature)),
+            ("temperature_initial",
+             lambda: TemperatureSchedule(self.temperature, self.temperature_initial)),
+            ("temperature_epochs", self.temperature_schedule),
+        ):
+            with setting(name):
+                schedule()
         if not isinstance(self.model_args, dict):
             raise TypeError(f"model_args must be a dict, got {type(self.model_args).__name__}")
         if self.device != "auto":
             try:
                 torch.device(self.device)
             except (RuntimeError, ValueError):
-                raise ValueError(
-                    f"unknown device {self.device!r}; expected 'auto', 'cpu', 'cuda' or 'cuda:N'"
+                raise SettingError(
+                    "device", f"unknown device {self.device!r}; expected 'auto', 'cpu', 'cuda' "
+                    "or 'cuda:N'"
                 ) from None
+
+
+class SettingError(ValueError):
+    """A training setting that cannot work. ``setting`` names it (a :class:`TrainConfig` field,
+    or ``conv_types`` and ``seeds`` of :func:`~dynconv.training.compare`), so that the command
+    line can name its option."""
+
+    def __init__(self, setting: str, message: str) -> None:
+        super().__init__(message)
+        self.setting = setting
+
+
+@contextmanager
+def setting(name: str, errors: tuple[type[Exception], ...] = (ValueError,)) -> Iterator[None]:
+    """Raise an error of ``errors`` in the block as a :class:`SettingError` of ``name``."""
+    try:
+        yield
+    except SettingError:
+        raise
+    except errors as error:
+        raise SettingError(name, str(error)) from None
+
+
+#: The largest seed ``torch.manual_seed`` takes.
+MAX_SEED = 2**64 - 1
+
+
+def check_seed(value: object) -> int:
+    """Return ``value`` if it is a seed: an int from 0 to :data:`MAX_SEED`."""
+    _check_setting(value, "seed", 0)
+    if value > MAX_SEED:  # type: ignore[operator]
+        raise SettingError("seed", f"seed must be <= 2**64 - 1 (torch's largest), got {value}")
+    return value  # type: ignore[return-value]
 
 
 def _check_setting(value: object, name: str, minimum: int) -> None:
     # Not _conv_args.check_int: its messages differ ("must be positive", the type's name), and
     # these are the ones `dynconv train` has always printed.
+    label = name.replace("_", " ")
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r}")
+        raise TypeError(f"{label} must be an int, got {value!r}")
     if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+        raise SettingError(name, f"{label} must be >= {minimum}, got {value}")
 
 
 @dataclass

@@ -51,9 +51,11 @@ from .config import (
     METRIC_FIELDS,
     METRICS_NAME,
     MODEL_NAME,
+    SettingError,
     TrainConfig,
     TrainResult,
     resolve_defaults,
+    setting,
 )
 from .data import (
     Augmentation,
@@ -71,11 +73,14 @@ __all__ = ["load_run", "train"]
 
 
 def _create_model(config: TrainConfig, dataset: Dataset) -> nn.Module:
-    """``config.model`` with ``config.conv_type``, sized for ``dataset``'s images and classes."""
-    return create_model_for_data(
-        config.model, config.conv_type, dataset.num_classes, dataset.in_channels,
-        min(dataset.image_size), **config.model_args,
-    )
+    """``config.model`` with ``config.conv_type``, sized for ``dataset``'s images and classes
+    (an error of the model's keywords is a :class:`SettingError` of ``model_args``)."""
+    blamed = setting("model_args", (ValueError, TypeError)) if config.model_args else nullcontext()
+    with blamed:
+        return create_model_for_data(
+            config.model, config.conv_type, dataset.num_classes, dataset.in_channels,
+            min(dataset.image_size), **config.model_args,
+        )
 
 
 def _has_batch_norm(model: nn.Module) -> bool:
@@ -86,18 +91,21 @@ def _check_batch_size(config: TrainConfig, dataset: Dataset, model: nn.Module,
                       processes: Processes) -> None:
     n = len(dataset.train)
     if config.batch_size > n:
-        raise ValueError(
+        raise SettingError(
+            "batch_size",
             f"batch size {config.batch_size} is larger than the training set ({n} images): "
             "an epoch would have no batch; choose a batch size <= the training set"
         )
     if config.batch_size % processes.world_size:
-        raise ValueError(
+        raise SettingError(
+            "batch_size",
             f"batch size {config.batch_size} (the global batch) must be divisible by the number "
             f"of processes ({processes.world_size})"
         )
     share = config.batch_size // processes.world_size
     if share < 2 and _has_batch_norm(model):
-        raise ValueError(
+        raise SettingError(
+            "batch_size",
             f"a batch of {share} image per process cannot train {config.model}: BatchNorm needs "
             "at least 2 images per batch; choose a batch size >= "
             f"{2 * processes.world_size}"

@@ -13,13 +13,20 @@ with a fixed train/test split (the same for every seed).
 
 from __future__ import annotations
 
-import pickle
+import re
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from .config import SettingError
 from .data import Augmentation, Dataset, ImageSet
+from .safe_pickle import load_data_pickle
+
+if TYPE_CHECKING:
+    from PIL.Image import Image as PILImage
 
 __all__ = [
     "HOLDOUT_FRACTION",
@@ -30,6 +37,7 @@ __all__ = [
     "load_dataset",
     "load_digits",
     "load_image_folder",
+    "read_rgb_image",
 ]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
@@ -92,7 +100,8 @@ def _existing_folder(text: str) -> Path:
 
 def _refuse_resize(name: str, image_size: int | None) -> None:
     if image_size is not None:
-        raise ValueError(f"image_size applies to ImageFolder data only; {name} keeps its size")
+        raise SettingError("image_size", f"image_size applies to ImageFolder data only; {name} "
+                                         "keeps its size")
 
 
 def load_digits() -> Dataset:
@@ -137,39 +146,92 @@ def _find_cifar(path: Path) -> tuple[str, Path] | None:
     return None
 
 
-def _unpickle(path: Path) -> dict:
+def _unpickle(path: Path) -> dict[str, Any]:
+    """A CIFAR pickle's dict, its keys as str, read as data only (:mod:`.safe_pickle`)."""
     if not path.is_file():
         raise ValueError(f"missing CIFAR file {str(path)!r}")
+    name = f"CIFAR file {str(path)!r}"
     try:
         with path.open("rb") as f:
-            content = pickle.load(f, encoding="bytes")
-    except Exception as error:
-        raise ValueError(f"cannot read CIFAR file {str(path)!r}: {error}") from None
+            content = load_data_pickle(f, name)
+    except OSError as error:
+        raise ValueError(f"cannot read {name}: {error.strerror or error}") from None
     if not isinstance(content, dict):
-        raise ValueError(f"{str(path)!r} is not a CIFAR batch (a pickled dict)")
-    return {k.decode() if isinstance(k, bytes) else k: v for k, v in content.items()}
+        raise ValueError(f"{name} is not a CIFAR batch: expected a pickled dict, found "
+                         f"{type(content).__name__}")
+    return {k.decode("latin-1") if isinstance(k, bytes) else str(k): v
+            for k, v in content.items()}
 
 
-def _cifar_set(batches: list[dict], label_key: str, path: Path) -> ImageSet:
-    images, labels = [], []
-    for batch in batches:
-        if "data" not in batch or label_key not in batch:
-            raise ValueError(f"a CIFAR batch in {str(path)!r} lacks 'data' or '{label_key}'")
-        data = torch.as_tensor(batch["data"], dtype=torch.uint8)
-        if data.dim() != 2 or data.shape[1] != 3 * 32 * 32:
+def _cifar_batch(path: Path, label_key: str) -> ImageSet:
+    """One batch file: 'data' uint8 [N, 3072] (R, G, B planes of 32 x 32), labels [N]."""
+    batch = _unpickle(path)
+    missing = [k for k in ("data", label_key) if k not in batch]
+    if missing:
+        raise ValueError(f"CIFAR file {str(path)!r} lacks {missing}; it holds the keys "
+                         f"{sorted(batch)} (a CIFAR-{'10' if label_key == 'labels' else '100'} "
+                         f"batch holds 'data' and {label_key!r})")
+    data = _integer_array(batch["data"])
+    if data is None or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or (
+        data.size and (data.min() < 0 or data.max() > 255)
+    ):
+        raise ValueError(
+            f"CIFAR file {str(path)!r}: 'data' must be bytes 0-255 of shape [N, 3072] (uint8, as "
+            f"the real files hold), found {_describe(batch['data'])}"
+        )
+    labels = _integer_array(batch[label_key])
+    if labels is None or labels.shape != (data.shape[0],):
+        raise ValueError(
+            f"CIFAR file {str(path)!r}: {label_key!r} must be {data.shape[0]} integer labels, one "
+            f"per image, found {_describe(batch[label_key])}"
+        )
+    images = torch.from_numpy(data.astype(np.uint8).reshape(-1, 3, 32, 32))
+    return ImageSet(images, torch.from_numpy(labels.astype(np.int64)))
+
+
+def _integer_array(value: object) -> np.ndarray | None:
+    """``value`` as an integer numpy array (a list of ints included), or None if it is not."""
+    try:
+        array = np.asarray(value)
+    except (ValueError, TypeError):
+        return None
+    return array if array.dtype.kind in "iu" else None
+
+
+def _describe(value: object) -> str:
+    """What a CIFAR entry holds, for errors: type, dtype, shape and value range."""
+    try:
+        array = np.asarray(value)
+    except (ValueError, TypeError):
+        return type(value).__name__
+    if array.dtype.kind not in "biuf" or not array.size:
+        return f"{type(value).__name__} of {array.dtype} {list(array.shape)}"
+    return (f"{type(value).__name__} of {array.dtype} {list(array.shape)} with values "
+            f"{array.min()} to {array.max()}")
+
+
+def _cifar_set(files: list[Path], label_key: str, count: int) -> ImageSet:
+    sets = [_cifar_batch(file, label_key) for file in files]
+    for file, batch in zip(files, sets, strict=True):
+        if len(batch) and (batch.labels.min() < 0 or batch.labels.max() >= count):
             raise ValueError(
-                f"CIFAR data in {str(path)!r} must be [N, 3072] uint8, got {list(data.shape)}"
+                f"CIFAR file {str(file)!r}: {label_key!r} must lie in 0..{count - 1}, found "
+                f"{batch.labels.min().item()} to {batch.labels.max().item()}"
             )
-        images.append(data.reshape(-1, 3, 32, 32))
-        labels.append(torch.as_tensor(list(batch[label_key]), dtype=torch.int64))
-    return ImageSet(torch.cat(images), torch.cat(labels))
+    return ImageSet(torch.cat([s.images for s in sets]), torch.cat([s.labels for s in sets]))
 
 
-def _names(meta: dict, key: str, count: int) -> list[str]:
-    names = meta.get(key)
-    if not names or len(names) != count:
+def _names(meta_file: Path, key: str, count: int) -> list[str]:
+    """The class names in the meta file; 0..count-1 if there is no meta file."""
+    if not meta_file.is_file():
         return [str(i) for i in range(count)]
-    return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+    names = _unpickle(meta_file).get(key)
+    if not isinstance(names, (list, tuple)) or len(names) != count or not all(
+        isinstance(n, (bytes, str)) for n in names
+    ):
+        raise ValueError(f"CIFAR file {str(meta_file)!r}: {key!r} must list {count} class "
+                         f"names, found {_describe(names)}")
+    return [n.decode("latin-1") if isinstance(n, bytes) else n for n in names]
 
 
 def load_cifar(folder: str | Path, image_size: int | None = None) -> Dataset:
@@ -185,23 +247,15 @@ def load_cifar(folder: str | Path, image_size: int | None = None) -> Dataset:
     kind, path = found
     _refuse_resize(kind, image_size)
     if kind == "cifar10":
-        train = _cifar_set([_unpickle(path / n) for n in _CIFAR10_TRAIN], "labels", path)
-        test = _cifar_set([_unpickle(path / "test_batch")], "labels", path)
-        meta_file, names_key, count = path / "batches.meta", "label_names", 10
+        train = _cifar_set([path / n for n in _CIFAR10_TRAIN], "labels", 10)
+        test = _cifar_set([path / "test_batch"], "labels", 10)
+        names = _names(path / "batches.meta", "label_names", 10)
     else:
-        train = _cifar_set([_unpickle(path / "train")], "fine_labels", path)
-        test = _cifar_set([_unpickle(path / "test")], "fine_labels", path)
-        meta_file, names_key, count = path / "meta", "fine_label_names", 100
-    meta = _unpickle(meta_file) if meta_file.is_file() else {}
-    _check_labels(train, test, count, str(path))
-    return Dataset(kind.replace("cifar", "CIFAR-"), train, test, _names(meta, names_key, count),
+        train = _cifar_set([path / "train"], "fine_labels", 100)
+        test = _cifar_set([path / "test"], "fine_labels", 100)
+        names = _names(path / "meta", "fine_label_names", 100)
+    return Dataset(kind.replace("cifar", "CIFAR-"), train, test, names,
                    Augmentation(crop_padding=4, flip=True))
-
-
-def _check_labels(train: ImageSet, test: ImageSet, count: int, where: str) -> None:
-    for split in (train, test):
-        if len(split) and (split.labels.min() < 0 or split.labels.max() >= count):
-            raise ValueError(f"labels in {where!r} must lie in 0..{count - 1}")
 
 
 # -- ImageFolder ----------------------------------------------------------------------------------
@@ -219,21 +273,13 @@ def _image_files(folder: Path) -> list[Path]:
 
 
 def _read_images(files: list[Path], image_size: int | None) -> Tensor:
-    from PIL import Image
-
     arrays = []
     for file in files:
-        try:
-            with Image.open(file) as image:
-                image = image.convert("RGB")
-                if image_size is not None:
-                    image = _resize_and_crop(image, image_size)
-                arrays.append(torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-                              .reshape(image.height, image.width, 3))
-        except (OSError, ImportError) as error:
-            # ImportError: Ultralytics, once imported, patches Image.open to load an optional
-            # HEIF plugin for files Pillow cannot identify, and fails when it is not installed
-            raise ValueError(f"cannot read image {str(file)!r}: {error}") from None
+        image = read_rgb_image(file)
+        if image_size is not None:
+            image = _resize_and_crop(image, image_size)
+        arrays.append(torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+                      .reshape(image.height, image.width, 3))
     sizes = {tuple(a.shape[:2]) for a in arrays}
     if len(sizes) > 1:
         examples = ", ".join(f"{h}x{w}" for h, w in sorted(sizes)[:3])
@@ -242,6 +288,86 @@ def _read_images(files: list[Path], image_size: int | None) -> Tensor:
             "N) to resize them all to N x N"
         )
     return torch.stack(arrays).permute(0, 3, 1, 2).contiguous()
+
+
+def read_rgb_image(file: str | Path) -> PILImage:
+    """The image in ``file`` as 8-bit RGB, as it trains (every mode Pillow reads):
+
+    * RGB, grey (L) and 1-bit images as they are (grey to three equal channels, 1-bit to 0/255);
+      palette images (P) by their palette.
+    * An alpha channel (RGBA, LA, PA, a palette's transparency) is dropped: the colour channels
+      train as stored, as torchvision's ImageFolder (Pillow's ``convert('RGB')``) reads them.
+    * CMYK by Pillow's conversion (no colour profile), as torchvision's ImageFolder.
+    * More than 8 bits a sample (16-bit grey PNG and TIFF, 12-bit PGM, 32-bit integer TIFF) is
+      scaled by the file's bit depth, not by the image's largest value, as torchvision's
+      ``to_dtype(torch.uint8, scale=True)`` does: the top 8 bits (a 16-bit 32896 becomes 128;
+      Pillow reads 16-bit RGB PNGs the same way).
+    * Floating-point images (mode F) must hold 0-1 (as float images do in torchvision), scaled
+      by torchvision's rule (``v * 255.999``, truncated); other values are refused.
+
+    Raises ``ValueError`` naming ``file`` if it cannot be decoded (truncated, not an image) or
+    holds values its mode cannot have.
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(file) as image:
+            rawmode = _rawmode(image)  # the samples as stored: the tile is gone after load()
+            image.load()
+    except MemoryError:
+        raise
+    except Exception as error:  # Pillow's decoders raise OSError, ValueError, SyntaxError...
+        # ImportError among them: Ultralytics, once imported, patches Image.open to load an
+        # optional HEIF plugin for files Pillow cannot identify, and fails when it is missing
+        raise ValueError(f"cannot read image {str(file)!r}: "
+                         f"{str(error) or type(error).__name__}") from None
+    if image.mode == "F" or image.mode.startswith("I"):
+        image = Image.fromarray(_eight_bits(image, rawmode, Path(file)))
+    elif image.mode in ("P", "PA") and "transparency" in image.info:
+        image = image.convert("RGBA")  # straight to RGB would warn about the transparency
+    try:
+        return image.convert("RGB")
+    except ValueError:
+        raise ValueError(f"image {str(file)!r} has the mode {image.mode!r}, which Pillow cannot "
+                         "convert to RGB") from None
+
+
+def _rawmode(image: PILImage) -> str:
+    """How the first tile's samples are stored (e.g. 'I;16B', 'I;32S'), '' if unknown."""
+    args = image.tile[0][3] if image.tile else ""
+    raw = args[0] if isinstance(args, tuple) and args else args
+    return raw if isinstance(raw, str) else ""
+
+
+def _eight_bits(image: PILImage, rawmode: str, file: Path) -> np.ndarray:
+    """A mode I, I;16* or F image [H, W] as uint8, scaled by the file's bit depth."""
+    values = np.asarray(image)
+    if image.mode == "F":
+        if not np.isfinite(values).all():
+            found = "non-finite values (NaN or infinity)"
+        elif values.size and (values.min() < 0 or values.max() > 1):
+            found = f"values {values.min():g} to {values.max():g}"
+        else:
+            return (values * (256 - 1e-3)).astype(np.uint8)
+        raise ValueError(f"image {str(file)!r} is a floating-point image with {found}; float "
+                         "images must hold 0-1 (or save it as 8 or 16-bit integers)")
+    bits = _value_bits(image, rawmode)
+    if values.size and (values.min() < 0 or values.max() >= 2**bits):
+        raise ValueError(
+            f"image {str(file)!r} stores {bits}-bit samples (mode {image.mode}, {rawmode or '?'})"
+            f" but holds values {values.min()} to {values.max()}"
+        )
+    return (values.astype(np.int64) >> (bits - 8)).astype(np.uint8)
+
+
+def _value_bits(image: PILImage, rawmode: str) -> int:
+    """The bits of a sample of an integer image, sign excluded."""
+    if image.mode.startswith("I;16") or image.format in ("PNG", "PPM"):
+        return 16  # at most 16 bits a sample (Pillow scales a PGM's maxval to 16 bits)
+    match = re.fullmatch(r"I;(\d+)([A-Z]*)", rawmode)
+    if match:
+        return int(match[1]) - ("S" in match[2])
+    return 31  # Pillow's mode I holds int32
 
 
 def _resize_and_crop(image, size: int):
@@ -254,13 +380,35 @@ def _resize_and_crop(image, size: int):
     return image.crop((left, top, left + size, top + size))
 
 
-def _folder_set(root: Path, classes: list[str], image_size: int | None) -> ImageSet:
-    files, labels = [], []
-    for index, name in enumerate(classes):
-        folder = root / name
-        found = _image_files(folder) if folder.is_dir() else []
-        files += found
-        labels += [index] * len(found)
+def _class_files(root: Path, classes: list[str]) -> list[list[Path]]:
+    """The image files of each class folder of ``root`` (none for a class it lacks); a class
+    folder without an image is refused, as torchvision's ImageFolder does."""
+    found = [_image_files(root / name) if (root / name).is_dir() else [] for name in classes]
+    empty = [root / name for name, files in zip(classes, found, strict=True)
+             if (root / name).is_dir() and not files]
+    if empty:
+        listed = ", ".join(f"{str(folder)!r} ({_other_files(folder)})" for folder in empty[:3])
+        raise ValueError(
+            f"found no image ({', '.join(IMAGE_EXTENSIONS)}) in the class folder"
+            f"{'s' if len(empty) > 1 else ''} {listed}{', ...' if len(empty) > 3 else ''}; every "
+            "class folder needs at least one image, as in torchvision's ImageFolder: add its "
+            "images or remove the folder"
+        )
+    return found
+
+
+def _other_files(folder: Path) -> str:
+    """What a folder without images holds, for errors: 'empty' or 'holds only a.txt, ...'."""
+    names = sorted(p.name for p in folder.rglob("*") if p.is_file())
+    if not names:
+        return "empty"
+    return f"holds only {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}"
+
+
+def _folder_set(root: Path, classes: list[str], found: list[list[Path]],
+                image_size: int | None) -> ImageSet:
+    files = [file for class_files in found for file in class_files]
+    labels = [index for index, class_files in enumerate(found) for _ in class_files]
     if not files:
         raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {str(root)!r}")
     return ImageSet(_read_images(files, image_size), torch.tensor(labels, dtype=torch.int64))
@@ -270,9 +418,10 @@ def load_image_folder(folder: str | Path, image_size: int | None = None) -> Data
     """An ImageFolder-style folder: one sub-folder of images per class.
 
     With ``train/`` and ``test/`` (or ``val/``) sub-folders, those are the splits; otherwise a
-    fixed, stratified 20% of each class is held out for testing. Images are converted to RGB and,
-    with ``image_size``, resized (shorter side) and centre-cropped to ``image_size`` squared; all
-    are held in memory as uint8.
+    fixed, stratified 20% of each class is held out for testing. Images are read by
+    :func:`read_rgb_image` (8-bit RGB) and, with ``image_size``, resized (shorter side) and
+    centre-cropped to ``image_size`` squared; all are held in memory as uint8. A class folder
+    without an image, and a file that is not a readable image, are refused.
     """
     root = _existing_folder(str(folder))
     if image_size is not None and (
@@ -287,32 +436,50 @@ def load_image_folder(folder: str | Path, image_size: int | None = None) -> Data
         unknown = sorted({p.name for p in _class_folders(test_root)} - set(classes))
         if unknown:
             raise ValueError(f"{str(test_root)!r} has classes missing from train/: {unknown}")
-        train = _folder_set(root / "train", classes, image_size)
-        test = _folder_set(test_root, classes, image_size)
+        train_files = _class_files(root / "train", classes)
+        test_files = _class_files(test_root, classes)
+        train = _folder_set(root / "train", classes, train_files, image_size)
+        test = _folder_set(test_root, classes, test_files, image_size)
     else:
         classes = [p.name for p in _class_folders(root)]
         if len(classes) < 2:
             raise ValueError(
                 f"{str(root)!r} is not an ImageFolder-style folder: expected one sub-folder of "
-                f"images per class (at least 2), found {len(classes)}; --data takes "
-                f"{dataset_sources()}"
+                f"images per class (at least 2), found {len(classes)}{_loose_images(root)}; "
+                f"--data takes {dataset_sources()}"
             )
-        train, test = _split(_folder_set(root, classes, image_size))
+        found = _class_files(root, classes)
+        few = [root / name for name, files in zip(classes, found, strict=True) if len(files) < 2]
+        if few:
+            raise ValueError(
+                f"the class folder {str(few[0])!r} has 1 image; each class needs at least 2 to "
+                "hold one out for testing (or give train/ and test/ folders)"
+            )
+        train, test = _split(_folder_set(root, classes, found, image_size))
     h, w = train.images.shape[2:]
     return Dataset(f"folder {root.name}", train, test, classes,
                    Augmentation(crop_padding=max(1, min(h, w) // 8), flip=True))
 
 
+def _loose_images(root: Path) -> str:
+    """A note on images lying directly in ``root`` or a lone train/ folder, for errors."""
+    if (root / "train").is_dir():
+        return " (a train/ folder, but no test/ or val/ beside it)"
+    loose = [p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+    if loose:
+        return (f" and {len(loose)} image{'s' if len(loose) > 1 else ''} directly in it (put each "
+                "class's images in a folder named after the class)")
+    return ""
+
+
 def _split(data: ImageSet) -> tuple[ImageSet, ImageSet]:
-    """Hold out a fixed, stratified fraction of every class (at least one image each)."""
+    """Hold out a fixed, stratified fraction of every class (at least one image each; every
+    class has at least 2, checked by the caller)."""
     generator = torch.Generator().manual_seed(SPLIT_SEED)
     train_idx, test_idx = [], []
     for label in data.labels.unique().tolist():
         idx = (data.labels == label).nonzero().flatten()
         idx = idx[torch.randperm(len(idx), generator=generator)]
-        if len(idx) < 2:
-            raise ValueError(f"class {label} has {len(idx)} image; each class needs at least 2 "
-                             "to hold one out for testing (or give train/ and test/ folders)")
         held = max(1, round(len(idx) * HOLDOUT_FRACTION))
         test_idx.append(idx[:held])
         train_idx.append(idx[held:])
