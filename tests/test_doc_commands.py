@@ -199,7 +199,10 @@ def _run(command: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
     """Run ``command`` in a shell in ``cwd``, with the ``dynconv`` of this interpreter first on
     the PATH, this checkout's sources first on the import path, and ``env`` set."""
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
-    env = {**os.environ, **env, "PATH": path,
+    # as from a user's shell: Ultralytics, imported in this process by other tests, sets
+    # KINETO_LOG_LEVEL=5 (the profiler's markers shown) in os.environ for its own FLOP counts
+    inherited = {k: v for k, v in os.environ.items() if k != "KINETO_LOG_LEVEL"}
+    env = {**inherited, **env, "PATH": path,
            "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "COLUMNS": "100"}
     result = subprocess.run(["bash", "-c", command], cwd=cwd, env=env, capture_output=True,
