@@ -126,3 +126,17 @@ def test_clear_errors() -> None:
     with pytest.raises(ValueError, match="already registered"):
         register_conv("static", torch.nn.Conv2d)
     assert "od_resnet18" in list_models()
+
+
+@pytest.mark.parametrize("stem_stride", [1, 2])
+def test_small_cnn_stem_stride_halves_every_later_map(stem_stride) -> None:
+    model = create_model("small_cnn", conv_type="dynamic", in_channels=1, stem_stride=stem_stride)
+    seen = {}
+    model.stage1.register_forward_hook(lambda m, i, o: seen.setdefault("stage1", o.shape))
+    model.stage3.register_forward_hook(lambda m, i, o: seen.setdefault("stage3", o.shape))
+    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    size = 28 // stem_stride
+    assert seen["stage1"][-2:] == (size, size)
+    assert seen["stage3"][-2:] == (-(-size // 4), -(-size // 4))
+    with pytest.raises(ValueError, match="stem_stride"):
+        create_model("small_cnn", stem_stride=0)

@@ -48,6 +48,8 @@ class SmallCNN(nn.Module):
         conv_type, conv_kwargs: the convolution type and its keyword arguments (on top of
             ``TYPE_DEFAULTS``: ODConv here uses ``attention_norm='layer'``).
         dropout: dropout before the classifier.
+        stem_stride: stride of the static stem (2 halves the maps of every later layer: the
+            network for 28x28 images, such as MNIST's).
 
     Shapes: [N, in_channels, H, W] -> [N, num_classes], for any H, W >= 1.
     """
@@ -61,16 +63,17 @@ class SmallCNN(nn.Module):
         conv_type: str = "static",
         conv_kwargs: dict[str, Any] | None = None,
         dropout: float = 0.1,
+        stem_stride: int = 1,
     ) -> None:
         super().__init__()
         for name, value in (("num_classes", num_classes), ("in_channels", in_channels),
-                            ("width", width)):
+                            ("width", width), ("stem_stride", stem_stride)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         conv_kwargs = {**TYPE_DEFAULTS.get(conv_type, {}), **(conv_kwargs or {})}
         conv = conv_builder(conv_type, **conv_kwargs)
         w = width
-        self.stem = _conv_bn_relu(conv_builder("static"), in_channels, w)
+        self.stem = _conv_bn_relu(conv_builder("static"), in_channels, w, stem_stride)
         self.stage1 = nn.Sequential(_conv_bn_relu(conv, w, w), _conv_bn_relu(conv, w, w))
         self.stage2 = nn.Sequential(_conv_bn_relu(conv, w, 2 * w, 2),
                                     _conv_bn_relu(conv, 2 * w, 2 * w))
