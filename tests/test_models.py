@@ -131,9 +131,10 @@ def test_clear_errors() -> None:
 @pytest.mark.parametrize("stem_stride", [1, 2])
 def test_small_cnn_stem_stride_halves_every_later_map(stem_stride) -> None:
     model = create_model("small_cnn", conv_type="dynamic", in_channels=1, stem_stride=stem_stride)
-    seen = {}
-    model.stage1.register_forward_hook(lambda m, i, o: seen.setdefault("stage1", o.shape))
-    model.stage3.register_forward_hook(lambda m, i, o: seen.setdefault("stage3", o.shape))
+    seen: dict[str, torch.Size] = {}
+    for name in ("stage1", "stage3"):
+        getattr(model, name).register_forward_hook(
+            lambda m, i, o, name=name: seen.update({name: o.shape}))
     assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
     size = 28 // stem_stride
     assert seen["stage1"][-2:] == (size, size)
