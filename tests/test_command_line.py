@@ -34,9 +34,14 @@ BAD: list[tuple[str, list[str]]] = [
                            "'x'"]),
     ("compare --seeds 1 1", ["argument --seeds: seeds must be distinct"]),
     ("compare --data {missing}", ["dataset folder", "does not exist; --data takes"]),
-    ("compare --data {file}", ["--data must name a folder or 'digits', got the file"]),
+    ("compare --data {file}", ["--data must name a folder, 'mnist' or 'digits', got the file"]),
     ("compare --image-size 0", ["argument --image-size: expected an integer >= 1, got '0'"]),
     ("compare --image-size 8", ["argument --image-size: image_size applies to ImageFolder data"]),
+    ("compare --train-images 0", ["argument --train-images: expected an integer >= 1, got '0'"]),
+    ("compare --train-images 9", ["argument --train-images: train_images must be from 10 (one "
+                                  "image of each class) to 1,437 (the training images of digits)"
+                                  ", got 9"]),
+    ("compare --eval-on train", ["argument --eval-on: invalid choice: 'train' (choose from"]),
     ("compare --model resnet19", ["argument --model: unknown model 'resnet19'; expected one of"]),
     ("compare --model-arg width", ["argument --model-arg: expected KEY=VALUE"]),
     ("compare --model-arg width=0", ["argument --model-arg: width must be an int >= 1"]),
@@ -78,6 +83,12 @@ BAD: list[tuple[str, list[str]]] = [
                                                       "is built with conv type 'odconv' only"]),
     ("train --seed -1", ["argument --seed: seed must be >= 0, got -1"]),
     ("train --seed 1e3", ["argument --seed: expected an integer from 0 to 2**64 - 1"]),
+    ("train --train-images 2000", ["argument --train-images: train_images must be from 10 ",
+                                   "to 1,437 (the training images of digits), got 2,000"]),
+    ("train --eval-on val --train-images 1200", [
+        "argument --train-images: ", "to 1,150 (the training images of digits left beside the "
+        "validation split), got 1,200"]),
+    ("train --eval-on", ["argument --eval-on: expected one argument"]),
     ("train --seed 18446744073709551616", ["argument --seed: seed must be <= 2**64 - 1 "
                                            "(torch's largest), got 18446744073709551616"]),
     ("train --data {missing}", ["dataset folder", "does not exist; --data takes"]),
@@ -174,7 +185,8 @@ BAD: list[tuple[str, list[str]]] = [
     ("export --model small_cnn --conv-type nope", ["argument --conv-type: unknown conv type"]),
     ("export --model small_cnn --model-arg width=-1", ["argument --model-arg: width must be"]),
     ("export --model small_cnn --seed 2e64", ["argument --seed: expected an integer from 0"]),
-    ("export --model small_cnn --data {file}", ["--data must name a folder or 'digits'"]),
+    ("export --model small_cnn --data {file}", ["--data must name a folder, 'mnist' or "
+                                                "'digits'"]),
     ("export --model small_cnn --out {dir}", ["argument --out: expected a file, got the folder"]),
     ("export --model small_cnn --out {file}/m.onnx", ["argument --out: ", "is a file"]),
     ("export --model small_cnn --fixed-batch 0", ["argument --fixed-batch: expected an integer "
@@ -198,10 +210,11 @@ if not torch.cuda.is_available():
     ]
 
 # Cheap settings put before a training command's own options (which come later and win), so
-# that an invocation that was wrongly accepted trains for seconds, not minutes.
-_CHEAP = {"train": ["--epochs", "1", "--model-arg", "width=4", "--quiet"],
-          "compare": ["--epochs", "1", "--model-arg", "width=4", "--conv-types", "static",
-                      "--seeds", "0", "--quiet"]}
+# that an invocation that was wrongly accepted trains for seconds, not minutes (on the digits:
+# MNIST may not be fetched here; tests/test_mnist.py tests the default).
+_CHEAP = {"train": ["--data", "digits", "--epochs", "1", "--model-arg", "width=4", "--quiet"],
+          "compare": ["--data", "digits", "--epochs", "1", "--model-arg", "width=4",
+                      "--conv-types", "static", "--seeds", "0", "--quiet"]}
 
 
 def _argv(line: str, paths: dict[str, Path]) -> list[str]:

@@ -30,9 +30,9 @@ COMMANDS = (training.COMPARE, training.TRAIN, models.PROFILE, models.FOLD, model
 _DESCRIPTION = """\
 Dynamic convolutions for PyTorch: compare convolution types, train models.
 
-  dynconv compare                 train a small network with every convolution type on the
-                                  digits shipped with scikit-learn (3 seeds) and print a table
-  dynconv compare --data DIR      the same on CIFAR-10/100 or an ImageFolder folder
+  dynconv compare                 train a small network with every convolution type on MNIST
+                                  (3 seeds) and print a table
+  dynconv compare --data DIR      the same on CIFAR-10/100, an ImageFolder folder or 'digits'
   dynconv train --model resnet18 --conv-type odconv --data ~/data/cifar-10-batches-py
   dynconv train --out DIR --resume          continue a stopped run
   dynconv inspect RUN_DIR         plot what the dynamic layers of a trained model decide

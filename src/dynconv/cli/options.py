@@ -255,14 +255,25 @@ def add_out(target: Target, metavar: str, help: str, default: Any = None) -> Non
 def add_training_options(parser: argparse.ArgumentParser, compare: bool) -> None:
     """The options shared by ``train`` and ``compare`` (defaults left out of the namespace, so
     that a resumed run can tell what was given)."""
+    from ..training.data import EVAL_SPLITS
+
     S = UNSET
     data = parser.add_argument_group("data")
     data.add_argument("--data", default=S, metavar="SOURCE",
-                      help="'digits' (default: scikit-learn's handwritten digits, no download), "
-                           "a CIFAR-10/CIFAR-100 python-pickle folder, or an ImageFolder folder "
+                      help="'mnist' (default: MNIST, from the wheel the set-up fetched), "
+                           "'digits' (scikit-learn's handwritten digits, no download), a "
+                           "CIFAR-10/CIFAR-100 python-pickle folder, or an ImageFolder folder "
                            "(<class>/<image>, optionally in train/ and test/)")
     data.add_argument("--image-size", type=positive_int, default=S, metavar="N",
                       help="resize ImageFolder images to N x N (shorter side, centre crop)")
+    data.add_argument("--train-images", type=positive_int, default=S, metavar="N",
+                      help="train on a fixed, stratified subset of N training images, the same "
+                           "for every seed" + (" and type" if compare else "")
+                           + " (default: all)")
+    data.add_argument("--eval-on", choices=EVAL_SPLITS, default=S,
+                      help="evaluate on the test images (default) or on a validation split "
+                           "(MNIST's own 10,000 images, else a fixed, stratified fifth of the "
+                           "training images, then not trained on): choose recipes on 'val'")
     model = parser.add_argument_group("model")
     model.add_argument("--model", type=model_name, default=S, metavar="NAME",
                        help="a model of 'dynconv list' (default: small_cnn)")
@@ -271,7 +282,7 @@ def add_training_options(parser: argparse.ArgumentParser, compare: bool) -> None
     recipe = parser.add_argument_group(
         "recipe", "defaults: seed 002's CIFAR recipe" + (
             "; compare trains 15 epochs" if compare else
-            "; 200 epochs on CIFAR, 30 on the digits, 100 otherwise"))
+            "; 200 epochs on CIFAR, 15 on MNIST, 30 on the digits, 100 otherwise"))
     recipe.add_argument("--epochs", type=positive_int, default=S, metavar="N")
     recipe.add_argument("--batch-size", type=positive_int, default=S, metavar="N",
                         help="global batch size (default: 128)")
@@ -290,9 +301,11 @@ def add_training_options(parser: argparse.ArgumentParser, compare: bool) -> None
                         help="(default: 0.1)")
     recipe.add_argument("--crop-padding", type=non_negative_int, default=S, metavar="PIXELS",
                         help="random crop after this much zero padding (default: 4 on CIFAR, "
-                             "1 on the digits, 1/8 of the size on folders; 0 turns it off)")
+                             "0 on MNIST, 1 on the digits, 1/8 of the size on folders; 0 turns "
+                             "it off)")
     recipe.add_argument("--flip", action=argparse.BooleanOptionalAction, default=S,
-                        help="random horizontal flip (default: on, off for the digits)")
+                        help="random horizontal flip (default: on, off for MNIST and the "
+                             "digits)")
     temperature = parser.add_argument_group("attention temperature")
     temperature.add_argument(
         "--temperature", choices=("linear", "step", "none"), default=S,

@@ -124,7 +124,8 @@ def _run_train(args: argparse.Namespace) -> int:
         print(f"interrupted; continue with: dynconv train --out {result.out} --resume")
         return 130
     last = result.metrics[-1]
-    print(f"final test accuracy {100 * last['test_acc']:.2f}% (loss {last['test_loss']:.4f}) "
+    split = "validation" if result.dataset.eval_on == "val" else "test"
+    print(f"final {split} accuracy {100 * last['test_acc']:.2f}% (loss {last['test_loss']:.4f}) "
           f"after {int(last['epoch'])} epochs; results in {result.out}/ (metrics.csv, "
           "model.pt, checkpoint.pt)")
     return 0
@@ -132,7 +133,8 @@ def _run_train(args: argparse.Namespace) -> int:
 
 TRAIN = Command(
     "train", "train one model with one convolution type",
-    "Train one model on the digits, CIFAR-10/100 or an ImageFolder folder, with a checkpoint "
+    "Train one model on MNIST (the default), the digits, CIFAR-10/100 or an ImageFolder folder, "
+    "with a checkpoint "
     "after every epoch and on Ctrl-C. Multi-GPU: torchrun --nproc-per-node N -m dynconv train "
     "... (see docs/training.md).",
     _train_arguments, _run_train,

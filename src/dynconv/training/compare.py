@@ -41,7 +41,7 @@ from .config import (
 )
 from .data import Dataset
 from .loop import train
-from .sources import load_dataset
+from .sources import dataset_for
 from .summary import LATENCY_BATCHES, CompareResult, TypeSummary, format_table
 
 __all__ = ["COMPARE_EPOCHS", "DEFAULT_CONV_TYPES", "compare"]
@@ -161,7 +161,7 @@ def compare(
         raise ValueError(f"{str(out)!r} already holds a comparison; resume it (--resume) or "
                          "choose another output folder: nothing is overwritten")
     base.check()
-    dataset = load_dataset(base.data, base.image_size)
+    dataset = dataset_for(base)
     base = resolve_defaults(dataclasses.replace(base, conv_type="static"), dataset)
     log(f"{dataset.describe()}; {base.model}, {base.epochs} epochs; types: {', '.join(types)}; "
         f"seeds: {', '.join(map(str, seeds))}"

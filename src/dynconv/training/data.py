@@ -10,13 +10,16 @@ replayed exactly after a resume, with no data-loader workers.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "EVAL_SPLITS",
+    "HOLDOUT_FRACTION",
+    "SPLIT_SEED",
     "Augmentation",
     "Dataset",
     "ImageSet",
@@ -24,7 +27,17 @@ __all__ = [
     "batch_indices",
     "iterate_test",
     "seeded_generator",
+    "stratified_split",
+    "stratified_subset",
 ]
+
+#: What a run evaluates on: the test images, or a validation split of the training data.
+EVAL_SPLITS = ("test", "val")
+#: The fraction of each class held out by :func:`stratified_split` (a folder's test images, a
+#: validation split).
+HOLDOUT_FRACTION = 0.2
+#: Fixed seed of every split and subset made from a data set: they never depend on the run's seed.
+SPLIT_SEED = 0
 
 
 @dataclass
@@ -49,6 +62,55 @@ class ImageSet:
     def __len__(self) -> int:
         return self.images.shape[0]
 
+    def take(self, index: Tensor) -> ImageSet:
+        """The images and labels at ``index`` [M] (int64), in that order."""
+        return ImageSet(self.images[index], self.labels[index])
+
+
+def _class_indices(labels: Tensor, generator: torch.Generator) -> list[Tensor]:
+    """The indices of each label present, smallest label first, each shuffled by
+    ``generator``."""
+    shuffled = []
+    for label in labels.unique().tolist():
+        idx = (labels == label).nonzero().flatten()
+        shuffled.append(idx[torch.randperm(len(idx), generator=generator)])
+    return shuffled
+
+
+def stratified_split(data: ImageSet, fraction: float = HOLDOUT_FRACTION,
+                     seed: int = SPLIT_SEED) -> tuple[ImageSet, ImageSet]:
+    """(kept, held out): ``fraction`` of every class held out, at least one image of a class of
+    two or more and never its last one; fixed by ``seed``. Both keep the original order."""
+    kept, held = [], []
+    for idx in _class_indices(data.labels, torch.Generator().manual_seed(seed)):
+        n = min(len(idx) - 1, max(1, round(len(idx) * fraction)))
+        held.append(idx[:n])
+        kept.append(idx[n:])
+    return (data.take(torch.cat(kept).sort().values),
+            data.take(torch.cat(held).sort().values))
+
+
+def stratified_subset(data: ImageSet, n: int, seed: int = SPLIT_SEED) -> ImageSet:
+    """``n`` of the images, every class keeping its share of them (at least one image each; the
+    shares rounded by largest remainder), fixed by ``seed``, in their original order.
+
+    ``n`` must be at least the number of classes present and at most ``len(data)``.
+    """
+    groups = _class_indices(data.labels, torch.Generator().manual_seed(seed))
+    if not len(groups) <= n <= len(data):
+        raise ValueError(f"a stratified subset takes {len(groups)} to {len(data):,} images (at "
+                         f"least one of each class), got {n}")
+    # one image of each class, the rest in proportion to what each class has beyond its first
+    spare = [len(idx) - 1 for idx in groups]
+    extra = n - len(groups)
+    exact = [extra * s / max(1, sum(spare)) for s in spare]
+    shares = [int(x) for x in exact]
+    by_remainder = sorted(range(len(groups)), key=lambda i: shares[i] - exact[i])
+    for i in by_remainder[: extra - sum(shares)]:
+        shares[i] += 1
+    chosen = torch.cat([idx[: 1 + share] for idx, share in zip(groups, shares, strict=True)])
+    return data.take(chosen.sort().values)
+
 
 @dataclass(frozen=True)
 class Augmentation:
@@ -72,7 +134,12 @@ class Dataset:
     """A train and a test :class:`ImageSet` with what a model needs to know about them.
 
     ``mean`` and ``std`` [C] are per-channel statistics of the training images on a 0-1 scale;
-    ``augmentation`` is the default training augmentation for this kind of data.
+    ``augmentation`` is the default training augmentation for this kind of data; ``val`` is a
+    validation split of the data set's own (MNIST's 10,000 images), if it has one.
+
+    :meth:`prepared` gives the data a run trains and evaluates on; ``eval_on`` ('test' or 'val')
+    and ``subset_of`` (the number of training images a subset was drawn from) record what it
+    did, and :meth:`describe` states it.
     """
 
     name: str
@@ -82,13 +149,17 @@ class Dataset:
     augmentation: Augmentation
     mean: Tensor | None = None
     std: Tensor | None = None
+    val: ImageSet | None = None
+    eval_on: str = "test"
+    subset_of: int | None = None
 
     def __post_init__(self) -> None:
-        if self.train.images.shape[1:] != self.test.images.shape[1:]:
-            raise ValueError(
-                f"train images {list(self.train.images.shape[1:])} and test images "
-                f"{list(self.test.images.shape[1:])} differ in shape"
-            )
+        for name, part in (("test", self.test), ("validation", self.val)):
+            if part is not None and self.train.images.shape[1:] != part.images.shape[1:]:
+                raise ValueError(
+                    f"train images {list(self.train.images.shape[1:])} and {name} images "
+                    f"{list(part.images.shape[1:])} differ in shape"
+                )
         if self.mean is None or self.std is None:
             pixels = self.train.images.to(torch.float64).div_(255).transpose(0, 1).flatten(1)
             self.mean = pixels.mean(dim=1).float()
@@ -112,10 +183,70 @@ class Dataset:
         std = self.std.to(images.device).view(1, -1, 1, 1)
         return (images.float() / 255 - mean) / std
 
+    def prepared(self, train_images: int | None = None, eval_on: str = "test") -> Dataset:
+        """The data a run trains and evaluates on (``self`` if it is already that data).
+
+        ``eval_on='val'`` evaluates on a validation split instead of the test images: the data
+        set's own (``val``), else a fixed, stratified :data:`HOLDOUT_FRACTION` of every class of
+        the training images, which are then trained on no more. ``train_images`` then keeps a
+        fixed, stratified subset of that many training images (:func:`stratified_subset`, the
+        same for every seed and convolution type). Both are fixed by :data:`SPLIT_SEED`; the
+        statistics of ``normalize`` are those of the images trained on.
+
+        Raises a ``ValueError`` for ``eval_on`` other than 'test' and 'val', and for
+        ``train_images`` below the number of classes or above the training images there are.
+        """
+        if eval_on not in EVAL_SPLITS:
+            raise ValueError(f"eval_on must be one of {EVAL_SPLITS}, got {eval_on!r}")
+        if train_images is not None and (
+            isinstance(train_images, bool) or not isinstance(train_images, int)
+        ):
+            raise TypeError(f"train_images must be an int or None, got {train_images!r}")
+        done = (self.eval_on == eval_on
+                and (self.subset_of is None) == (train_images is None)
+                and (train_images is None or len(self.train) == train_images))
+        if done:
+            return self
+        if self.eval_on != "test" or self.subset_of is not None:
+            raise ValueError(
+                f"the data set {self.name!r} is already prepared ({self._prepared_as()}); "
+                "prepare it once, from the data set as loaded"
+            )
+        data = self
+        if eval_on == "val":
+            train, val = ((self.train, self.val) if self.val is not None
+                          else stratified_split(self.train))
+            data = replace(data, train=train, test=val, mean=None, std=None, eval_on="val")
+        if train_images is not None:
+            available = len(data.train)
+            if not data.num_classes <= train_images <= available:
+                raise ValueError(
+                    f"train_images must be from {data.num_classes} (one image of each class) to "
+                    f"{available:,} (the training images of {data.name}"
+                    + (" left beside the validation split" if eval_on == "val" else "")
+                    + f"), got {train_images:,}"
+                )
+            data = replace(data, train=stratified_subset(data.train, train_images), mean=None,
+                           std=None, subset_of=available)
+        return data
+
+    def _prepared_as(self) -> str:
+        evaluated = f"evaluated on its {'validation' if self.eval_on == 'val' else 'test'} images"
+        if self.subset_of is None:
+            return evaluated
+        return f"{len(self.train):,} of {self.subset_of:,} training images, {evaluated}"
+
     def describe(self) -> str:
         h, w = self.image_size
+        train = f"{len(self.train):,} train"
+        if self.subset_of is not None:
+            train += f" (a fixed, stratified subset of {self.subset_of:,})"
+        evaluated = "test"
+        if self.eval_on == "val":
+            evaluated = "validation" + ("" if self.val is not None
+                                        else " (held out from the training images)")
         return (
-            f"{self.name}: {len(self.train):,} train / {len(self.test):,} test images, "
+            f"{self.name}: {train} / {len(self.test):,} {evaluated} images, "
             f"{self.in_channels}x{h}x{w}, {self.num_classes} classes"
         )
 

@@ -67,7 +67,7 @@ from .data import (
     seeded_generator,
 )
 from .processes import Processes, StopRequest, resolve_device
-from .sources import load_dataset
+from .sources import dataset_for
 
 __all__ = ["load_run", "train"]
 
@@ -157,7 +157,8 @@ def load_run(
     """Rebuild the model of the ``dynconv train`` run in the folder ``out``: its configuration
     and weights (``model.pt`` of a finished run, else the last checkpoint's), on the CPU, in eval
     mode at the final temperature. Returns (model, configuration, dataset); the dataset is
-    loaded from the configuration unless given (it fixes the model's input and classes).
+    loaded from the configuration unless given (it fixes the model's input and classes): the
+    run's own, with its ``train_images`` and ``eval_on``.
 
     Raises a ``ValueError`` (:class:`~dynconv.tools.checkpoint.CheckpointError` for a file) in
     one line naming the file: a missing, corrupt or tampered checkpoint or ``model.pt``, or
@@ -167,7 +168,7 @@ def load_run(
         raise ValueError(f"{str(out)!r} is not a folder of a 'dynconv train' run")
     checkpoint = read_checkpoint(out / CHECKPOINT_NAME)
     config = TrainConfig.from_dict({**checkpoint["config"], "out": str(out)})
-    dataset = dataset or load_dataset(config.data, config.image_size)
+    dataset = dataset or dataset_for(config)
     model = _create_model(config, dataset)
     weights = out / MODEL_NAME
     load_checkpoint(model, weights if weights.exists() else out / CHECKPOINT_NAME)
@@ -215,7 +216,9 @@ def train(
             ``config.json`` and, at the end, ``model.pt`` (the state_dict, with its checksum).
         resume: continue the run in ``config.out``; without it, a folder that already holds a
             checkpoint is refused (nothing is overwritten).
-        dataset: an already loaded dataset (else ``config.data`` is loaded).
+        dataset: an already loaded dataset (else ``config.data`` is loaded); the run's
+            ``eval_on`` and ``train_images`` are applied to it unless it is already prepared
+            so (:func:`~dynconv.training.sources.dataset_for`).
         on_epoch: called with each epoch's metrics row (on every process).
 
     Raises:
@@ -236,11 +239,12 @@ def train(
             f"{str(out)!r} already holds a run ({CHECKPOINT_NAME}); resume it (--resume) or choose "
             "another output folder: nothing is overwritten"
         )
-    dataset = dataset or load_dataset(config.data, config.image_size)
+    dataset = dataset_for(config, dataset)
     config = resolve_defaults(config, dataset)
     if resume:
-        check_same_config(checkpoint["config"], config.to_dict(), TrainConfig.run_fields(),
-                          checkpoint_path)
+        # a checkpoint of an earlier version lacks the settings added since: their defaults
+        stored = TrainConfig.from_dict(checkpoint["config"]).to_dict()
+        check_same_config(stored, config.to_dict(), TrainConfig.run_fields(), checkpoint_path)
 
     requested = resolve_device(config.device)
     threads = torch.get_num_threads()

