@@ -6,6 +6,7 @@ os.environ.setdefault("YOLO_OFFLINE", "1")
 os.environ.setdefault("YOLO_AUTOINSTALL", "0")
 os.environ.setdefault("YOLO_CONFIG_DIR", tempfile.mkdtemp(prefix="dynconv-tests-yolo-"))
 
+import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
@@ -17,3 +18,18 @@ settings.register_profile(
 )
 settings.load_profile("default")
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+
+@pytest.fixture
+def mnist(tmp_path_factory, monkeypatch) -> str:
+    """MNIST for one test: the real wheel where the data folder holds it ('real'), else a small
+    fake of the same layout (``mnist_fixture``: 6/2/3 images of each digit) that the loader is
+    pointed at for this test only ('fake')."""
+    from mnist_fixture import real_wheel_cached, use_fake_wheel, write_fake_wheel
+
+    if real_wheel_cached():
+        return "real"
+    folder = tmp_path_factory.mktemp("mnist")
+    use_fake_wheel(monkeypatch, folder, write_fake_wheel(folder))
+    return "fake"

@@ -28,7 +28,7 @@ from dynconv.training.checkpoints import read_checkpoint
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 DIGITS = load_digits()
-RUN = {"conv_type": "dynamic", "model_args": {"width": 8}, "batch_size": 32,
+RUN = {"data": "digits", "conv_type": "dynamic", "model_args": {"width": 8}, "batch_size": 32,
        "temperature_epochs": 1, "threads": 1, "quiet": True}
 
 
@@ -323,7 +323,8 @@ def test_resume_from_a_corrupt_checkpoint_names_the_previous_one(finished_run: P
                                                                  capsys) -> None:
     run = _copy(finished_run, tmp_path)
     _flip_a_tensor_byte(run / "checkpoint.pt")
-    command = ["train", "--conv-type", "dynamic", "--model-arg", "width=8", "--epochs", "2",
+    command = ["train", "--data", "digits", "--conv-type", "dynamic", "--model-arg", "width=8",
+               "--epochs", "2",
                "--batch-size", "32", "--temperature-epochs", "1", "--threads", "1", "--quiet",
                "--out", str(run), "--resume"]
     assert main(command) == 2
@@ -348,7 +349,8 @@ def test_resume_from_a_corrupt_checkpoint_names_the_previous_one(finished_run: P
 
 def test_compare_resume_on_a_corrupt_checkpoint(tmp_path: Path, capsys) -> None:
     out = tmp_path / "compare"
-    command = ["compare", "--conv-types", "static", "--seeds", "0", "--epochs", "1",
+    command = ["compare", "--data", "digits", "--conv-types", "static", "--seeds", "0",
+               "--epochs", "1",
                "--model-arg", "width=8", "--batch-size", "32", "--threads", "1", "--quiet",
                "--out", str(out)]
     assert main(command) == 0

@@ -23,8 +23,8 @@ SEEDS = (0, 1)
 @pytest.fixture(scope="module")
 def comparison(tmp_path_factory):
     out = tmp_path_factory.mktemp("compare")
-    base = TrainConfig(model_args={"width": 4}, epochs=2, batch_size=64, temperature_epochs=1,
-                       threads=1)
+    base = TrainConfig(data="digits", model_args={"width": 4}, epochs=2, batch_size=64,
+                       temperature_epochs=1, threads=1)
     return compare(base, out, seeds=SEEDS, progress=False, log=lambda message: None)
 
 
@@ -69,8 +69,8 @@ def test_metrics_and_plots_are_written(comparison) -> None:
 
 
 def test_resume_keeps_finished_runs_and_refuses_to_overwrite(comparison) -> None:
-    base = TrainConfig(model_args={"width": 4}, epochs=2, batch_size=64, temperature_epochs=1,
-                       threads=1)
+    base = TrainConfig(data="digits", model_args={"width": 4}, epochs=2, batch_size=64,
+                       temperature_epochs=1, threads=1)
     with pytest.raises(ValueError, match="already holds a comparison; resume it"):
         compare(base, comparison.out, seeds=SEEDS, progress=False, log=lambda m: None)
     # the same settings, resumed: nothing is trained again
@@ -81,13 +81,14 @@ def test_resume_keeps_finished_runs_and_refuses_to_overwrite(comparison) -> None
     assert checkpoint.stat().st_mtime_ns == before
     assert again.summaries[0].accuracies == comparison.summaries[0].accuracies
     with pytest.raises(ValueError, match="different run"):
-        compare(TrainConfig(model_args={"width": 4}, epochs=3, batch_size=64, threads=1),
+        compare(TrainConfig(data="digits", model_args={"width": 4}, epochs=3, batch_size=64,
+                            threads=1),
                 comparison.out, conv_types_=["static"], seeds=SEEDS, resume=True,
                 progress=False, log=lambda m: None)
 
 
 def test_compare_errors(tmp_path: Path) -> None:
-    base = TrainConfig(epochs=1)
+    base = TrainConfig(data="digits", epochs=1)
     with pytest.raises(ValueError, match="unknown conv type 'deform'"):
         compare(base, tmp_path, conv_types_=["static", "deform"])
     with pytest.raises(ValueError, match="listed twice"):
@@ -98,7 +99,8 @@ def test_compare_errors(tmp_path: Path) -> None:
 
 def test_command_line_compare(tmp_path: Path, capsys) -> None:
     out = tmp_path / "out"
-    status = main(["compare", "--conv-types", "static", "--seeds", "3", "--epochs", "1",
+    status = main(["compare", "--data", "digits", "--conv-types", "static", "--seeds", "3",
+                   "--epochs", "1",
                    "--model-arg", "width=4", "--threads", "1", "--out", str(out)])
     printed = capsys.readouterr().out
     assert status == 0

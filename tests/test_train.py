@@ -31,7 +31,7 @@ DIGITS = load_digits()
 
 
 def _config(tmp_path: Path, name: str = "run", **kwargs) -> TrainConfig:
-    settings = {"conv_type": "dynamic", "model_args": {"width": 8}, "epochs": 1,
+    settings = {"data": "digits", "conv_type": "dynamic", "model_args": {"width": 8}, "epochs": 1,
                 "batch_size": 32, "temperature_epochs": 1, "threads": 1, "quiet": True,
                 "out": str(tmp_path / name), **kwargs}
     return TrainConfig(**settings)
@@ -94,12 +94,13 @@ def test_seed_makes_runs_identical(tmp_path: Path) -> None:
 
 
 KILL_TEST_EPOCHS = 3
-KILL_TEST_FLAGS = {"conv_type": "dynamic", "model_args": {"width": 8}, "epochs": KILL_TEST_EPOCHS,
-                   "batch_size": 16, "temperature_epochs": 1, "threads": 1, "quiet": True}
+KILL_TEST_FLAGS = {"data": "digits", "conv_type": "dynamic", "model_args": {"width": 8},
+                   "epochs": KILL_TEST_EPOCHS, "batch_size": 16, "temperature_epochs": 1,
+                   "threads": 1, "quiet": True}
 
 
 def _command(out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "dynconv", "train", "--conv-type", "dynamic",
+    return [sys.executable, "-m", "dynconv", "train", "--data", "digits", "--conv-type", "dynamic",
             "--model-arg", "width=8", "--epochs", str(KILL_TEST_EPOCHS), "--batch-size", "16",
             "--temperature-epochs", "1", "--threads", "1", "--quiet", "--out", str(out), *extra]
 
@@ -165,6 +166,22 @@ def test_resume_refuses_other_settings_from_the_command_line(tmp_path: Path, cap
     assert "belongs to a different run (lr: checkpoint 0.1, now 0.3)" in capsys.readouterr().err
     assert main(["train", "--resume", "--quiet"]) == 2
     assert "--resume needs --out DIR" in capsys.readouterr().err
+
+
+def test_a_checkpoint_without_the_settings_added_since_resumes(tmp_path: Path) -> None:
+    """A checkpoint written before --train-images and --eval-on existed resumes: a setting it
+    lacks has its default."""
+    from dynconv.training.checkpoints import write_checkpoint
+
+    config = _config(tmp_path)
+    first = train(config, dataset=DIGITS)
+    path = tmp_path / "run" / "checkpoint.pt"
+    state = read_checkpoint(path)
+    for key in ("train_images", "eval_on"):
+        del state["config"][key]
+    write_checkpoint(path, state)
+    again = train(config, resume=True, dataset=DIGITS)
+    assert again.metrics == first.metrics
 
 
 def test_checkpoint_errors(tmp_path: Path) -> None:
@@ -240,7 +257,8 @@ def test_distributed_code_path_on_one_cpu_process(tmp_path: Path, monkeypatch) -
 def test_two_processes_under_torchrun(tmp_path: Path) -> None:
     out = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc-per-node", "2", "-m", "dynconv", "train", "--conv-type", "dynamic",
+               "--nproc-per-node", "2", "-m", "dynconv", "train", "--data", "digits",
+               "--conv-type", "dynamic",
                "--model-arg", "width=8", "--epochs", "1", "--batch-size", "32",
                "--temperature-epochs", "1", "--threads", "1", "--out", str(out)]
     done = subprocess.run(command, env=_ENV, capture_output=True, text=True, timeout=300)

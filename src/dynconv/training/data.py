@@ -241,14 +241,13 @@ class Dataset:
         train = f"{len(self.train):,} train"
         if self.subset_of is not None:
             train += f" (a fixed, stratified subset of {self.subset_of:,})"
-        evaluated = "test"
+        evaluated = f"{len(self.test):,} test images"
         if self.eval_on == "val":
-            evaluated = "validation" + ("" if self.val is not None
-                                        else " (held out from the training images)")
-        return (
-            f"{self.name}: {train} / {len(self.test):,} {evaluated} images, "
-            f"{self.in_channels}x{h}x{w}, {self.num_classes} classes"
-        )
+            evaluated = f"{len(self.test):,} validation images" + (
+                "" if self.val is not None else
+                f" (a fixed, stratified {HOLDOUT_FRACTION:.0%} of the training images)")
+        return (f"{self.name}: {train} / {evaluated}, {self.in_channels}x{h}x{w}, "
+                f"{self.num_classes} classes")
 
 
 # -- batches -------------------------------------------------------------------------------------

@@ -146,7 +146,8 @@ def read_mnist(folder: str | Path | None = None) -> tuple[ImageSet, ImageSet, Im
     except (UnsafePickleError, MemoryError):
         raise
     except (OSError, EOFError, KeyError, zipfile.BadZipFile) as error:
-        raise ValueError(f"cannot read {name}: {error}") from None
+        reason = error.args[0] if isinstance(error, KeyError) and error.args else error
+        raise ValueError(f"cannot read {name}: {reason}") from None
     return _check_parts(parts, name, wheel)
 
 
