@@ -9,7 +9,7 @@ from .compare import COMPARE_EPOCHS, DEFAULT_CONV_TYPES, compare
 from .config import SettingError, TrainConfig, TrainResult, config_for_resume
 from .data import iterate_test
 from .loop import load_run, train
-from .sources import dataset_sources, load_dataset, load_digits
+from .sources import dataset_sources, load_dataset, load_digits, load_mnist
 from .summary import format_table
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "iterate_test",
     "load_dataset",
     "load_digits",
+    "load_mnist",
     "load_run",
     "train",
 ]
