@@ -75,10 +75,10 @@ from .predictions import PREDICTIONS_NAME, Predictions, read_predictions, write_
 from .processes import Processes, StopRequest, resolve_device
 from .sources import load_dataset
 
-__all__ = ["load_run", "time_training_step", "train"]
+__all__ = ["build_model", "load_run", "time_training_step", "train"]
 
 
-def _create_model(config: TrainConfig, dataset: Dataset) -> nn.Module:
+def build_model(config: TrainConfig, dataset: Dataset) -> nn.Module:
     """``config.model`` with ``config.conv_type``, sized for ``dataset``'s images and classes
     (an error of the model's keywords is a :class:`SettingError` of ``model_args``)."""
     blamed = setting("model_args", (ValueError, TypeError)) if config.model_args else nullcontext()
@@ -176,7 +176,7 @@ def load_run(
     checkpoint = read_checkpoint(out / CHECKPOINT_NAME)
     config = TrainConfig.from_dict({**checkpoint["config"], "out": str(out)})
     dataset = dataset or load_dataset(config.data, config.image_size)
-    model = _create_model(config, dataset)
+    model = build_model(config, dataset)
     weights = out / MODEL_NAME
     load_checkpoint(model, weights if weights.exists() else out / CHECKPOINT_NAME)
     set_temperature(model, EVAL_TEMPERATURE)
@@ -344,7 +344,7 @@ def _build(config: TrainConfig, dataset: Dataset, processes: Processes) -> _Run:
         torch.cuda.set_device(device)
     amp = device.type == "cuda" if config.amp is None else config.amp
     torch.manual_seed(config.seed)
-    model = _create_model(config, dataset).to(device)
+    model = build_model(config, dataset).to(device)
     _check_batch_size(config, dataset, model, processes)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
