@@ -57,8 +57,10 @@ HOW: dict[str, str] = {
     "dynconv fold runs/dyn":
         "tests/test_doc_commands.py::test_fold_example_prints_what_the_docs_show",
     # -- long runs or data that is not here: a test runs the same command on fixture data
-    "dynconv compare": "tests/test_compare.py::test_table_has_every_type_and_finite_numbers",
+    "dynconv compare": "tests/test_compare.py::test_table_has_every_row_and_finite_numbers",
     "dynconv compare --conv-types static odconv --seeds 0 1 2 3 4":
+        "tests/test_compare.py::test_command_line_compare",
+    "dynconv compare --conv-types static static-wide dynamic --seeds 0 1 2 3 4":
         "tests/test_compare.py::test_command_line_compare",
     "dynconv compare --out runs/my-comparison --resume":
         "tests/test_doc_commands.py::test_compare_resumes_from_the_command_line",

@@ -391,6 +391,7 @@ def compare(
     estimates = _step_estimates(rows, base, seeds[0], dataset) if progress else None
     bar = _Progress([row.name for row in rows], len(seeds), base.epochs, progress, estimates)
     measured_model = None  # a trained model, to name the device of the timings
+    label_width = max(len(row.label) for row in rows)
     for index, row in enumerate(rows):
         results: list[TrainResult] = []
         for k, seed in enumerate(seeds):
@@ -408,7 +409,7 @@ def compare(
             results.append(result)
             epoch_s = statistics.median(m["train_time_s"] for m in result.metrics)
             note = bar.write if progress else log
-            note(f"{row.label:>11} seed {seed}: test acc "
+            note(f"{row.label:>{label_width}} seed {seed}: test acc "
                  f"{100 * result.metrics[-1]['test_acc']:.2f}%  ({epoch_s:.2f} s/epoch)")
         if interrupted:
             break
