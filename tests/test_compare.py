@@ -181,8 +181,8 @@ def test_outliers_are_kept_off_the_axes(tmp_path: Path) -> None:
     low, _ = figure.axes[0].get_ylim()
     assert low > 60
     assert figure.get_suptitle().endswith(f"accuracy axis from {low:.0f}%")
-    labels = [t.get_text() for t in figure.axes[0].get_legend().get_texts()]
-    assert labels[-1] == "drconv (final 45.3%, below the axis)" and labels[0] == "static"
+    labels = [t.get_text() for t in figure.axes[-1].get_legend().get_texts()]
+    assert labels[-1] == "drconv\n(final 45.3%,\nbelow the axis)" and labels[0] == "static"
     figure = plot_curves([m for m in metrics if m["row"] == "drconv"], tmp_path / "d.png")
     assert figure.axes[0].get_ylim()[0] == 0 and "axis from" not in figure.get_suptitle()
 

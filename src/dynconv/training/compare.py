@@ -188,8 +188,9 @@ def _write_csv(path: Path, rows: list[dict[str, Any]], fields: Sequence[str]) ->
     write_atomically(path, lambda f: f.write(text.getvalue().encode()))
 
 
-def _machine(device: torch.device) -> str:
-    """The processor the timings were taken on, in words."""
+def _machine(device: torch.device, threads: int | None) -> str:
+    """The processor the timings were taken on, in words (``threads``: the runs' torch threads,
+    None for torch's default)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     name = platform.processor() or platform.machine()
@@ -199,7 +200,11 @@ def _machine(device: torch.device) -> str:
                          if line.startswith("model name")), name)
     except OSError:
         pass
-    return f"{name}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+    default = torch.get_num_threads()  # the latencies' (inference_latency_ms: all of them)
+    if threads is None or threads == default:
+        return f"{name}, {os.cpu_count()} cores, {default} torch threads"
+    return (f"{name}, {os.cpu_count()} cores, {threads} torch thread{'s' if threads > 1 else ''} "
+            f"in training and {default} in the latencies")
 
 
 def _interval_method(seeds: int, images: int) -> str:
@@ -235,7 +240,7 @@ def _settings(base: TrainConfig, rows: list[Row], seeds: list[int], skipped: lis
                                    if base.temperature == "linear" else base.temperature)
     settings.update({
         "interval": _interval_method(len(seeds), len(dataset.test)),
-        "machine": f"{_machine(device)}, torch {torch.__version__}",
+        "machine": f"{_machine(device, base.threads)}, torch {torch.__version__}",
         "wall time": f"{wall_s / 60:.1f} min",
     })
     return settings

@@ -286,7 +286,7 @@ def time_training_step(config: TrainConfig, dataset: Dataset, steps: int = 2) ->
         seconds = 0.0
         for batch in range(min(steps, len(indices))):
             started = time.perf_counter()
-            _train_step(run, indices[batch], 0, batch)
+            _train_step(run, indices[batch], 0, batch)  # .item() waits for the GPU
             seconds = time.perf_counter() - started
         return seconds
     finally:

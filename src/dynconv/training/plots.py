@@ -91,7 +91,7 @@ def plot_curves(metrics: list[dict[str, Any]], path: str | Path) -> Figure:
     Returns the figure, written to ``path``."""
     names = list(dict.fromkeys(row["row"] for row in metrics))
     colors = _colors(names)
-    figure = Figure(figsize=(13, 4.3))
+    figure = Figure(figsize=(14.5, 4.3))
     axes = figure.subplots(1, 3)
     panels = [("test_acc", "test accuracy (%), at temperature 1", 100.0),
               ("train_loss", "training loss, during the epoch", 1.0),
@@ -121,7 +121,7 @@ def plot_curves(metrics: list[dict[str, Any]], path: str | Path) -> Figure:
             ax.yaxis.set_minor_formatter(FuncFormatter(
                 lambda v, _: f"{v:g}" if f"{v:.0e}"[0] in "25" else ""))
         ax.grid(alpha=0.3, which="both")
-    zoom = ""
+    zoom, far = "", set()
     if finals:  # zoom on the final range of the rows that are not outliers
         values = list(finals.values())
         far = {list(finals)[i] for i in outliers(values, floor=5.0)}
@@ -130,10 +130,12 @@ def plot_curves(metrics: list[dict[str, Any]], path: str | Path) -> Figure:
         axes[0].set_ylim(low, 100)
         if low > 0:
             zoom = f"; accuracy axis from {low:.0f}%"
-        handles, labels = axes[0].get_legend_handles_labels()
-        labels = [f"{n} (final {finals[n]:.1f}%, below the axis)" if n in far else n
-                  for n in labels]
-        axes[0].legend(handles, labels, loc="lower right", fontsize="small")
+    handles, labels = axes[0].get_legend_handles_labels()
+    labels = [f"{n}\n(final {finals[n]:.1f}%,\nbelow the axis)" if n in far else n
+              for n in labels]
+    # beside the panels, where it hides no curve
+    axes[-1].legend(handles, labels, loc="upper left", bbox_to_anchor=(1.02, 1.0),
+                    fontsize="small")
     seeds = len({r["seed"] for r in metrics})
     figure.suptitle(f"Learning curves: mean over {seeds} seed{'s' if seeds != 1 else ''}, band "
                     f"= min-max over the seeds; test metrics at temperature 1, training loss at "
