@@ -65,6 +65,8 @@ HOW: dict[str, str] = {
         "tests/test_mnist.py::test_the_documented_fetch_command_is_the_one_the_error_prints",
     "dynconv compare --conv-types static odconv --seeds 0 1 2 3 4":
         "tests/test_compare.py::test_command_line_compare",
+    "dynconv compare --conv-types static static-wide dynamic --seeds 0 1 2 3 4":
+        "tests/test_compare.py::test_command_line_compare",
     "dynconv compare --out runs/my-comparison --resume":
         "tests/test_doc_commands.py::test_compare_resumes_from_the_command_line",
     "dynconv compare --data ~/data/cifar-10-batches-py --epochs 30 --model-arg width=32":

@@ -8,9 +8,11 @@ import math
 
 import pytest
 import torch
+from matplotlib.collections import QuadMesh
 from PIL import Image
 from torch import Tensor, nn
 
+import dynconv.tools.inspection as inspection
 from dynconv import DRConv2d, DynamicConv2d, DynamicConvBase, ODConv2d
 from dynconv.cli import main
 from dynconv.tools.convert import convert
@@ -165,7 +167,7 @@ def test_plots_and_summary_are_real_files(tmp_path):
     assert plot_spatial_attention(layers, tmp_path / "s.png")  # one 3x3 ODConv
     assert _png_size(tmp_path / "s.png") == _figure_pixels(2.2, 2.3)
     assert plot_region_maps(layers, images, tmp_path / "r.png")
-    assert _png_size(tmp_path / "r.png") == _figure_pixels(1.8 * 5, 1.9)
+    assert _png_size(tmp_path / "r.png") == _figure_pixels(1.8 * 5 + 0.9, 1.9)
     only_regions = {"0": regions}
     assert not plot_kernel_attention(only_regions, tmp_path / "none.png")
     assert not plot_spatial_attention(only_regions, tmp_path / "none.png")
@@ -211,3 +213,27 @@ def test_drconv_region_maps_are_captured_as_the_layer_assigned_them():
     counts = torch.bincount(model[0].last_region_map.flatten(), minlength=4)  # all 5 images
     layers = inspect_attention(model, [images[:2], images[2:]])
     assert torch.equal(layers["0"].region_counts, counts)
+    assert layers["0"].num_regions == 4
+
+
+def test_region_maps_have_a_colour_bar_of_every_region(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model = nn.Sequential(DRConv2d(1, 4, 3, padding=1, num_regions=6), nn.ReLU(),
+                          DRConv2d(4, 4, 3, padding=1, num_regions=6)).eval()
+    images = torch.rand(3, 1, 8, 8)
+    layers = inspect_attention(model, [images])
+    figures = []
+    monkeypatch.setattr(inspection, "save_png", lambda figure, path: figures.append(figure))
+    assert plot_region_maps(layers, images, tmp_path / "r.png")
+    (figure,) = figures
+    bar = next(ax for ax in figure.axes if ax.get_ylabel() == "region")
+    assert [t.get_text() for t in bar.get_yticklabels()] == [str(r) for r in range(6)]
+    # the maps are drawn in the colour bar's colours (opaque), region r in colour r
+    maps = [ax for ax in figure.axes if ax is not bar]
+    assert len(maps) == 2 * 3
+    drawn = maps[0].get_images()[0]
+    region = int(layers["0"].region_maps[0, 0, 0])
+    assert drawn.get_alpha() is None
+    (solids,) = [c for c in bar.collections if isinstance(c, QuadMesh)]  # the bar's colours
+    assert drawn.cmap(drawn.norm(region)) == solids.cmap(solids.norm(region))
+    assert len({drawn.cmap(drawn.norm(r)) for r in range(6)}) == 6

@@ -25,6 +25,12 @@ from dynconv.layers.temperature import TemperatureSchedule
 from dynconv.models import create_model_for_data
 from dynconv.training import TrainConfig, load_digits, train
 from dynconv.training.checkpoints import CheckpointError, read_checkpoint
+from dynconv.training.predictions import (
+    PREDICTIONS_NAME,
+    Predictions,
+    read_predictions,
+    write_predictions,
+)
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 DIGITS = load_digits()
@@ -157,6 +163,7 @@ def test_stopped_and_resumed_run_ends_with_the_same_weights(
     assert _same_weights(weights, uninterrupted_weights)
     with (out / "metrics.csv").open() as f:
         assert [int(r["epoch"]) for r in csv.DictReader(f)] == [1, 2, 3]
+    assert read_predictions(out / PREDICTIONS_NAME).epoch == KILL_TEST_EPOCHS
 
 
 def test_resume_refuses_other_settings_from_the_command_line(tmp_path: Path, capsys) -> None:
@@ -271,6 +278,11 @@ def test_two_processes_under_torchrun(tmp_path: Path) -> None:
     assert 0 < row["test_acc"] <= 1 and torch.isfinite(torch.tensor(row["train_loss"]))
     # the whole training set went through (44 global batches of 32), counted once
     assert row["images_per_s"] * row["train_time_s"] == pytest.approx(44 * 32)
+    # every test image's prediction, each from the process that evaluated its batch
+    predictions = read_predictions(out / PREDICTIONS_NAME)
+    assert torch.equal(predictions.labels, DIGITS.test.labels)
+    assert predictions.predicted.min() >= 0
+    assert predictions.correct.double().mean().item() == pytest.approx(row["test_acc"])
 
 
 def test_mixed_precision_path_on_cpu(tmp_path: Path) -> None:
@@ -297,3 +309,72 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path: Path) -> N
     umask = os.umask(0)
     os.umask(umask)
     assert target.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_the_final_epochs_predictions_are_kept_per_image(tmp_path: Path) -> None:
+    config = _config(tmp_path, epochs=2)
+    result = train(config, dataset=DIGITS)
+    path = tmp_path / "run" / PREDICTIONS_NAME
+    kept = read_predictions(path)
+    assert kept.epoch == 2
+    assert torch.equal(kept.labels, DIGITS.test.labels)
+    assert kept.correct.double().mean().item() == pytest.approx(result.metrics[-1]["test_acc"])
+    # the same predictions as the final model gives
+    with torch.no_grad():
+        logits = result.model(DIGITS.normalize(DIGITS.test.images))
+    assert torch.equal(kept.predicted, logits.argmax(1))
+    # a finished run resumed keeps them; one without them (older dynconv) evaluates once
+    stamp = path.stat().st_mtime_ns
+    train(config, resume=True, dataset=DIGITS)
+    assert path.stat().st_mtime_ns == stamp
+    path.unlink()
+    train(config, resume=True, dataset=DIGITS)
+    again = read_predictions(path)
+    assert again.epoch == 2 and torch.equal(again.predicted, kept.predicted)
+
+
+def test_predictions_file_errors_name_the_file(tmp_path: Path) -> None:
+    path = tmp_path / PREDICTIONS_NAME
+    with pytest.raises(ValueError, match=f"{PREDICTIONS_NAME}' is missing"):
+        read_predictions(path)
+    write_predictions(path, Predictions(3, torch.tensor([1, 2, 3]), torch.tensor([1, 0, 3])))
+    read = read_predictions(path)
+    assert read.epoch == 3 and read.correct.tolist() == [True, False, True]
+    text = path.read_text()
+    for bad, message in ((text.replace("predicted", "guess"), "not a file of per-image"),
+                         (text.replace("3,2,3,3", "3,2,3,x"), "is damaged: every row"),
+                         (text.replace("3,1,2,0", "2,1,2,0"), "expected one epoch"),
+                         (text.replace("3,1,2,0", "3,5,2,0"), "images 0 to 2 in order")):
+        path.write_text(bad)
+        with pytest.raises(ValueError, match=message):
+            read_predictions(path)
+    with pytest.raises(ValueError, match=r"two tensors \[N\]"):
+        Predictions(1, torch.zeros(3), torch.zeros(2))
+
+
+@pytest.mark.parametrize("conv_type", ["static", "dynamic"])
+def test_a_static_run_shows_no_temperature(tmp_path: Path, capsys, conv_type: str) -> None:
+    train(_config(tmp_path, conv_type=conv_type, quiet=False, epochs=2, temperature_epochs=2),
+          dataset=DIGITS)
+    printed = capsys.readouterr().out
+    dynamic = conv_type != "static"
+    assert ("temperature: linear (30 to 1 over 2 epochs" in printed) == dynamic
+    assert ("temperature reaches 1 only at the end" in printed) == dynamic
+    assert ("  T 1  train loss" in printed) == dynamic
+    assert "epoch 2/2  lr 0.05  " in printed
+
+
+def test_resuming_a_finished_run_says_it_is_finished(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    train(_config(tmp_path, quiet=False, epochs=2), dataset=DIGITS)
+    capsys.readouterr()
+    assert main(["train", "--out", str(out), "--resume"]) == 0
+    printed = capsys.readouterr().out
+    assert "at epoch 3, batch 1" not in printed
+    assert (f"the run in {out} finished its 2 epochs: nothing to resume. To train longer, start "
+            "a new run with a larger --epochs and another --out: a run's epochs cannot change "
+            "(its cosine learning-rate schedule is laid out over them)") in printed
+    assert "final test accuracy" in printed
+    # what the message says: more epochs on the same folder is another run
+    assert main(["train", "--out", str(out), "--resume", "--epochs", "3"]) == 2
+    assert "different run (epochs: checkpoint 2, now 3)" in capsys.readouterr().err

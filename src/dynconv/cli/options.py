@@ -109,6 +109,12 @@ def _conv_type(name: str) -> None:
     check_conv_type(name)
 
 
+def _compare_row(name: str) -> None:
+    from ..training.compare import check_row
+
+    check_row(name)
+
+
 def _initial_temperature(value: float) -> None:
     from ..layers.temperature import TemperatureSchedule
 
@@ -129,6 +135,7 @@ def _opset(value: int) -> None:
 
 model_name = checked(_model, kind="a model of 'dynconv list'")
 conv_type = checked(_conv_type, kind="a conv type of 'dynconv list'")
+compare_row = checked(_compare_row, kind="a conv type of 'dynconv list' or static-wide")
 initial_temperature = checked(_initial_temperature, float, "a number >= 1")
 opset = checked(_opset, int, "an integer")
 seed = checked(_seed, int, "an integer from 0 to 2**64 - 1")

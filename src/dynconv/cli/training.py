@@ -13,7 +13,7 @@ from .options import (
     Command,
     add_conv_type,
     add_training_options,
-    conv_type,
+    compare_row,
     default_out,
     seed,
 )
@@ -49,9 +49,11 @@ def _training_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _compare_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--conv-types", type=conv_type, nargs="+", default=UNSET, metavar="TYPE",
-                        help="types to compare (default: static dynamic condconv odconv "
-                             "drconv, those registered)")
+    parser.add_argument("--conv-types", type=compare_row,
+                        nargs="+", default=UNSET, metavar="TYPE",
+                        help="rows to compare: conv types, and static-wide, the static network "
+                             "widened to the parameters of dynamic (default: static static-wide "
+                             "dynamic condconv odconv drconv, those registered)")
     parser.add_argument("--seeds", type=seed, nargs="+", default=UNSET,
                         metavar="SEED", help="(default: 0 1 2)")
     add_training_options(parser, compare=True)
@@ -87,10 +89,11 @@ def _run_compare(args: argparse.Namespace) -> int:
 
 COMPARE = Command(
     "compare", "train one network with each convolution type and compare them",
-    "Train the same network with each convolution type and several seeds, then print and save "
-    "a table (parameters, MACs, training time per epoch, latency at batch 1 and 64, test "
-    "accuracy mean ± std over the seeds), the per-epoch metrics and plots. Offline; a few "
-    "minutes on a laptop CPU.",
+    "Train the same network with each convolution type (and the static network widened to the "
+    "parameters of DY-Conv) and several seeds, then print and save a table (parameters, MACs, "
+    "training time per epoch, latency at batch 1 and 64, test accuracy mean ± std over the "
+    "seeds, the difference to static with its paired 95% interval and conclusion), the "
+    "per-epoch metrics and plots. Offline; a few minutes on a laptop CPU.",
     _compare_arguments, _run_compare,
 )
 

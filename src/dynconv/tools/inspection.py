@@ -60,11 +60,13 @@ class LayerAttention:
     ``kernel``: every sample's kernel attention [S, K] (or None); ``means``: the mean over the
     samples of each other record (e.g. ``'channel'`` [C_in], ``'spatial'`` [kH, kW]);
     ``region_maps``: the region maps of the first samples [M, H_out, W_out] and
-    ``region_counts`` the number of output pixels given to each region over all samples [R].
+    ``region_counts`` the number of output pixels given to each region over all samples [R];
+    ``num_regions`` the layer's number of regions, where it says (``num_regions``), else None.
     """
 
     name: str
     layer_type: str
+    num_regions: int | None = None
     samples: int = 0
     kernel: Tensor | None = None
     means: dict[str, Tensor] = field(default_factory=dict)
@@ -169,7 +171,8 @@ class AttentionCapture:
             )
         self.last: dict[str, dict[str, Tensor]] = {}
         self.layers: dict[str, LayerAttention] = {
-            name: LayerAttention(name, type(m).__name__) for name, m in self.dynamic.items()
+            name: LayerAttention(name, type(m).__name__, getattr(m, "num_regions", None))
+            for name, m in self.dynamic.items()
         }
         self._handles: list[Any] = []
 
@@ -324,32 +327,47 @@ def plot_region_maps(
     layers: dict[str, LayerAttention], images: Tensor, path: str | Path
 ) -> bool:
     """For each layer with region maps, the first kept samples' maps overlaid on ``images``
-    [M, C, H, W] (the inputs of those samples; 0-255 or 0-1, shown in grey for C != 3), maps
-    upsampled to the image size by nearest neighbour. Returns False if no layer has one."""
+    [M, C, H, W] (the inputs of those samples, any scale), maps upsampled to the image size by
+    nearest neighbour, one colour per region index (the colour bar maps them), the image drawn
+    as the white outline of its brighter half. Returns False if no layer has one."""
     import torch.nn.functional as F
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import BoundaryNorm, ListedColormap
     from matplotlib.figure import Figure
-
 
     chosen = [lay for lay in layers.values() if lay.region_maps is not None]
     if not chosen:
         return False
     count = min(len(images), min(len(lay.region_maps) for lay in chosen))
-    figure = Figure(figsize=(1.8 * count, 1.9 * len(chosen)))
-    axes = figure.subplots(len(chosen), count, squeeze=False)
+    regions = max(max(lay.num_regions or 0, int(lay.region_counts.numel())) for lay in chosen)
+    # one colour per region: tab10/tab20 (distinct) where they suffice, else viridis
+    palette = next((colormaps[name] for name, size in (("tab10", 10), ("tab20", 20))
+                    if regions <= size), colormaps["viridis"].resampled(regions))
+    colors = ListedColormap([palette(i) for i in range(regions)])
+    norm = BoundaryNorm([i - 0.5 for i in range(regions + 1)], regions)
+    figure = Figure(figsize=(1.8 * count + 0.9, 1.9 * len(chosen)))
+    grid = figure.add_gridspec(len(chosen), count + 1, width_ratios=[1.0] * count + [0.12])
+    axes = [[figure.add_subplot(grid[r, c]) for c in range(count)] for r in range(len(chosen))]
     shown = images[:count].detach().float().cpu()
     shown = (shown - shown.amin()) / (shown.amax() - shown.amin()).clamp_min(1e-12)
     for row, layer in zip(axes, chosen):
         maps = F.interpolate(layer.region_maps[:count, None].float(), size=shown.shape[-2:],
                              mode="nearest")[:, 0]
-        regions = int(layer.region_counts.numel())
         for i, ax in enumerate(row):
-            image = shown[i].permute(1, 2, 0)
-            ax.imshow(image.numpy() if image.shape[-1] == 3 else image.mean(-1).numpy(),
-                      cmap="gray")
-            ax.imshow(maps[i].numpy(), cmap="tab10", alpha=0.45, vmin=0, vmax=max(9, regions))
+            ax.imshow(maps[i].numpy(), cmap=colors, norm=norm, interpolation="nearest")
+            # the input as an outline: the colours stay those of the colour bar
+            grey = shown[i].mean(0)
+            if grey.amin() < 0.5 < grey.amax():
+                ax.contour(grey.numpy(), levels=[0.5], colors="white", linewidths=1.0)
             ax.set_xticks([])
             ax.set_yticks([])
         row[0].set_ylabel(layer.name, fontsize=7)
-    figure.suptitle("region maps", fontsize=10)
+    bar = figure.colorbar(ScalarMappable(norm=norm, cmap=colors),
+                          cax=figure.add_subplot(grid[:, count]), ticks=range(regions))
+    bar.set_label("region", fontsize=7)
+    bar.ax.tick_params(labelsize=6)
+    figure.suptitle("region maps: the region of each output pixel (colour), the input image's "
+                    "outline in white", fontsize=10)
     save_png(figure, path)
     return True

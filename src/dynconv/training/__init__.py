@@ -5,7 +5,7 @@ Sits above :mod:`dynconv.tools`, :mod:`dynconv.models` and :mod:`dynconv.layers`
 :mod:`dynconv.cli` imports it.
 """
 
-from .compare import COMPARE_EPOCHS, DEFAULT_CONV_TYPES, compare
+from .compare import COMPARE_EPOCHS, DEFAULT_CONV_TYPES, WIDE_STATIC, compare
 from .config import SettingError, TrainConfig, TrainResult, config_for_resume
 from .data import iterate_test
 from .loop import load_run, train
@@ -15,6 +15,7 @@ from .summary import format_table
 __all__ = [
     "COMPARE_EPOCHS",
     "DEFAULT_CONV_TYPES",
+    "WIDE_STATIC",
     "SettingError",
     "TrainConfig",
     "TrainResult",

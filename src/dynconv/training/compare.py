@@ -1,12 +1,16 @@
 """``dynconv compare``: train the same network with each convolution type and several seeds, and
 report what each type costs and buys.
 
-For every type: parameters, MACs per image (``FlopCounterMode``: the per-sample convolutions and
-the attention included), training time per epoch (median over all epochs of all seeds),
-inference latency at batch 1 and 64 (median, eval mode), and the final test accuracy as mean,
-standard deviation, minimum and maximum over the seeds, with the mean difference to the static
-network trained with the same seeds. The final epoch is reported, never the best one: picking
-the best epoch on the test set would flatter every type.
+The rows: each convolution type, and ``static-wide``, the static network widened (its ``width``
+model argument) to the parameter count of DY-Conv, so that a dynamic convolution is also compared
+with simply a bigger static network. For every row: parameters, MACs per image
+(``FlopCounterMode``: the per-sample convolutions and the attention included), training time per
+epoch (median over all epochs of all seeds), inference latency at batch 1 and 64 (median, eval
+mode), the final test accuracy as mean, standard deviation, minimum and maximum over the seeds,
+and the difference to the static network (and to the widened one) trained with the same seeds,
+with a paired 95% interval over the seeds and the test images
+(:func:`~dynconv.training.intervals.paired_interval`) and its conclusion. The final epoch is
+reported, never the best one: picking the best epoch on the test set would flatter every type.
 """
 
 from __future__ import annotations
@@ -18,16 +22,19 @@ import math
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 from tqdm import tqdm
 
 from .._io import write_atomically
 from ..layers.factory import check_conv_type, conv_types
+from ..layers.temperature import dynamic_layers
 from ..tools.cost import count_macs, count_parameters, inference_latency_ms
 from .checkpoints import previous_checkpoint
 from .config import (
@@ -40,11 +47,14 @@ from .config import (
     setting,
 )
 from .data import Dataset
-from .loop import train
+from .intervals import BOOTSTRAP_SEED, RESAMPLES, PairedInterval, paired_interval
+from .loop import build_model, time_training_step, train
+from .predictions import PREDICTIONS_NAME, read_predictions
 from .sources import dataset_for
-from .summary import LATENCY_BATCHES, CompareResult, TypeSummary, format_table
+from .summary import LATENCY_BATCHES, WIDE_STATIC, CompareResult, RowSummary, format_table
 
-__all__ = ["COMPARE_EPOCHS", "DEFAULT_CONV_TYPES", "compare"]
+__all__ = ["COMPARE_EPOCHS", "DEFAULT_CONV_TYPES", "WIDE_STATIC", "check_row", "compare",
+           "wide_width"]
 
 DEFAULT_CONV_TYPES = ("static", "dynamic", "condconv", "odconv", "drconv")
 # Epochs of a comparison unless given: enough for the small network to converge on the digits.
@@ -52,18 +62,110 @@ COMPARE_EPOCHS = 15
 RUNS_FOLDER = "runs"
 
 
-def _resolve_types(requested: Sequence[str] | None) -> tuple[list[str], list[str]]:
-    """(types to run, default types skipped because they are not registered)."""
+#: The conv type whose parameter count :data:`~dynconv.training.summary.WIDE_STATIC` matches.
+WIDE_TARGET = "dynamic"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of the comparison: a name, the conv type and the model's keywords it trains
+    with, and the label the table shows."""
+
+    name: str
+    conv_type: str
+    model_args: dict[str, Any]
+    label: str
+
+
+def check_row(name: str) -> str:
+    """Return ``name`` if it is a registered conv type or :data:`WIDE_STATIC`; otherwise raise
+    a ``ValueError`` saying what is accepted."""
+    if name == WIDE_STATIC:
+        return name
+    try:
+        return check_conv_type(name)
+    except ValueError as error:
+        raise ValueError(f"{error}, or {WIDE_STATIC!r} (static, widened to the parameters of "
+                         f"{WIDE_TARGET})") from None
+
+
+def _resolve_rows(requested: Sequence[str] | None) -> tuple[list[str], list[str]]:
+    """(rows to run, default rows skipped because their type is not registered)."""
     if requested:
         with setting("conv_types"):
             for name in requested:
-                check_conv_type(name)
+                check_row(name)
         if len(set(requested)) != len(requested):
             raise SettingError("conv_types", f"a conv type is listed twice: {list(requested)}")
         return list(requested), []
     available = set(conv_types())
-    return ([t for t in DEFAULT_CONV_TYPES if t in available],
-            [t for t in DEFAULT_CONV_TYPES if t not in available])
+    defaults = [DEFAULT_CONV_TYPES[0], WIDE_STATIC, *DEFAULT_CONV_TYPES[1:]]
+    return ([t for t in defaults if t == WIDE_STATIC or t in available],
+            [t for t in defaults if t != WIDE_STATIC and t not in available])
+
+
+def _parameters(base: TrainConfig, dataset: Dataset, conv_type: str,
+                model_args: dict[str, Any]) -> int:
+    config = dataclasses.replace(base, conv_type=conv_type, model_args=model_args)
+    return count_parameters(build_model(config, dataset))
+
+
+def wide_width(base: TrainConfig, dataset: Dataset) -> tuple[int, int, int] | None:
+    """(width, its parameter count, the parameter count of :data:`WIDE_TARGET`): the integer
+    ``width`` model argument of ``base.model`` whose static network has the parameter count
+    closest to that of ``base``'s model with :data:`WIDE_TARGET` convolutions (the smaller width
+    on a tie), or None if the model takes no ``width``."""
+    target = _parameters(base, dataset, WIDE_TARGET, base.model_args)
+
+    def parameters(width: int) -> int:
+        return _parameters(base, dataset, "static", {**base.model_args, "width": width})
+
+    try:
+        low = parameters(1)
+    except SettingError as error:
+        if "unexpected keyword argument 'width'" in str(error):
+            return None
+        raise
+    if low >= target:
+        return 1, low, target
+    # the parameter count grows with the width: double, then bisect, to the first width >= target
+    low_width, high_width = 1, 2
+    while parameters(high_width) < target:
+        low_width, high_width = high_width, 2 * high_width
+    while high_width - low_width > 1:
+        middle = (low_width + high_width) // 2
+        low_width, high_width = ((middle, high_width) if parameters(middle) < target
+                                 else (low_width, middle))
+    below, above = parameters(low_width), parameters(high_width)
+    if target - below <= above - target:
+        return low_width, below, target
+    return high_width, above, target
+
+
+def _build_rows(names: list[str], base: TrainConfig, dataset: Dataset,
+                explicit: bool) -> tuple[list[Row], str | None]:
+    """The rows of ``names`` and a note on the wide static row (its width, or why it is
+    skipped). An explicitly asked wide row that the model cannot build is an error."""
+    rows, note = [], None
+    for name in names:
+        if name != WIDE_STATIC:
+            rows.append(Row(name, name, dict(base.model_args), name))
+            continue
+        found = wide_width(base, dataset)
+        if found is None:
+            if explicit:
+                raise SettingError("conv_types", f"{WIDE_STATIC!r} widens the model's width "
+                                   f"argument, and {base.model} has none")
+            note = f"skipped: {base.model} has no width argument to widen"
+            continue
+        width, parameters, target = found
+        reference = base.model_args.get("width")
+        note = (f"{base.model} width {width}: {parameters:,} parameters, the closest to "
+                f"{WIDE_TARGET}'s {target:,}"
+                + (f" (width {reference})" if reference is not None else ""))
+        rows.append(Row(name, "static", {**base.model_args, "width": width},
+                        f"{name} (width {width})"))
+    return rows, note
 
 
 def _measure(result: TrainResult, dataset: Dataset) -> tuple[int, float, dict[int, float]]:
@@ -86,8 +188,9 @@ def _write_csv(path: Path, rows: list[dict[str, Any]], fields: Sequence[str]) ->
     write_atomically(path, lambda f: f.write(text.getvalue().encode()))
 
 
-def _machine(device: torch.device) -> str:
-    """The processor the timings were taken on, in words."""
+def _machine(device: torch.device, threads: int | None) -> str:
+    """The processor the timings were taken on, in words (``threads``: the runs' torch threads,
+    None for torch's default)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     name = platform.processor() or platform.machine()
@@ -97,26 +200,50 @@ def _machine(device: torch.device) -> str:
                          if line.startswith("model name")), name)
     except OSError:
         pass
-    return f"{name}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+    default = torch.get_num_threads()  # the latencies' (inference_latency_ms: all of them)
+    if threads is None or threads == default:
+        return f"{name}, {os.cpu_count()} cores, {default} torch threads"
+    return (f"{name}, {os.cpu_count()} cores, {threads} torch thread{'s' if threads > 1 else ''} "
+            f"in training and {default} in the latencies")
 
 
-def _settings(base: TrainConfig, types: list[str], seeds: list[int], skipped: list[str],
-              dataset: Dataset, wall_s: float, device: torch.device) -> dict[str, Any]:
-    return {
+def _interval_method(seeds: int, images: int) -> str:
+    bootstrap = (f"paired bootstrap over the {images:,} test images ({RESAMPLES:,} resamples, "
+                 f"seed {BOOTSTRAP_SEED})")
+    if seeds == 1:
+        return (f"95%, {bootstrap} only: one seed, so the training randomness is not covered")
+    return (f"paired 95%: over the {seeds} seeds (Student's t, {seeds - 1} degrees of freedom) "
+            f"and {bootstrap}, combined as sqrt(h_seed^2 + h_image^2); docs/training.md")
+
+
+def _settings(base: TrainConfig, rows: list[Row], seeds: list[int], skipped: list[str],
+              wide_note: str | None, dynamic: bool, dataset: Dataset, wall_s: float,
+              device: torch.device) -> dict[str, Any]:
+    settings: dict[str, Any] = {
         "data": dataset.describe(),
         "model": base.model + (f" {base.model_args}" if base.model_args else ""),
-        "conv types": ", ".join(types),
+        "conv types": ", ".join(row.label for row in rows),
         "not registered, skipped": ", ".join(skipped) or "-",
+    }
+    if wide_note is not None:
+        settings[WIDE_STATIC] = wide_note
+    settings.update({
         "seeds": ", ".join(map(str, seeds)),
         "epochs": base.epochs,
         "recipe": (f"SGD lr {base.lr:g} ({base.lr_schedule}), momentum {base.momentum:g}, "
                    f"weight decay {base.weight_decay:g}, batch {base.batch_size}"),
-        "temperature": (f"{base.temperature}, from {base.temperature_initial:g} over "
-                        f"{base.temperature_epochs} epochs; evaluation at 1"
-                        if base.temperature == "linear" else base.temperature),
-        "machine": f"{_machine(device)}, torch {torch.__version__}",
+    })
+    if dynamic:  # a comparison of static networks only has no temperature
+        epochs = f"{base.temperature_epochs} epoch" + ("s" if base.temperature_epochs != 1 else "")
+        settings["temperature"] = (f"{base.temperature}, from {base.temperature_initial:g} over "
+                                   f"{epochs}; evaluation at 1"
+                                   if base.temperature == "linear" else base.temperature)
+    settings.update({
+        "interval": _interval_method(len(seeds), len(dataset.test)),
+        "machine": f"{_machine(device, base.threads)}, torch {torch.__version__}",
         "wall time": f"{wall_s / 60:.1f} min",
-    }
+    })
+    return settings
 
 
 def _markdown(result: CompareResult) -> str:
@@ -125,11 +252,99 @@ def _markdown(result: CompareResult) -> str:
     lines += ["", format_table(result.summaries, markdown=True), "",
               "Accuracy: the final epoch's test accuracy over the seeds (not the best epoch). "
               "Δ vs static: mean difference to the static network trained with the same seed, "
-              "in points. MACs per image: each convolution layer by its analytic rule (the "
-              "per-sample convolution, attention and kernel aggregation; docs/tools.md), the "
-              "rest by FlopCounterMode. Training time: median seconds per epoch. "
-              "Latency: median ms per forward pass, eval mode.", ""]
+              "in points, with its paired 95% interval over the seeds and the test images "
+              "(docs/training.md); 'better' or 'worse' when the interval excludes 0, 'no "
+              "measurable difference' when it contains 0. MACs per image: each convolution "
+              "layer by its analytic rule (the per-sample convolution, attention and kernel "
+              "aggregation; docs/tools.md), the rest by FlopCounterMode. Training time: median "
+              "seconds per epoch. Latency: median ms per forward pass, eval mode.", ""]
     return "\n".join(lines)
+
+
+class _Progress:
+    """The progress bar of a comparison: every run's epochs, each weighted by its row's
+    seconds per epoch (a DRConv epoch costs many static ones), so that tqdm's remaining time
+    holds over all runs. A row's weight is first a timed training step times the batches of an
+    epoch (``estimates``), then the mean of its measured epochs (training and evaluation).
+    Epochs found already done (a resumed comparison) count as done but not in the rate."""
+
+    FORMAT = "{desc} {percentage:3.0f}%|{bar}| {elapsed} elapsed, {remaining} left"
+
+    def __init__(self, rows: list[str], runs_per_row: int, epochs: int, enabled: bool,
+                 estimates: dict[str, float] | None = None, file: TextIO | None = None) -> None:
+        self.weight = {row: 1.0 for row in rows}
+        self.weight.update(estimates or {})
+        self.planned = {row: runs_per_row * epochs for row in rows}
+        self.trained = dict.fromkeys(rows, 0)
+        self.found = dict.fromkeys(rows, 0)
+        self.seconds: dict[str, list[float]] = {row: [] for row in rows}
+        self.runs = len(rows) * runs_per_row
+        self.row, self.run_trained = rows[0], 0
+        self.bar = tqdm(total=1.0, unit="s", desc="compare", disable=not enabled, leave=False,
+                        smoothing=0, bar_format=self.FORMAT, file=file or sys.stderr,
+                        dynamic_ncols=True)
+
+    def start(self, row: str, seed: int, run: int) -> None:
+        """Run number ``run`` (from 1), of ``row`` with ``seed``, starts."""
+        self.row, self.run_trained = row, 0
+        self.bar.set_description(f"{row} seed {seed} (run {run}/{self.runs})")
+
+    def epoch(self, metrics: dict[str, float]) -> None:
+        """The run trained an epoch: its metrics row (training and evaluation time)."""
+        self.run_trained += 1
+        self.trained[self.row] += 1
+        self.seconds[self.row].append(metrics["train_time_s"] + metrics["eval_time_s"])
+        self.weight[self.row] = statistics.fmean(self.seconds[self.row])
+        self._refresh()
+
+    def finished(self, epochs: int) -> None:
+        """The run ended with ``epochs`` epochs done (those it did not train were found done)."""
+        self.found[self.row] += epochs - self.run_trained
+        self._refresh()
+
+    @property
+    def fraction(self) -> float:
+        return self.bar.n / self.bar.total
+
+    def _refresh(self) -> None:
+        bar, w = self.bar, self.weight
+        bar.total = sum(self.planned[r] * w[r] for r in w)
+        bar.initial = sum(self.found[r] * w[r] for r in w)
+        bar.n = bar.initial + sum(self.trained[r] * w[r] for r in w)
+        bar.refresh()
+
+    def write(self, message: str) -> None:
+        self.bar.write(message)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _step_estimates(rows: list[Row], base: TrainConfig, seed: int,
+                    dataset: Dataset) -> dict[str, float]:
+    """Each row's estimated seconds per epoch: a timed training step x the batches of an epoch."""
+    batches = len(dataset.train) // base.batch_size
+    return {row.name: batches * time_training_step(
+        _run_config(base, row, seed), dataset) for row in rows}
+
+
+def _run_config(base: TrainConfig, row: Row, seed: int, out: Path | None = None) -> TrainConfig:
+    """The configuration of ``row``'s run with ``seed`` (in the folder ``out``)."""
+    return dataclasses.replace(base, conv_type=row.conv_type, model_args=row.model_args,
+                               seed=seed, out=None if out is None else str(out), quiet=True)
+
+
+def _correct(run_out: Path, dataset: Dataset, epochs: int) -> torch.Tensor:
+    """Whether the run in ``run_out`` classified each test image correctly at its last epoch
+    [N] (bool), checked to be of this test set and this epoch."""
+    predictions = read_predictions(run_out / PREDICTIONS_NAME)
+    if not torch.equal(predictions.labels, dataset.test.labels) or predictions.epoch != epochs:
+        raise ValueError(
+            f"{str(run_out / PREDICTIONS_NAME)!r} holds the predictions of epoch "
+            f"{predictions.epoch} on {len(predictions.labels):,} test images, not of epoch "
+            f"{epochs} on this data's {len(dataset.test):,}: the folder holds another run"
+        )
+    return predictions.correct
 
 
 def compare(
@@ -141,18 +356,21 @@ def compare(
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> CompareResult:
-    """Train ``base.model`` with each type of ``conv_types_`` (default: the registered ones of
+    """Train ``base.model`` with each row of ``conv_types_`` (conv types, and
+    :data:`~dynconv.training.summary.WIDE_STATIC` for the static network widened to the
+    parameters of DY-Conv; default: static, static-wide and the registered ones of
     :data:`DEFAULT_CONV_TYPES`) and each seed; write the table, metrics and plots to ``out``.
 
     Each run is an ordinary :func:`~dynconv.training.loop.train` run in
-    ``out/runs/<type>-seed<seed>``,
-    so ``resume=True`` skips finished runs and continues interrupted ones.
+    ``out/runs/<row>-seed<seed>``, so ``resume=True`` skips finished runs and continues
+    interrupted ones. The same seed gives every row the same data order and augmentation.
 
-    Returns the :class:`CompareResult`; on Ctrl-C, the runs so far are saved and the result has
-    no summary for the unfinished types (``result.settings['interrupted']`` is set).
+    Returns the :class:`~dynconv.training.summary.CompareResult`; on Ctrl-C, the runs so far are
+    saved and the result has no summary for the unfinished rows (``result.settings
+    ['interrupted']`` is set).
     """
     started = time.perf_counter()
-    types, skipped = _resolve_types(conv_types_)
+    names, skipped = _resolve_rows(conv_types_)
     seeds = list(seeds)
     if not seeds or len(set(seeds)) != len(seeds):
         raise SettingError("seeds", f"seeds must be distinct and at least one, got {seeds}")
@@ -163,67 +381,80 @@ def compare(
     base.check()
     dataset = dataset_for(base)
     base = resolve_defaults(dataclasses.replace(base, conv_type="static"), dataset)
-    log(f"{dataset.describe()}; {base.model}, {base.epochs} epochs; types: {', '.join(types)}; "
-        f"seeds: {', '.join(map(str, seeds))}"
-        + (f"\n(not registered, skipped: {', '.join(skipped)})" if skipped else ""))
+    rows, wide_note = _build_rows(names, base, dataset, explicit=bool(conv_types_))
+    dynamic = any(dynamic_layers(build_model(_run_config(base, row, seeds[0]), dataset))
+                  for row in rows)
+    log(f"{dataset.describe()}; {base.model}, {base.epochs} epochs; rows: "
+        f"{', '.join(row.label for row in rows)}; seeds: {', '.join(map(str, seeds))}"
+        + (f"\n(not registered, skipped: {', '.join(skipped)})" if skipped else "")
+        + (f"\n({WIDE_STATIC}: {wide_note})" if wide_note else ""))
 
-    summaries: list[TypeSummary] = []
+    summaries: list[RowSummary] = []
     metrics: list[dict[str, Any]] = []
+    correct: dict[str, torch.Tensor] = {}  # row name -> [S, N] bool
     interrupted = False
-    total = len(types) * len(seeds) * base.epochs
-    bar = tqdm(total=total, unit="epoch", desc="compare", disable=not progress, leave=False)
-    finals: dict[tuple[str, int], float] = {}
-    done = 0  # epochs of the finished runs, for the progress bar
+    estimates = _step_estimates(rows, base, seeds[0], dataset) if progress else None
+    bar = _Progress([row.name for row in rows], len(seeds), base.epochs, progress, estimates)
     measured_model = None  # a trained model, to name the device of the timings
-    for conv_type in types:
+    label_width = max(len(row.label) for row in rows)
+    for index, row in enumerate(rows):
         results: list[TrainResult] = []
-        for seed in seeds:
-            run_out = out / RUNS_FOLDER / f"{conv_type}-seed{seed}"
-            bar.set_description(f"{conv_type} seed {seed}")
-            config = dataclasses.replace(base, conv_type=conv_type, seed=seed,
-                                         out=str(run_out), quiet=True)
+        for k, seed in enumerate(seeds):
+            run_out = out / RUNS_FOLDER / f"{row.name}-seed{seed}"
+            bar.start(row.name, seed, index * len(seeds) + k + 1)
             checkpoint = run_out / CHECKPOINT_NAME
-            result = train(config, resume=checkpoint.exists()
-                           or previous_checkpoint(checkpoint).exists(),
-                           dataset=dataset, on_epoch=lambda row: bar.update())
-            done += len(result.metrics)
-            bar.n = done
-            bar.refresh()
-            metrics += [{"conv_type": conv_type, "seed": seed, **row} for row in result.metrics]
+            result = train(_run_config(base, row, seed, run_out),
+                           resume=checkpoint.exists() or previous_checkpoint(checkpoint).exists(),
+                           dataset=dataset, on_epoch=bar.epoch)
+            bar.finished(len(result.metrics))
+            metrics += [{"row": row.name, "seed": seed, **m} for m in result.metrics]
             if result.interrupted:
                 interrupted = True
                 break
             results.append(result)
-            finals[conv_type, seed] = result.metrics[-1]["test_acc"]
-            epoch_s = statistics.median(r["train_time_s"] for r in result.metrics)
+            epoch_s = statistics.median(m["train_time_s"] for m in result.metrics)
             note = bar.write if progress else log
-            note(f"{conv_type:>10} seed {seed}: test acc {100 * finals[conv_type, seed]:.2f}%  "
-                 f"({epoch_s:.2f} s/epoch)")
+            note(f"{row.label:>{label_width}} seed {seed}: test acc "
+                 f"{100 * result.metrics[-1]['test_acc']:.2f}%  ({epoch_s:.2f} s/epoch)")
         if interrupted:
             break
+        correct[row.name] = torch.stack([
+            _correct(out / RUNS_FOLDER / f"{row.name}-seed{seed}", dataset, base.epochs)
+            for seed in seeds])
         parameters, macs, latency = _measure(results[0], dataset)
         measured_model = results[0].model
-        summaries.append(TypeSummary(
-            conv_type, parameters, macs,
-            statistics.median(r["train_time_s"] for res in results for r in res.metrics),
-            latency, [finals[conv_type, s] for s in seeds],
+        summaries.append(RowSummary(
+            row.name, row.conv_type, row.label, parameters, macs,
+            statistics.median(m["train_time_s"] for res in results for m in res.metrics),
+            latency, [res.metrics[-1]["test_acc"] for res in results], row.model_args,
         ))
     bar.close()
-    if "static" in types:
-        for s in summaries:
-            if s.conv_type != "static":
-                s.delta_vs_static = statistics.fmean(
-                    finals[s.conv_type, seed] - finals["static", seed] for seed in seeds)
+    _add_intervals(summaries, correct)
 
     device = (next(measured_model.parameters()).device if measured_model is not None
               else torch.device("cpu"))
-    settings = _settings(base, types, seeds, skipped, dataset, time.perf_counter() - started,
-                         device)
+    settings = _settings(base, rows, seeds, skipped, wide_note, dynamic, dataset,
+                         time.perf_counter() - started, device)
     if interrupted:
         settings["interrupted"] = "yes: resume with --resume"
     result = CompareResult(summaries, metrics, settings, out)
     _write_outputs(result)
     return result
+
+
+def _add_intervals(summaries: list[RowSummary], correct: dict[str, torch.Tensor]) -> None:
+    """Each row's paired interval against static and, for the dynamic rows, against the
+    widened static network, where those were trained."""
+    def against(row: str, baseline: str) -> PairedInterval | None:
+        if baseline not in correct:
+            return None
+        return paired_interval(correct[row], correct[baseline])
+
+    for s in summaries:
+        if s.name != "static":
+            s.delta_vs_static = against(s.name, "static")
+        if s.name not in ("static", WIDE_STATIC):
+            s.delta_vs_wide = against(s.name, WIDE_STATIC)
 
 
 def _write_outputs(result: CompareResult) -> None:
@@ -236,7 +467,7 @@ def _write_outputs(result: CompareResult) -> None:
         _write_csv(out / "table.csv", rows, list(rows[0]))
         write_atomically(out / "table.md", lambda f: f.write(_markdown(result).encode()))
         result.files += ["table.csv", "table.md"]
-    _write_csv(out / "metrics.csv", result.metrics, ["conv_type", "seed", *METRIC_FIELDS])
+    _write_csv(out / "metrics.csv", result.metrics, ["row", "seed", *METRIC_FIELDS])
     result.files.append("metrics.csv")
     if result.metrics:
         plot_curves(result.metrics, out / "curves.png")

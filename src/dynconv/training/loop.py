@@ -34,7 +34,12 @@ from torch.optim.lr_scheduler import LRScheduler
 from tqdm import tqdm
 
 from .._io import write_atomically
-from ..layers.temperature import EVAL_TEMPERATURE, TemperatureSchedule, set_temperature
+from ..layers.temperature import (
+    EVAL_TEMPERATURE,
+    TemperatureSchedule,
+    dynamic_layers,
+    set_temperature,
+)
 from ..models import create_model_for_data
 from ..tools.checkpoint import load_checkpoint, save_file
 from .checkpoints import (
@@ -66,13 +71,14 @@ from .data import (
     iterate_test,
     seeded_generator,
 )
+from .predictions import PREDICTIONS_NAME, Predictions, read_predictions, write_predictions
 from .processes import Processes, StopRequest, resolve_device
 from .sources import dataset_for
 
-__all__ = ["load_run", "train"]
+__all__ = ["build_model", "load_run", "time_training_step", "train"]
 
 
-def _create_model(config: TrainConfig, dataset: Dataset) -> nn.Module:
+def build_model(config: TrainConfig, dataset: Dataset) -> nn.Module:
     """``config.model`` with ``config.conv_type``, sized for ``dataset``'s images and classes
     (an error of the model's keywords is a :class:`SettingError` of ``model_args``)."""
     blamed = setting("model_args", (ValueError, TypeError)) if config.model_args else nullcontext()
@@ -142,10 +148,12 @@ def _write_metrics(path: Path, metrics: list[dict[str, float]]) -> None:
     write_atomically(path, lambda file: file.write(text.getvalue().encode()))
 
 
-def _summary(row: dict[str, float], epochs: int) -> str:
+def _summary(row: dict[str, float], epochs: int, temperature: bool = True) -> str:
+    """The line printed after an epoch; ``temperature``: whether the model has a temperature."""
     return (
         f"epoch {int(row['epoch']):>{len(str(epochs))}}/{epochs}  lr {row['lr']:.4g}  "
-        f"T {row['temperature']:.3g}  train loss {row['train_loss']:.4f} "
+        + (f"T {row['temperature']:.3g}  " if temperature else "")
+        + f"train loss {row['train_loss']:.4f} "
         f"acc {100 * row['train_acc']:.2f}%  test loss {row['test_loss']:.4f} "
         f"acc {100 * row['test_acc']:.2f}%  {row['train_time_s']:.1f} s"
     )
@@ -169,7 +177,7 @@ def load_run(
     checkpoint = read_checkpoint(out / CHECKPOINT_NAME)
     config = TrainConfig.from_dict({**checkpoint["config"], "out": str(out)})
     dataset = dataset or dataset_for(config)
-    model = _create_model(config, dataset)
+    model = build_model(config, dataset)
     weights = out / MODEL_NAME
     load_checkpoint(model, weights if weights.exists() else out / CHECKPOINT_NAME)
     set_temperature(model, EVAL_TEMPERATURE)
@@ -184,22 +192,30 @@ def _autocast(device: torch.device, enabled: bool):
 
 
 def _evaluate(model: nn.Module, test: ImageSet, dataset: Dataset, config: TrainConfig,
-              device: torch.device, processes: Processes, amp: bool) -> tuple[float, float]:
-    """(mean loss, accuracy) on the test set, in eval mode at the final temperature."""
+              device: torch.device, processes: Processes,
+              amp: bool) -> tuple[float, float, Tensor]:
+    """(mean loss, accuracy, the predicted class of every test image [N] int64 on the CPU) on
+    the test set, in eval mode at the final temperature."""
     model.eval()
     loss_sum = correct = count = 0.0
+    # each process fills its batches with (class + 1); the sum over the processes fills all
+    predicted = torch.zeros(len(test), dtype=torch.int64, device=device)
+    starts = range(0, len(test), config.test_batch_size)[processes.rank::processes.world_size]
     with torch.no_grad(), _autocast(device, amp):
-        for images, labels in iterate_test(test, config.test_batch_size, processes.rank,
-                                           processes.world_size):
+        for start, (images, labels) in zip(starts, iterate_test(
+                test, config.test_batch_size, processes.rank, processes.world_size)):
             images = dataset.normalize(images.to(device, non_blocking=True))
             labels = labels.to(device, non_blocking=True)
             logits = model(images).float()
             loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
-            correct += (logits.argmax(1) == labels).sum().item()
+            classes = logits.argmax(1)
+            correct += (classes == labels).sum().item()
             count += len(labels)
+            predicted[start : start + len(labels)] = classes + 1
     loss_sum, correct, count = processes.sum([loss_sum, correct, count], device)
+    predicted = processes.sum_tensor(predicted).cpu() - 1
     model.train()
-    return loss_sum / count, correct / count
+    return loss_sum / count, correct / count, predicted
 
 
 def train(
@@ -258,6 +274,29 @@ def train(
         torch.set_num_threads(threads)
 
 
+def time_training_step(config: TrainConfig, dataset: Dataset, steps: int = 2) -> float:
+    """Seconds of one training step of ``config``'s run (forward, backward, optimizer step on a
+    batch of ``config.batch_size``, augmentation included) on a throwaway model, on this process
+    alone: the last of ``steps`` steps (the first ones warm up). Nothing is written; the run
+    itself is not changed (it seeds everything it draws). What ``dynconv compare``'s progress
+    bar weighs its runs by before it has timed their epochs."""
+    config = resolve_defaults(config, dataset)
+    threads = torch.get_num_threads()
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    try:
+        run = _build(config, dataset, Processes())
+        indices = batch_indices(len(dataset.train), config.batch_size, config.seed, 0)
+        seconds = 0.0
+        for batch in range(min(steps, len(indices))):
+            started = time.perf_counter()
+            _train_step(run, indices[batch], 0, batch)  # .item() waits for the GPU
+            seconds = time.perf_counter() - started
+        return seconds
+    finally:
+        torch.set_num_threads(threads)
+
+
 # -- the run ------------------------------------------------------------------------------------
 
 
@@ -290,6 +329,12 @@ class _Run:
         """Whether this process reports (the main one, unless the run is quiet)."""
         return self.processes.main and not self.config.quiet
 
+    @property
+    def has_temperature(self) -> bool:
+        """Whether the model has a layer with an attention temperature (a static network has
+        none: its run neither shows nor needs a temperature schedule)."""
+        return bool(dynamic_layers(self.core))
+
     def log(self, message: str) -> None:
         if self.show:
             tqdm.write(message, file=sys.stdout)
@@ -303,7 +348,7 @@ def _build(config: TrainConfig, dataset: Dataset, processes: Processes) -> _Run:
         torch.cuda.set_device(device)
     amp = device.type == "cuda" if config.amp is None else config.amp
     torch.manual_seed(config.seed)
-    model = _create_model(config, dataset).to(device)
+    model = build_model(config, dataset).to(device)
     _check_batch_size(config, dataset, model, processes)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
@@ -350,8 +395,11 @@ def _describe(run: _Run) -> None:
             + f"\n{config.epochs} epochs of {run.batches_per_epoch} batches of "
             f"{config.batch_size}; SGD lr {config.lr:g} ({config.lr_schedule}), momentum "
             f"{config.momentum:g}, weight decay {config.weight_decay:g}; augmentation: "
-            f"{run.augmentation}; temperature: {run.schedule}\n-> {run.out}")
-    if config.temperature == "linear" and config.temperature_epochs >= config.epochs:
+            f"{run.augmentation}"
+            + (f"; temperature: {run.schedule}" if run.has_temperature else "")
+            + f"\n-> {run.out}")
+    if (run.has_temperature and config.temperature == "linear"
+            and config.temperature_epochs >= config.epochs):
         run.log(f"note: the temperature reaches 1 only at the end of epoch "
                 f"{config.temperature_epochs}, and the run has {config.epochs}")
 
@@ -406,10 +454,11 @@ def _check_loss(loss: float, epoch: int, batch: int, lr: float, temperature: flo
 
 
 def _epoch_row(run: _Run, epoch: int, lr: float, temperature: float,
-               totals: list[float]) -> dict[str, float]:
+               totals: list[float]) -> tuple[dict[str, float], Tensor]:
     """Close epoch ``epoch`` (0-based) from this process's (loss sum, correct, count, training
     seconds): sum them over the processes, step the learning rate and evaluate at the final
-    temperature. Returns the epoch's row of :data:`METRIC_FIELDS`."""
+    temperature. Returns the epoch's row of :data:`METRIC_FIELDS` and the predicted class of
+    every test image [N]."""
     loss_sum, correct, count, train_time = totals
     if run.device.type == "cuda":
         torch.cuda.synchronize(run.device)
@@ -417,15 +466,34 @@ def _epoch_row(run: _Run, epoch: int, lr: float, temperature: float,
     run.scheduler.step()
     started = time.perf_counter()
     set_temperature(run.core, EVAL_TEMPERATURE)
-    test_loss, test_acc = _evaluate(run.core, run.dataset.test, run.dataset, run.config,
-                                    run.device, run.processes, run.amp)
+    test_loss, test_acc, predicted = _evaluate(run.core, run.dataset.test, run.dataset,
+                                               run.config, run.device, run.processes, run.amp)
     return {
         "epoch": epoch + 1, "lr": lr, "temperature": temperature,
         "train_loss": loss_sum / count, "train_acc": correct / count,
         "test_loss": test_loss, "test_acc": test_acc,
         "train_time_s": train_time, "eval_time_s": time.perf_counter() - started,
         "images_per_s": count / train_time if train_time else float("nan"),
-    }
+    }, predicted
+
+
+def _write_predictions(run: _Run, epoch: int, predicted: Tensor) -> None:
+    """Keep the predicted classes [N] of epoch ``epoch`` (1-based) in the run's folder."""
+    if run.processes.main:
+        write_predictions(run.out / PREDICTIONS_NAME,
+                          Predictions(epoch, run.dataset.test.labels, predicted))
+
+
+def _has_predictions(run: _Run, epoch: int) -> bool:
+    """Whether the run's folder holds the predictions of epoch ``epoch`` (on every process:
+    the main process reads the file)."""
+    found = False
+    if run.processes.main:
+        try:
+            found = read_predictions(run.out / PREDICTIONS_NAME).epoch == epoch
+        except ValueError:
+            found = False
+    return not run.processes.any(run.processes.main and not found, run.device)
 
 
 def _run(config: TrainConfig, dataset: Dataset, processes: Processes,
@@ -444,12 +512,19 @@ def _run(config: TrainConfig, dataset: Dataset, processes: Processes,
         )
     if checkpoint is None:
         _describe(run)
+    elif epoch >= config.epochs:
+        epochs = f"{config.epochs} epoch" + ("s" if config.epochs != 1 else "")
+        run.log(f"the run in {run.out} finished its {epochs}: nothing to resume. "
+                "To train longer, start a new run with a larger --epochs and another --out: a "
+                "run's epochs cannot change"
+                + (" (its cosine learning-rate schedule is laid out over them)"
+                   if config.lr_schedule == "cosine" else ""))
     else:
         run.log(f"resuming {run.out} at epoch {epoch + 1}, batch {start_batch + 1} of "
                 f"{run.batches_per_epoch}")
 
     stop = StopRequest()
-    interrupted = False
+    interrupted = trained = False
     run.model.train()
     with stop.installed(run.log):
         while epoch < config.epochs and not interrupted:
@@ -477,17 +552,21 @@ def _run(config: TrainConfig, dataset: Dataset, processes: Processes,
                 count += images
                 train_time += time.perf_counter() - started
                 bar.update()
-                bar.set_postfix(loss=f"{batch_loss:.3f}", T=f"{temperature:.3g}")
+                bar.set_postfix(loss=f"{batch_loss:.3f}",
+                                **({"T": f"{temperature:.3g}"} if run.has_temperature else {}))
             bar.close()
             if interrupted:
                 break
-            row = _epoch_row(run, epoch, lr, temperature, [loss_sum, correct, count, train_time])
+            row, predicted = _epoch_row(run, epoch, lr, temperature,
+                                        [loss_sum, correct, count, train_time])
             run.metrics.append(row)
             epoch, start_batch, partial = epoch + 1, 0, [0.0, 0.0, 0.0, 0.0]
+            _write_predictions(run, epoch, predicted)  # before the checkpoint that counts it
+            trained = True
             _save(run, {"epoch": epoch, "batch": 0})
             if processes.main:
                 _write_metrics(run.out / METRICS_NAME, run.metrics)
-            run.log(_summary(row, config.epochs))
+            run.log(_summary(row, config.epochs, run.has_temperature))
             if on_epoch is not None:
                 on_epoch(row)
 
@@ -495,8 +574,14 @@ def _run(config: TrainConfig, dataset: Dataset, processes: Processes,
     if interrupted:
         run.log(f"stopped at epoch {epoch + 1}, batch {batch + 1}: saved "
                 f"{run.out / CHECKPOINT_NAME}; continue with --resume")
-    elif processes.main:
-        save_file(run.core.state_dict(), run.out / MODEL_NAME)
+    else:
+        # a finished run of a dynconv that kept no predictions: evaluate its final model once
+        if not trained and not _has_predictions(run, config.epochs):
+            predicted = _evaluate(run.core, dataset.test, dataset, config, run.device,
+                                  processes, run.amp)[2]
+            _write_predictions(run, config.epochs, predicted)
+        if processes.main:
+            save_file(run.core.state_dict(), run.out / MODEL_NAME)
     run.core.eval()
     return TrainResult(run.core, run.metrics, config, dataset, run.out, interrupted,
                        processes.main)

@@ -56,6 +56,12 @@ class Processes:
         dist.all_reduce(tensor)
         return tensor.tolist()
 
+    def sum_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` (on this process's device) summed element-wise over the processes."""
+        if self.distributed:
+            dist.all_reduce(tensor)
+        return tensor
+
     def any(self, flag: bool, device: torch.device) -> bool:
         """Whether ``flag`` is set on any process."""
         if not self.distributed:
