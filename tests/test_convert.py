@@ -76,14 +76,24 @@ def test_keep_stem_and_head_and_no_double_conversion() -> None:
     assert [r.name for r in again.converted] == ["features.0.0", "features.18.0"]
 
 
-@pytest.mark.parametrize("to", ["condconv", "odconv"])
-def test_other_types_start_close(to: str) -> None:
-    """CondConv and ODConv start from the static kernel scaled for their gates' centre: close to
-    the static model (not exact: the gates vary around 0.5)."""
+@pytest.mark.parametrize(("to", "kwargs"), [("condconv", {}),
+                                            ("odconv", {"head_init": "official"})])
+def test_other_types_start_close(to: str, kwargs: dict) -> None:
+    """CondConv, and ODConv with the official random heads, start from the static kernel scaled
+    for their gates' centre: close to the static model (not exact: the gates vary around 0.5)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3))
     x = torch.randn(4, 8, 12, 12, dtype=F64)
-    assert _converted_matches(model, to, x) < 0.6
+    assert 1e-3 < _converted_matches(model, to, x, **kwargs) < 0.6
+
+
+def test_odconv_conversion_is_exact() -> None:
+    """ODConv's heads start at zero, so every attention sits at the centre its kernels are
+    scaled for: the converted model computes what it did."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=5)
+    x = torch.randn(2, 3, 32, 32, dtype=F64)
+    assert _converted_matches(model, "odconv", x, num_kernels=2) < 1e-12
 
 
 def test_drconv_conversion_keeps_the_bias_and_builds_every_layer() -> None:

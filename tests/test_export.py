@@ -26,17 +26,18 @@ BATCHES = (1, 3, 8)
 ATOL = 1e-4
 
 H = {"hidden_channels": 4}  # a wide enough attention that samples get different weights
+OD = {"head_init": "official"}  # random heads, for the same reason
 LAYERS = {
     "dynamic-softmax": lambda: DynamicConv2d(4, 8, 3, padding=1, **H),
     "dynamic-sigmoid": lambda: DynamicConv2d(4, 8, 3, padding=1, routing="sigmoid", **H),
     "dynamic-groups-reflect": lambda: DynamicConv2d(4, 8, 3, padding=1, groups=2,
                                                    padding_mode="reflect", **H),
     "dynamic-same-even": lambda: DynamicConv2d(4, 8, 4, padding="same", bias=False, **H),
-    "odconv": lambda: ODConv2d(4, 8, 3, stride=2, padding=1, bias=True),
-    "odconv-depthwise": lambda: ODConv2d(4, 4, 3, padding=1, groups=4),
-    "odconv-1x1-k1": lambda: ODConv2d(4, 8, 1, num_kernels=1),
+    "odconv": lambda: ODConv2d(4, 8, 3, stride=2, padding=1, bias=True, **OD),
+    "odconv-depthwise": lambda: ODConv2d(4, 4, 3, padding=1, groups=4, **OD),
+    "odconv-1x1-k1": lambda: ODConv2d(4, 8, 1, num_kernels=1, **OD),
     "odconv-groups-reflect": lambda: ODConv2d(4, 8, 3, padding=1, groups=2,
-                                              padding_mode="reflect", num_kernels=2),
+                                              padding_mode="reflect", num_kernels=2, **OD),
     "drconv": lambda: DRConv2d(4, 8, 3, padding=1, num_regions=4, bias=True),
 }
 

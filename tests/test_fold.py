@@ -15,13 +15,14 @@ torch.set_num_threads(1)
 
 
 def _layers(temperature: float = 1.0) -> list[nn.Module]:
+    od = {"temperature": temperature, "head_init": "official"}  # attentions that vary
     return [
         DynamicConv2d(6, 8, 3, padding=1, temperature=temperature),
         DynamicConv2d(6, 8, 3, padding=1, routing="sigmoid", temperature=temperature),
-        ODConv2d(6, 8, 3, padding=1, bias=True, attention_norm="none", temperature=temperature),
-        ODConv2d(6, 8, 3, stride=2, padding=1, groups=2, temperature=temperature),
-        ODConv2d(6, 6, 3, padding=1, groups=6, temperature=temperature),
-        ODConv2d(6, 4, 1, num_kernels=1, temperature=temperature),
+        ODConv2d(6, 8, 3, padding=1, bias=True, attention_norm="none", **od),
+        ODConv2d(6, 8, 3, stride=2, padding=1, groups=2, **od),
+        ODConv2d(6, 6, 3, padding=1, groups=6, **od),
+        ODConv2d(6, 4, 1, num_kernels=1, **od),
     ]
 
 

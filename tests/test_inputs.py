@@ -30,16 +30,20 @@ from dynconv.layers.factory import conv_types
 from dynconv.models.resnet import BasicBlock
 
 GEOMETRY = {"stride": (1, 2), "padding": 1, "groups": 2}  # 4 -> 6 channels, 3x3 kernel
+OD = {"head_init": "official"}  # random heads: attentions that differ between samples
 
 # Every layer type and every path through it (a static fast path, each attention norm).
 LAYERS = {
     "dynamic": lambda **kw: DynamicConv2d(4, 6, 3, **GEOMETRY, **kw),
     "dynamic-K1": lambda **kw: DynamicConv2d(4, 6, 3, **GEOMETRY, num_kernels=1, **kw),
     "condconv": lambda **kw: DynamicConv2d(4, 6, 3, **GEOMETRY, routing="sigmoid", **kw),
-    "odconv-batch": lambda **kw: ODConv2d(4, 6, 3, **GEOMETRY, **kw),
-    "odconv-layer": lambda **kw: ODConv2d(4, 6, 3, **GEOMETRY, attention_norm="layer", **kw),
-    "odconv-none": lambda **kw: ODConv2d(4, 6, 3, **GEOMETRY, attention_norm="none", **kw),
-    "odconv-1x1-K1": lambda **kw: ODConv2d(4, 6, 1, stride=2, groups=2, num_kernels=1, **kw),
+    "odconv-batch": lambda **kw: ODConv2d(4, 6, 3, **GEOMETRY, **OD, **kw),
+    "odconv-layer": lambda **kw: ODConv2d(4, 6, 3, **GEOMETRY, attention_norm="layer", **OD,
+                                          **kw),
+    "odconv-none": lambda **kw: ODConv2d(4, 6, 3, **GEOMETRY, attention_norm="none", **OD,
+                                         **kw),
+    "odconv-1x1-K1": lambda **kw: ODConv2d(4, 6, 1, stride=2, groups=2, num_kernels=1, **OD,
+                                           **kw),
     "drconv": lambda **kw: DRConv2d(4, 6, 3, **GEOMETRY, num_regions=4, **kw),
 }
 

@@ -95,7 +95,7 @@ def test_entropy_by_hand():
 def test_accumulates_over_batches():
     torch.manual_seed(0)
     model = nn.Sequential(DynamicConv2d(3, 4, 3, hidden_channels=4), nn.ReLU(),
-                          ODConv2d(4, 4, 3, padding=1)).eval()
+                          ODConv2d(4, 4, 3, padding=1, head_init="official")).eval()
     batches = [torch.randn(n, 3, 8, 8) for n in (2, 5, 3)]
     layers = inspect_attention(model, batches)
     with torch.no_grad():

@@ -216,8 +216,9 @@ def test_batch_one_in_training() -> None:
         layer(x[0])  # unbatched is a batch of 1
     layer.eval()
     assert layer(x).shape == (1, 4, 6, 6)
-    for norm in ("layer", "none"):
-        layer = ODConv2d(4, 4, 3, padding=1, attention_norm=norm, dtype=F64).train()
+    for norm in ("layer", "none"):  # random heads: attentions that differ between samples
+        layer = ODConv2d(4, 4, 3, padding=1, attention_norm=norm, head_init="official",
+                         dtype=F64).train()
         x = torch.randn(4, 6, 6, dtype=F64)
         out = layer(x)
         assert out.shape == (4, 6, 6)
@@ -230,9 +231,11 @@ def test_batch_one_in_training() -> None:
 @pytest.mark.parametrize("num_kernels", [1, 4])
 def test_channels_last_model(num_kernels: int) -> None:
     torch.manual_seed(0)
+    od = {"head_init": "official"}  # attentions that differ between samples
     model = nn.Sequential(
-        ODConv2d(3, 8, 3, padding=1, num_kernels=num_kernels), nn.BatchNorm2d(8), nn.ReLU(),
-        ODConv2d(8, 8, 3, padding=1, groups=8), ODConv2d(8, 4, 1, num_kernels=1),
+        ODConv2d(3, 8, 3, padding=1, num_kernels=num_kernels, **od), nn.BatchNorm2d(8),
+        nn.ReLU(), ODConv2d(8, 8, 3, padding=1, groups=8, **od),
+        ODConv2d(8, 4, 1, num_kernels=1, **od),
     ).double()
     x = torch.randn(4, 3, 10, 10, dtype=F64)
     expected = model(x)
@@ -264,7 +267,7 @@ def test_temperature_per_layer_and_per_model_saved_and_optional() -> None:
 
 
 def test_attention_runs_in_float32_under_autocast() -> None:
-    layer = ODConv2d(8, 8, 3, padding=1, temperature=0.01).eval()
+    layer = ODConv2d(8, 8, 3, padding=1, temperature=0.01, head_init="official").eval()
     x = torch.randn(2, 8, 6, 6)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         att = layer.attentions(x)
@@ -295,7 +298,7 @@ def test_drop_in_for_nn_conv2d_arguments_device_dtype_repr() -> None:
 
 def test_torch_compile_layer() -> None:
     torch.manual_seed(0)
-    layer = ODConv2d(4, 6, 3, padding=1).eval()
+    layer = ODConv2d(4, 6, 3, padding=1, head_init="official").eval()
     x = torch.randn(2, 4, 8, 8)
     compiled = torch.compile(layer, backend="eager")
     torch.testing.assert_close(compiled(x), layer(x), rtol=1e-5, atol=1e-5)
@@ -315,7 +318,8 @@ def test_init_from_conv_matches_the_conv_at_the_attention_centre(
     conv = nn.Conv2d(c_in, c_out, kernel_size, padding=kernel_size // 2, groups=groups,
                      bias=bias, dtype=F64)
     layer = ODConv2d(c_in, c_out, kernel_size, padding=kernel_size // 2, groups=groups,
-                     bias=bias, num_kernels=num_kernels, temperature=1e12, dtype=F64).eval()
+                     bias=bias, num_kernels=num_kernels, temperature=1e12, head_init="official",
+                     dtype=F64).eval()
     layer.init_from_conv(conv)
     x = torch.randn(3, c_in, 7, 7, dtype=F64)
     torch.testing.assert_close(layer(x), conv(x), rtol=1e-9, atol=1e-9)
@@ -324,3 +328,71 @@ def test_init_from_conv_matches_the_conv_at_the_attention_centre(
     expected = layer(x) * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1)
     layer.fold_output_affine(scale, shift)
     torch.testing.assert_close(layer(x), expected)
+
+
+@pytest.mark.parametrize("norm", ["batch", "layer", "none"])
+def test_heads_start_at_zero_so_every_attention_starts_at_its_centre(norm: str) -> None:
+    """head_init='zero' (default): for any input, in training and evaluation and at any
+    temperature, every sigmoid attention is 0.5 and the softmax 1/K; the heads learn from the
+    first step. Everything else is the official initialisation, drawn from the same numbers."""
+    torch.manual_seed(0)
+    layer = ODConv2d(6, 8, 3, padding=1, attention_norm=norm, dtype=F64)
+    torch.manual_seed(0)
+    official = ODConv2d(6, 8, 3, padding=1, attention_norm=norm, head_init="official",
+                        dtype=F64)
+    heads = layer.attention.heads()
+    assert [h.out_channels for h in heads] == [6, 8, 9, 4]
+    for (name, p), q in zip(layer.named_parameters(), official.parameters(), strict=True):
+        if name.endswith("_fc.weight"):
+            assert not p.any() and q.abs().min() > 0, name
+        else:
+            assert torch.equal(p, q), name  # the bank, fc, the norm, the heads' zero biases
+    x = torch.randn(5, 6, 7, 7, dtype=F64) * 3
+    for train in (True, False):
+        for temperature in (1.0, 30.0):
+            layer.train(train).set_temperature(temperature)
+            att = layer.attentions(x)
+            for a, centre in ((att.channel, 0.5), (att.filter, 0.5), (att.spatial, 0.5),
+                              (att.kernel, 0.25)):
+                assert torch.equal(a, torch.full_like(a, centre))
+    official.train().set_temperature(1.0)
+    assert official.attentions(x).channel.std(0).min() > 0.01  # random per sample
+    layer.train().set_temperature(1.0)
+    layer(x).square().sum().backward()
+    for head in heads:
+        assert head.weight.grad.abs().min() > 0
+
+
+def test_head_init_option_reset_repr_and_errors() -> None:
+    torch.manual_seed(0)
+    official = ODConv2d(64, 256, 3, head_init="official")
+    fan_out = 256  # the filter head: Kaiming normal with fan_out = its outputs
+    assert abs(official.attention.filter_fc.weight.std().item() - (2 / fan_out) ** 0.5) < 5e-3
+    assert "head_init='official'" in repr(official)
+    assert "head_init" not in repr(ODConv2d(4, 4, 3))
+    official.reset_parameters()  # keeps the choice
+    assert all(h.weight.abs().min() > 0 for h in official.attention.heads())
+    layer = ODConv2d(4, 4, 3)
+    _randomize(layer)
+    layer.reset_parameters()
+    assert all(not h.weight.any() and not h.bias.any() for h in layer.attention.heads())
+    # a layer pickled before the option existed was initialised officially, and says so
+    del layer.attention.head_init
+    assert "head_init='official'" in repr(layer)
+    for bad in ("kaiming", None):
+        with pytest.raises(ValueError, match=r"head_init must be one of \('zero', 'official'\)"):
+            ODConv2d(4, 4, 3, head_init=bad)
+    with pytest.raises(ValueError, match="head_init"):
+        dynconv.create_conv2d("odconv", 4, 4, 3, head_init="Zero")
+
+
+def test_a_fresh_layer_from_init_from_conv_is_the_conv_exactly() -> None:
+    """Its heads at zero, every attention sits at the centre init_from_conv scales for: the
+    layer computes the static convolution, in training (BatchNorm attention) and evaluation."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 8, 3, padding=1, dtype=F64)
+    layer = ODConv2d(6, 8, 3, padding=1, bias=True, dtype=F64)
+    layer.init_from_conv(conv)
+    x = torch.randn(4, 6, 7, 7, dtype=F64)
+    for train in (True, False):
+        torch.testing.assert_close(layer.train(train)(x), conv(x), rtol=1e-12, atol=1e-12)

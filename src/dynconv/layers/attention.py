@@ -67,6 +67,8 @@ class KernelAttention(nn.Module):
 
 AttentionNorm = Literal["batch", "layer", "none"]
 ATTENTION_NORMS = ("batch", "layer", "none")
+HeadInit = Literal["zero", "official"]
+HEAD_INITS = ("zero", "official")
 
 
 class ODAttentionWeights(NamedTuple):
@@ -95,12 +97,19 @@ class ODConvAttention(nn.Module):
     ``norm``: each sample's hidden vector normalised over its channels, so any batch size and
     the same computation in training and evaluation) or ``'none'`` (``fc`` then has a bias).
 
+    ``head_init``: ``'zero'`` (default) starts the four heads at zero, weights and biases, so
+    every attention starts at its centre (sigmoid 0.5, softmax 1/K) for every input and the
+    heads learn from there; ``'official'`` draws their weights Kaiming-normal (fan_out), as the
+    official code, which starts each attention at a random function of the normalised pooled
+    features (see :meth:`reset_parameters`).
+
     ``name`` names the layer in error messages.
 
     Shapes: input [N, C_in, H, W] -> :class:`ODAttentionWeights`.
     """
 
-    name = "ODConv2d"  # (the default of modules pickled before the attribute existed)
+    name = "ODConv2d"  # (the defaults of modules pickled before the attributes existed)
+    head_init: HeadInit = "official"
 
     def __init__(
         self,
@@ -114,12 +123,16 @@ class ODConvAttention(nn.Module):
         device: Any = None,
         dtype: torch.dtype | None = None,
         name: str = "ODConv2d",
+        head_init: HeadInit = "zero",
     ) -> None:
         super().__init__()
+        if head_init not in HEAD_INITS:
+            raise ValueError(f"head_init must be one of {HEAD_INITS}, got {head_init!r}")
         kw = {"device": device, "dtype": dtype}
         self.kernel_size = kernel_size
         self.norm_kind = norm
         self.name = name
+        self.head_init = head_init
         self.avgpool = nn.AdaptiveAvgPool2d(1)  # a module: FLOP counters see a size-free cost
         self.fc = nn.Conv2d(in_channels, hidden_channels, 1, bias=norm == "none", **kw)
         if norm == "batch":
@@ -138,13 +151,30 @@ class ODConvAttention(nn.Module):
         self.kernel_fc = None if num_kernels == 1 else head(num_kernels)
         self.reset_parameters()
 
+    def heads(self) -> list[nn.Conv2d]:
+        """The heads this attention has (channel, filter, spatial, kernel; absent ones left out)."""
+        return [h for h in (self.channel_fc, self.filter_fc, self.spatial_fc, self.kernel_fc)
+                if h is not None]
+
     def reset_parameters(self) -> None:
-        """The official initialisation: Kaiming-normal (fan_out) convs, zero biases, unit norms."""
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                init_conv_fan_out_(m)
-            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
-                m.reset_parameters()  # weight 1, bias 0 (and fresh running statistics)
+        """``fc`` Kaiming-normal (fan_out), unit norms (and fresh running statistics), zero head
+        biases, as in the official code; the heads' weights zero (``head_init='zero'``) or
+        Kaiming-normal (``'official'``).
+
+        Why zero: the official heads map the normalised hidden features to logits that differ
+        between samples at random (small_cnn on MNIST with the BatchNorm: a spread of 0.5 to 1.8
+        over the batch, up to 11 in absolute value), a random per-sample attention that the
+        temperature hides only while it is high. Annealed to 1, that noise reaches every layer
+        at once, and training diverged (docs/layers.md, ODConv2d). Zero heads start every
+        attention at its centre; it varies per sample only as far as the loss asks."""
+        init_conv_fan_out_(self.fc)
+        norm = getattr(self, "bn", None) or getattr(self, "norm", None)
+        if norm is not None:
+            norm.reset_parameters()  # weight 1, bias 0 (and fresh running statistics)
+        for head in self.heads():
+            init_conv_fan_out_(head)  # zero bias
+            if self.head_init == "zero":
+                nn.init.zeros_(head.weight)
 
     def hidden(self, x: Tensor) -> Tensor:
         """The shared hidden features [N, hidden, 1, 1] for input [N, C_in, H, W]."""

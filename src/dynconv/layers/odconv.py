@@ -12,7 +12,13 @@ from torch import Tensor
 
 from .._conv_args import PaddingArg, check_int, check_positive_float
 from ..functional.mixture import check_mixture_method, mixture_conv2d_unchecked
-from .attention import ATTENTION_NORMS, AttentionNorm, ODAttentionWeights, ODConvAttention
+from .attention import (
+    ATTENTION_NORMS,
+    AttentionNorm,
+    HeadInit,
+    ODAttentionWeights,
+    ODConvAttention,
+)
 from .base import KernelBankConv, LayerMacs, pooled_conv_macs, shared_notes
 
 
@@ -48,6 +54,11 @@ class ODConv2d(KernelBankConv):
             training, reported as a ``ValueError``), ``'layer'`` (GroupNorm with one group: any
             batch size, identical in training and evaluation) or ``'none'`` (no norm; the
             attention's first conv gets a bias).
+        head_init: ``'zero'`` (default) starts the four attention heads at zero, so that every
+            attention starts at its centre (sigmoid 0.5, softmax 1/K) and the layer at a static
+            convolution; ``'official'`` draws their weights as the official code (Kaiming
+            normal), a random per-sample attention from the start. See
+            :meth:`ODConvAttention.reset_parameters` for why.
 
     Parameters (state_dict layout of the official code): ``weight`` [K, C_out, C_in/groups, kH,
     kW] (stored 4-D, see :class:`KernelBankConv`), ``attention.fc.weight`` [A, C_in, 1, 1],
@@ -78,6 +89,7 @@ class ODConv2d(KernelBankConv):
         min_channels: int = 16,
         temperature: float = 1.0,
         attention_norm: AttentionNorm = "batch",
+        head_init: HeadInit = "zero",
     ) -> None:
         super().__init__(
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
@@ -102,6 +114,7 @@ class ODConv2d(KernelBankConv):
             hidden, attention_norm, **self._factory_kwargs,
             name=f"ODConv2d({self.in_channels}, {self.out_channels}, "
                  f"kernel_size={self.kernel_size})",
+            head_init=head_init,
         )
         self.reset_parameters()
 
@@ -111,7 +124,9 @@ class ODConv2d(KernelBankConv):
         return self.kernel_size == (1, 1) and self.num_kernels == 1
 
     def reset_parameters(self) -> None:
-        """The official initialisation: each kernel Kaiming-normal (fan_out, ReLU), zero biases."""
+        """Each kernel Kaiming-normal (fan_out, ReLU) and zero biases, as in the official code;
+        the attention by :meth:`ODConvAttention.reset_parameters` (heads at zero unless
+        ``head_init='official'``)."""
         fan_out = self.out_channels * self.kernel_size[0] * self.kernel_size[1]
         with torch.no_grad():
             self.weight.normal_(0.0, math.sqrt(2.0 / fan_out))
@@ -177,10 +192,12 @@ class ODConv2d(KernelBankConv):
         """Copy a static kernel (and bias) into every kernel of the bank.
 
         The kernel attention sums to one, so the layer computes ``conv``'s output modulated by the
-        sigmoid attentions (channel, filter, spatial), which start near 0.5: the kernels are
-        scaled by the inverse of that product (8 with all three heads), so that the layer
-        matches ``conv`` when the attentions sit at their centre. The bias is copied unscaled
-        (it is added after the attentions).
+        sigmoid attentions (channel, filter, spatial), which sit at 0.5 while the heads are at
+        zero (a fresh layer; near 0.5 with ``head_init='official'``): the kernels are scaled by
+        the inverse of that product (8 with all three heads), so that the layer matches ``conv``
+        when the attentions sit at their centre: a fresh layer computes exactly ``conv``'s
+        output, in training and evaluation. The bias is copied unscaled (it is added after the
+        attentions).
         """
         att = self.attention  # the sigmoid heads the official layout gives this layer
         heads = sum(fc is not None for fc in (att.channel_fc, att.filter_fc, att.spatial_fc))
@@ -228,4 +245,6 @@ class ODConv2d(KernelBankConv):
         s += f", reduction={self.reduction:g}, min_channels={self.min_channels}"
         if self.attention_norm != "batch":
             s += f", attention_norm={self.attention_norm!r}"
+        if self.attention.head_init != "zero":
+            s += f", head_init={self.attention.head_init!r}"
         return s
