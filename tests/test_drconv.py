@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -226,13 +228,20 @@ def test_channels_last_and_unbatched_inputs(method: str) -> None:
     assert layer.last_region_map.shape == (7, 6)
 
 
-def test_generated_kernels_start_at_the_scale_of_nn_conv2d() -> None:
+def test_regions_start_equal_at_twice_he_scale() -> None:
+    """Every region's kernel starts as the first one's (so the guide's split changes nothing
+    yet), with about twice He's standard deviation; training then pulls the regions apart."""
     torch.manual_seed(0)
     for c, regions in ((64, 8), (16, 2)):
-        x = torch.randn(4, c, 12, 12)
-        std = DRConv2d(c, c, 3, padding=1, num_regions=regions)(x).std()
-        static = nn.Conv2d(c, c, 3, padding=1)(x).std()
-        assert 0.5 < std / static < 2, (c, regions, std / static)
+        layer = DRConv2d(c, c, 3, padding=1, num_regions=regions)
+        kernels = layer.region_kernels(torch.randn(4, c, 12, 12))
+        torch.testing.assert_close(kernels, kernels[:, :1].expand_as(kernels), rtol=0, atol=0)
+        ratio = kernels.std() / math.sqrt(2 / (c * 9))
+        assert 1.5 < ratio < 2.5, (c, regions, ratio)
+    layer = DRConv2d(8, 8, 3, padding=1, num_regions=4)
+    layer(torch.randn(2, 8, 6, 6)).square().sum().backward()
+    grad = layer.conv_kernel[3].weight.grad.reshape(4, -1)
+    assert all(not torch.allclose(grad[0], grad[r]) for r in range(1, 4))  # they move apart
 
 
 def test_dispatch_rule() -> None:

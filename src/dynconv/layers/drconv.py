@@ -104,18 +104,33 @@ class DRConv2d(DynamicConvBase):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Initialise as ``nn.Conv2d`` does, except the last generator conv, scaled so that the
-        generated kernels start at about the scale of an ``nn.Conv2d`` kernel of this shape."""
-        for conv in (self.conv_kernel[1], self.conv_guide):
+        """Initialise the guide and the first generator conv as ``nn.Conv2d`` does, then give
+        every region the first region's generator branch, so that the R kernels of a sample start
+        equal (the guide's split changes nothing yet) and training pulls them apart; the
+        generated kernels start with twice He's standard deviation, sqrt(2 / fan_out).
+
+        Chosen on a validation split of MNIST (docs/training.md, "How the recipes were chosen"):
+        nn.Conv2d's uniform init for each region apart trained to 56.5%, the same with equal
+        regions 89.2%, equal regions with 1x, 2x, 4x He 91.1, 92.5, 91.1% (static 93.8%).
+        """
+        r, (kh, kw) = self.num_regions, self.kernel_size
+        first, last = self.conv_kernel[1], self.conv_kernel[3]
+        for conv in (first, self.conv_guide):
             conv.reset_parameters()
         # A generated weight is sum_j w_j s_j + b over R sigmoid outputs s_j (about 1/2): with
-        # w, b ~ U(-a, a) its variance is about a^2 / 3 * (R / 4 + 1), and nn.Conv2d's is
-        # 1 / (3 fan_in).
-        fan_in = self.in_channels // self.groups * self.kernel_size[0] * self.kernel_size[1]
-        bound = 1 / math.sqrt(fan_in * (self.num_regions / 4 + 1))
-        nn.init.uniform_(self.conv_kernel[3].weight, -bound, bound)
-        nn.init.uniform_(self.conv_kernel[3].bias, -bound, bound)
+        # w, b ~ U(-a, a) its variance is about a^2 / 3 * (R / 4 + 1).
+        std = 2 * math.sqrt(2 / (self.out_channels * kh * kw))
+        bound = std * math.sqrt(3 / (r / 4 + 1))
+        per_region = last.out_channels // r
+        with torch.no_grad():
+            nn.init.uniform_(last.weight[:per_region], -bound, bound)
+            nn.init.uniform_(last.bias[:per_region], -bound, bound)
+            last.weight.copy_(last.weight[:per_region].repeat(r, 1, 1, 1))
+            last.bias.copy_(last.bias[:per_region].repeat(r))
+            first.weight.copy_(first.weight[:r].repeat(r, 1, 1, 1))
+            first.bias.copy_(first.bias[:r].repeat(r))
         if self.bias is not None:
+            fan_in = self.in_channels // self.groups * kh * kw
             bound = 1 / math.sqrt(fan_in)
             nn.init.uniform_(self.bias, -bound, bound)
 
