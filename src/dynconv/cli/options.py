@@ -276,7 +276,8 @@ def add_training_options(parser: argparse.ArgumentParser, compare: bool) -> None
     data.add_argument("--train-images", type=positive_int, default=S, metavar="N",
                       help="train on a fixed, stratified subset of N training images, the same "
                            "for every seed" + (" and type" if compare else "")
-                           + " (default: all)")
+                           + (" (default: 5,000 for MNIST, else all)" if compare else
+                              " (default: all)"))
     data.add_argument("--eval-on", choices=EVAL_SPLITS, default=S,
                       help="evaluate on the test images (default) or on a validation split "
                            "(MNIST's own 10,000 images, else a fixed, stratified fifth of the "
@@ -288,7 +289,7 @@ def add_training_options(parser: argparse.ArgumentParser, compare: bool) -> None
                              "conv_kwargs={'num_kernels': 2}, stem=imagenet)")
     recipe = parser.add_argument_group(
         "recipe", "defaults: seed 002's CIFAR recipe" + (
-            "; compare trains 15 epochs" if compare else
+            "; compare trains 6 epochs" if compare else
             "; 200 epochs on CIFAR, 15 on MNIST, 30 on the digits, 100 otherwise"))
     recipe.add_argument("--epochs", type=positive_int, default=S, metavar="N")
     recipe.add_argument("--batch-size", type=positive_int, default=S, metavar="N",

@@ -38,7 +38,7 @@ def _settings_named() -> Iterator[None]:
 
 
 def _training_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    skip = {"command", "resume", "conv_types", "seeds"}
+    skip = {"command", "resume", "conv_types", "seeds", "quick"}
     values = {k: v for k, v in vars(args).items() if k not in skip}
     if "model_args" in values:
         values["model_args"] = dict(values["model_args"])
@@ -55,24 +55,38 @@ def _compare_arguments(parser: argparse.ArgumentParser) -> None:
                              "widened to the parameters of dynamic (default: static static-wide "
                              "dynamic condconv odconv drconv, those registered)")
     parser.add_argument("--seeds", type=seed, nargs="+", default=UNSET,
-                        metavar="SEED", help="(default: 0 1 2)")
+                        metavar="SEED", help="(default: 0 1 2 3)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a first look in under 2 minutes: seeds 0 1, 3 epochs, 2,000 MNIST "
+                             "training images (options given still apply)")
     add_training_options(parser, compare=True)
 
 
 def _run_compare(args: argparse.Namespace) -> int:
-    from ..training import COMPARE_EPOCHS, TrainConfig, compare, format_table
+    from ..training import TrainConfig, compare, format_table
+    from ..training.compare import (
+        COMPARE_EPOCHS,
+        COMPARE_SEEDS,
+        COMPARE_TRAIN_IMAGES,
+        QUICK,
+    )
 
     overrides = _training_overrides(args)
     if args.resume and "out" not in overrides:
         raise ValueError("--resume needs --out DIR, the folder of the comparison to continue")
     out = overrides.pop("out", None) or default_out("compare")
-    overrides.setdefault("epochs", COMPARE_EPOCHS)
+    quick = getattr(args, "quick", False)
+    seeds = getattr(args, "seeds", QUICK["seeds"] if quick else COMPARE_SEEDS)
+    overrides.setdefault("epochs", QUICK["epochs"] if quick else COMPARE_EPOCHS)
+    subsets = QUICK["train_images"] if quick else COMPARE_TRAIN_IMAGES
+    if overrides.get("data", "mnist") in subsets:
+        overrides.setdefault("train_images", subsets[overrides.get("data", "mnist")])
     overrides.setdefault("temperature_epochs", max(1, overrides["epochs"] // 5))
     quiet = overrides.pop("quiet", False)
     base = TrainConfig.from_dict(overrides)
     with _settings_named():
         result = compare(base, out, getattr(args, "conv_types", None),
-                         getattr(args, "seeds", (0, 1, 2)), resume=args.resume,
+                         seeds, resume=args.resume,
                          progress=not quiet and sys.stderr.isatty(),
                          log=(lambda message: None) if quiet else print)
     print()

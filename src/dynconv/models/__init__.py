@@ -81,14 +81,18 @@ def create_model_for_data(
     """Build ``name`` for images of ``in_channels`` x ``image_size`` and ``num_classes`` classes.
 
     ResNets get the CIFAR stem (3x3 convolution, no max-pool) for images up to 64 pixels unless
-    ``stem`` is given. ``conv_type=None`` takes the model's own type (static, or ODConv for the
-    ``od_*`` zoo); a zoo model asked for another type raises a ``ValueError``.
+    ``stem`` is given; ``small_cnn`` halves the maps at its stem (``stem_stride=2``) for images of
+    16 pixels or more (MNIST, CIFAR), and keeps them for smaller ones (the 8x8 digits).
+    ``conv_type=None`` takes the model's own type (static, or ODConv for the ``od_*`` zoo); a zoo
+    model asked for another type raises a ``ValueError``.
     ``num_classes=None`` keeps the model's default.
     """
     if check_model_conv_type(name, conv_type) is None:
         kwargs["conv_type"] = "static" if conv_type is None else conv_type
     if "resnet" in name:
         kwargs.setdefault("stem", "cifar" if image_size <= 64 else "imagenet")
+    if name == "small_cnn":
+        kwargs.setdefault("stem_stride", 2 if image_size >= 16 else 1)
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     return create_model(name, in_channels=in_channels, **kwargs)

@@ -53,12 +53,19 @@ from .predictions import PREDICTIONS_NAME, read_predictions
 from .sources import dataset_for
 from .summary import LATENCY_BATCHES, WIDE_STATIC, CompareResult, RowSummary, format_table
 
-__all__ = ["COMPARE_EPOCHS", "DEFAULT_CONV_TYPES", "WIDE_STATIC", "check_row", "compare",
+__all__ = ["COMPARE_EPOCHS", "COMPARE_SEEDS", "COMPARE_TRAIN_IMAGES", "DEFAULT_CONV_TYPES",
+           "QUICK", "WIDE_STATIC", "check_row", "compare",
            "wide_width"]
 
 DEFAULT_CONV_TYPES = ("static", "dynamic", "condconv", "odconv", "drconv")
-# Epochs of a comparison unless given: enough for the small network to converge on the digits.
-COMPARE_EPOCHS = 15
+# The default comparison, sized to train every row with four seeds in about 8 minutes on 2 CPU
+# cores (docs/training.md, "How the recipes were chosen"): 6 epochs on a fixed, stratified
+# tenth of MNIST's training images (other data: all its training images), every test image.
+COMPARE_EPOCHS = 6
+COMPARE_SEEDS = (0, 1, 2, 3)
+COMPARE_TRAIN_IMAGES = {"mnist": 5000}
+#: ``--quick``: the same comparison in under 2 minutes (two seeds, 3 epochs, 2,000 MNIST images).
+QUICK = {"seeds": (0, 1), "epochs": 3, "train_images": {"mnist": 2000}}
 RUNS_FOLDER = "runs"
 
 
@@ -414,7 +421,7 @@ def compare(
             results.append(result)
             epoch_s = statistics.median(m["train_time_s"] for m in result.metrics)
             note = bar.write if progress else log
-            note(f"{row.label:>{label_width}} seed {seed}: test acc "
+            note(f"{row.label:>{label_width}} seed {seed}: {base.eval_on} acc "
                  f"{100 * result.metrics[-1]['test_acc']:.2f}%  ({epoch_s:.2f} s/epoch)")
         if interrupted:
             break
