@@ -62,6 +62,7 @@ BAD: list[tuple[str, list[str]]] = [
     ("compare --lr-gamma -1", ["argument --lr-gamma: expected a finite number >= 0, got '-1'"]),
     ("compare --crop-padding -1", ["argument --crop-padding: expected an integer >= 0"]),
     ("compare --flip=yes", ["argument --flip/--no-flip: ignored explicit argument 'yes'"]),
+    ("compare --quick=yes", ["argument --quick: ignored explicit argument 'yes'"]),
     ("compare --temperature cosine", ["argument --temperature: invalid choice: 'cosine'"]),
     ("compare --temperature-init 0", ["argument --temperature-init: the initial temperature must "
                                       "be a finite number >= 1"]),

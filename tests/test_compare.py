@@ -337,3 +337,36 @@ def test_format_table_lines(comparison) -> None:
     assert main_table.count("\n") == len(ROWS) + 1
     assert title.startswith("Against static-wide (width")
     assert wide_table.count("\n") == len(ROWS) - 2 + 1
+
+
+class _Stop(Exception):
+    pass
+
+
+def _settings_of(monkeypatch, *argv: str) -> tuple[TrainConfig, tuple[int, ...]]:
+    """The base config and seeds ``dynconv compare ARGV`` hands to compare(), not run."""
+    import dynconv.training
+
+    seen = {}
+
+    def fake(base, out, rows, seeds, **kwargs):
+        seen.update(base=base, seeds=tuple(seeds))
+        raise _Stop
+
+    monkeypatch.setattr(dynconv.training, "compare", fake)
+    with pytest.raises(_Stop):
+        main(["compare", *argv])
+    return seen["base"], seen["seeds"]
+
+
+def test_default_and_quick_sizes(monkeypatch) -> None:
+    base, seeds = _settings_of(monkeypatch)
+    assert (base.data, base.train_images, base.epochs, seeds) == ("mnist", 5000, 6, (0, 1, 2, 3))
+    assert base.temperature_epochs == 1
+    base, seeds = _settings_of(monkeypatch, "--quick")
+    assert (base.train_images, base.epochs, seeds) == (2000, 3, (0, 1))
+    base, seeds = _settings_of(monkeypatch, "--quick", "--epochs", "4", "--seeds", "5",
+                               "--train-images", "300")
+    assert (base.train_images, base.epochs, seeds) == (300, 4, (5,))
+    base, _ = _settings_of(monkeypatch, "--data", "digits")  # other data: every training image
+    assert (base.data, base.train_images, base.epochs) == ("digits", None, 6)
