@@ -63,6 +63,7 @@ BAD: list[tuple[str, list[str]]] = [
     ("compare --crop-padding -1", ["argument --crop-padding: expected an integer >= 0"]),
     ("compare --flip=yes", ["argument --flip/--no-flip: ignored explicit argument 'yes'"]),
     ("compare --quick=yes", ["argument --quick: ignored explicit argument 'yes'"]),
+    ("compare --eval-every 0", ["argument --eval-every:", "'0'"]),
     ("compare --temperature cosine", ["argument --temperature: invalid choice: 'cosine'"]),
     ("compare --temperature-init 0", ["argument --temperature-init: the initial temperature must "
                                       "be a finite number >= 1"]),
@@ -111,6 +112,7 @@ BAD: list[tuple[str, list[str]]] = [
     ("train --lr-gamma nan", ["argument --lr-gamma: expected a finite number >= 0, got 'nan'"]),
     ("train --crop-padding 2.5", ["argument --crop-padding: expected an integer >= 0"]),
     ("train --no-flip=1", ["argument --flip/--no-flip: ignored explicit argument '1'"]),
+    ("train --eval-every x", ["argument --eval-every:", "'x'"]),
     ("train --temperature", ["argument --temperature: expected one argument"]),
     ("train --temperature-init 0.5", ["argument --temperature-init: the initial temperature must "
                                       "be a finite number >= 1"]),

@@ -361,8 +361,8 @@ def _settings_of(monkeypatch, *argv: str) -> tuple[TrainConfig, tuple[int, ...]]
 
 def test_default_and_quick_sizes(monkeypatch) -> None:
     base, seeds = _settings_of(monkeypatch)
-    assert (base.data, base.train_images, base.epochs, seeds) == ("mnist", 5000, 6, (0, 1, 2, 3))
-    assert base.temperature_epochs == 1
+    assert (base.data, base.train_images, base.epochs, seeds) == ("mnist", 5000, 6, tuple(range(6)))
+    assert (base.temperature_epochs, base.eval_every) == (1, 3)
     base, seeds = _settings_of(monkeypatch, "--quick")
     assert (base.train_images, base.epochs, seeds) == (2000, 3, (0, 1))
     base, seeds = _settings_of(monkeypatch, "--quick", "--epochs", "4", "--seeds", "5",
@@ -370,3 +370,16 @@ def test_default_and_quick_sizes(monkeypatch) -> None:
     assert (base.train_images, base.epochs, seeds) == (300, 4, (5,))
     base, _ = _settings_of(monkeypatch, "--data", "digits")  # other data: every training image
     assert (base.data, base.train_images, base.epochs) == ("digits", None, 6)
+
+
+def test_curves_of_a_comparison_evaluated_every_few_epochs(tmp_path: Path) -> None:
+    nan = float("nan")
+    metrics = [{"row": row, "seed": seed, "epoch": epoch, "train_loss": 1.0 / epoch,
+                "test_acc": 0.9 + 0.01 * epoch if epoch % 2 == 0 else nan,
+                "test_loss": 0.5 / epoch if epoch % 2 == 0 else nan}
+               for row in ("static", "dynamic") for seed in (0, 1) for epoch in (1, 2, 3, 4)]
+    figure = plot_curves(metrics, tmp_path / "curves.png")
+    assert "after epochs 2, 4" in figure._suptitle.get_text()
+    accuracy = figure.axes[0].get_lines()[0]
+    assert list(accuracy.get_xdata()) == [2, 4] and accuracy.get_marker() == "o"
+    assert list(figure.axes[1].get_lines()[0].get_xdata()) == [1, 2, 3, 4]  # training: every

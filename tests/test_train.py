@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import signal
 import socket
@@ -226,6 +227,7 @@ def test_checkpoint_errors(tmp_path: Path) -> None:
                                         r"small_cnn: BatchNorm needs at least 2"),
         ({"batch_size": 0}, ValueError, "batch size must be >= 1, got 0"),
         ({"epochs": 0}, ValueError, "epochs must be >= 1, got 0"),
+        ({"eval_every": 0}, ValueError, "eval every must be >= 1, got 0"),
         ({"lr": -1.0}, ValueError, "lr must be a finite number >= 0"),
         ({"lr_schedule": "multistep"}, ValueError, "multistep schedule needs milestones"),
         ({"lr_schedule": "poly"}, ValueError, "unknown learning-rate schedule 'poly'"),
@@ -331,6 +333,25 @@ def test_the_final_epochs_predictions_are_kept_per_image(tmp_path: Path) -> None
     train(config, resume=True, dataset=DIGITS)
     again = read_predictions(path)
     assert again.epoch == 2 and torch.equal(again.predicted, kept.predicted)
+
+
+def test_eval_every_evaluates_every_n_epochs_and_after_the_last(tmp_path: Path,
+                                                                  capsys) -> None:
+    config = _config(tmp_path, epochs=5, eval_every=2, conv_type="static", quiet=False)
+    every = _config(tmp_path, "every", epochs=5, conv_type="static")
+    metrics = train(config, dataset=DIGITS).metrics
+    evaluated = [int(m["epoch"]) for m in metrics if not math.isnan(m["test_acc"])]
+    assert evaluated == [2, 4, 5]
+    assert all(m["eval_time_s"] == 0 for m in metrics if int(m["epoch"]) in (1, 3))
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch")]
+    assert ["test loss" in line for line in lines] == [False, True, False, True, True]
+    # skipping an evaluation changes nothing else: the same training as evaluating every epoch
+    reference = train(every, dataset=DIGITS).metrics
+    assert [m["train_loss"] for m in metrics] == [m["train_loss"] for m in reference]
+    assert metrics[-1]["test_acc"] == reference[-1]["test_acc"]
+    assert read_predictions(tmp_path / "run" / PREDICTIONS_NAME).epoch == 5
+    assert [int(r["epoch"]) for r in csv.DictReader((tmp_path / "run" / "metrics.csv").open())
+            if r["test_acc"] not in ("nan", "")] == [2, 4, 5]
 
 
 def test_predictions_file_errors_name_the_file(tmp_path: Path) -> None:

@@ -278,6 +278,10 @@ def add_training_options(parser: argparse.ArgumentParser, compare: bool) -> None
                            "for every seed" + (" and type" if compare else "")
                            + (" (default: 5,000 for MNIST, else all)" if compare else
                               " (default: all)"))
+    data.add_argument("--eval-every", type=positive_int, default=S, metavar="N",
+                      help="evaluate every N epochs and after the last (default: "
+                           + ("3" if compare else "1") + "); the per-image predictions and "
+                           "every reported accuracy are the last epoch's")
     data.add_argument("--eval-on", choices=EVAL_SPLITS, default=S,
                       help="evaluate on the test images (default) or on a validation split "
                            "(MNIST's own 10,000 images, else a fixed, stratified fifth of the "

@@ -55,7 +55,7 @@ def _compare_arguments(parser: argparse.ArgumentParser) -> None:
                              "widened to the parameters of dynamic (default: static static-wide "
                              "dynamic condconv odconv drconv, those registered)")
     parser.add_argument("--seeds", type=seed, nargs="+", default=UNSET,
-                        metavar="SEED", help="(default: 0 1 2 3)")
+                        metavar="SEED", help="(default: 0 1 2 3 4 5)")
     parser.add_argument("--quick", action="store_true",
                         help="a first look in under 2 minutes: seeds 0 1, 3 epochs, 2,000 MNIST "
                              "training images (options given still apply)")
@@ -66,6 +66,7 @@ def _run_compare(args: argparse.Namespace) -> int:
     from ..training import TrainConfig, compare, format_table
     from ..training.compare import (
         COMPARE_EPOCHS,
+        COMPARE_EVAL_EVERY,
         COMPARE_SEEDS,
         COMPARE_TRAIN_IMAGES,
         QUICK,
@@ -78,6 +79,7 @@ def _run_compare(args: argparse.Namespace) -> int:
     quick = getattr(args, "quick", False)
     seeds = getattr(args, "seeds", QUICK["seeds"] if quick else COMPARE_SEEDS)
     overrides.setdefault("epochs", QUICK["epochs"] if quick else COMPARE_EPOCHS)
+    overrides.setdefault("eval_every", COMPARE_EVAL_EVERY)
     subsets = QUICK["train_images"] if quick else COMPARE_TRAIN_IMAGES
     if overrides.get("data", "mnist") in subsets:
         overrides.setdefault("train_images", subsets[overrides.get("data", "mnist")])

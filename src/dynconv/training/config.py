@@ -66,7 +66,8 @@ class TrainConfig:
     for every seed and type; ``eval_on='val'`` evaluates on a validation split instead of the
     test images (MNIST's own 10,000, else a fixed, stratified fifth of the training images):
     choose a recipe there, and report the test images once
-    (:meth:`~dynconv.training.data.Dataset.prepared`).
+    (:meth:`~dynconv.training.data.Dataset.prepared`). ``eval_every`` evaluates every that many
+    epochs and after the last (the other epochs' test metrics are NaN).
     """
 
     data: str = "mnist"
@@ -76,6 +77,7 @@ class TrainConfig:
     image_size: int | None = None
     train_images: int | None = None
     eval_on: str = "test"
+    eval_every: int = 1
     epochs: int | None = None
     batch_size: int = 128
     lr: float = 0.1
@@ -141,6 +143,7 @@ class TrainConfig:
             _check_setting(self.image_size, "image_size", 1)
         if self.train_images is not None:
             _check_setting(self.train_images, "train_images", 1)
+        _check_setting(self.eval_every, "eval_every", 1)
         if self.eval_on not in EVAL_SPLITS:
             raise SettingError("eval_on", f"eval_on must be one of {EVAL_SPLITS}, got "
                                           f"{self.eval_on!r}")

@@ -150,12 +150,14 @@ def _write_metrics(path: Path, metrics: list[dict[str, float]]) -> None:
 
 def _summary(row: dict[str, float], epochs: int, temperature: bool = True) -> str:
     """The line printed after an epoch; ``temperature``: whether the model has a temperature."""
+    evaluated = not math.isnan(row["test_acc"])
     return (
         f"epoch {int(row['epoch']):>{len(str(epochs))}}/{epochs}  lr {row['lr']:.4g}  "
         + (f"T {row['temperature']:.3g}  " if temperature else "")
-        + f"train loss {row['train_loss']:.4f} "
-        f"acc {100 * row['train_acc']:.2f}%  test loss {row['test_loss']:.4f} "
-        f"acc {100 * row['test_acc']:.2f}%  {row['train_time_s']:.1f} s"
+        + f"train loss {row['train_loss']:.4f} acc {100 * row['train_acc']:.2f}%  "
+        + (f"test loss {row['test_loss']:.4f} acc {100 * row['test_acc']:.2f}%  " if evaluated
+           else "")
+        + f"{row['train_time_s']:.1f} s"
     )
 
 
@@ -454,25 +456,31 @@ def _check_loss(loss: float, epoch: int, batch: int, lr: float, temperature: flo
 
 
 def _epoch_row(run: _Run, epoch: int, lr: float, temperature: float,
-               totals: list[float]) -> tuple[dict[str, float], Tensor]:
+               totals: list[float]) -> tuple[dict[str, float], Tensor | None]:
     """Close epoch ``epoch`` (0-based) from this process's (loss sum, correct, count, training
-    seconds): sum them over the processes, step the learning rate and evaluate at the final
-    temperature. Returns the epoch's row of :data:`METRIC_FIELDS` and the predicted class of
-    every test image [N]."""
+    seconds): sum them over the processes, step the learning rate and, every ``eval_every``
+    epochs and after the last, evaluate at the final temperature. Returns the epoch's row of
+    :data:`METRIC_FIELDS` (test metrics NaN when not evaluated) and the predicted class of every
+    test image [N] (None when not evaluated)."""
     loss_sum, correct, count, train_time = totals
     if run.device.type == "cuda":
         torch.cuda.synchronize(run.device)
     loss_sum, correct, count = run.processes.sum([loss_sum, correct, count], run.device)
     run.scheduler.step()
     started = time.perf_counter()
-    set_temperature(run.core, EVAL_TEMPERATURE)
-    test_loss, test_acc, predicted = _evaluate(run.core, run.dataset.test, run.dataset,
-                                               run.config, run.device, run.processes, run.amp)
+    test_loss = test_acc = math.nan
+    predicted = None
+    if (epoch + 1) % run.config.eval_every == 0 or epoch + 1 == run.config.epochs:
+        set_temperature(run.core, EVAL_TEMPERATURE)
+        test_loss, test_acc, predicted = _evaluate(run.core, run.dataset.test, run.dataset,
+                                                   run.config, run.device, run.processes,
+                                                   run.amp)
     return {
         "epoch": epoch + 1, "lr": lr, "temperature": temperature,
         "train_loss": loss_sum / count, "train_acc": correct / count,
         "test_loss": test_loss, "test_acc": test_acc,
-        "train_time_s": train_time, "eval_time_s": time.perf_counter() - started,
+        "train_time_s": train_time,
+        "eval_time_s": 0.0 if predicted is None else time.perf_counter() - started,
         "images_per_s": count / train_time if train_time else float("nan"),
     }, predicted
 
@@ -561,7 +569,8 @@ def _run(config: TrainConfig, dataset: Dataset, processes: Processes,
                                         [loss_sum, correct, count, train_time])
             run.metrics.append(row)
             epoch, start_batch, partial = epoch + 1, 0, [0.0, 0.0, 0.0, 0.0]
-            _write_predictions(run, epoch, predicted)  # before the checkpoint that counts it
+            if predicted is not None:  # before the checkpoint that counts it
+                _write_predictions(run, epoch, predicted)
             trained = True
             _save(run, {"epoch": epoch, "batch": 0})
             if processes.main:

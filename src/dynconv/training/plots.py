@@ -8,6 +8,7 @@ one line; each axis is therefore fitted to the rows that are not outliers
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
@@ -102,13 +103,15 @@ def plot_curves(metrics: list[dict[str, Any]], path: str | Path) -> Figure:
         for name in names:
             by_epoch: dict[int, list[float]] = {}
             for row in metrics:
-                if row["row"] == name:
+                if row["row"] == name and not math.isnan(float(row[key])):  # NaN: not evaluated
                     by_epoch.setdefault(int(row["epoch"]), []).append(scale * float(row[key]))
             epochs = sorted(by_epoch)
+            sparse = len(epochs) < last_epoch  # evaluated every few epochs: mark the points
             mean = [statistics.fmean(by_epoch[e]) for e in epochs]
             if key == "test_acc" and epochs and epochs[-1] == last_epoch:
                 finals[name] = mean[-1]
-            ax.plot(epochs, mean, color=colors[name], label=name, linewidth=1.6)
+            ax.plot(epochs, mean, color=colors[name], label=name, linewidth=1.6,
+                    marker="o" if sparse else None, markersize=4)
             ax.fill_between(epochs, [min(by_epoch[e]) for e in epochs],
                             [max(by_epoch[e]) for e in epochs], color=colors[name],
                             alpha=0.15, linewidth=0)
@@ -137,9 +140,12 @@ def plot_curves(metrics: list[dict[str, Any]], path: str | Path) -> Figure:
     axes[-1].legend(handles, labels, loc="upper left", bbox_to_anchor=(1.02, 1.0),
                     fontsize="small")
     seeds = len({r["seed"] for r in metrics})
+    tested = sorted({int(r["epoch"]) for r in metrics if not math.isnan(float(r["test_acc"]))})
+    when = ("" if len(tested) == last_epoch else
+            f" after epoch{'s' if len(tested) > 1 else ''} {', '.join(map(str, tested))}")
     figure.suptitle(f"Learning curves: mean over {seeds} seed{'s' if seeds != 1 else ''}, band "
-                    f"= min-max over the seeds; test metrics at temperature 1, training loss at "
-                    f"the training temperature{zoom}", fontsize="medium")
+                    f"= min-max over the seeds; test metrics at temperature 1{when}, training "
+                    f"loss at the training temperature{zoom}", fontsize="medium")
     save_png(figure, path)
     return figure
 
