@@ -54,7 +54,7 @@ from .sources import dataset_for
 from .summary import LATENCY_BATCHES, WIDE_STATIC, CompareResult, RowSummary, format_table
 
 __all__ = ["COMPARE_EPOCHS", "COMPARE_EVAL_EVERY", "COMPARE_SEEDS", "COMPARE_TRAIN_IMAGES",
-           "DEFAULT_CONV_TYPES", "QUICK", "WIDE_STATIC", "check_row", "compare", "wide_width"]
+           "DEFAULT_CONV_TYPES", "QUICK_SEEDS", "WIDE_STATIC", "check_row", "compare", "wide_width"]
 
 DEFAULT_CONV_TYPES = ("static", "dynamic", "condconv", "odconv", "drconv")
 # The default comparison, sized to train every row with six seeds in about 8 minutes on 2 CPU
@@ -65,8 +65,10 @@ COMPARE_EPOCHS = 6
 COMPARE_EVAL_EVERY = 3
 COMPARE_SEEDS = (0, 1, 2, 3, 4, 5)
 COMPARE_TRAIN_IMAGES = {"mnist": 5000}
-#: ``--quick``: the same comparison in under 2 minutes (two seeds, 3 epochs, 2,000 MNIST images).
-QUICK = {"seeds": (0, 1), "epochs": 3, "train_images": {"mnist": 2000}}
+#: ``--quick``: seed 0 of the default comparison, in under 2 minutes: the same accuracies as the
+#: full run's seed-0 networks, intervals over the test images only. (Fewer epochs or images
+#: were tried first: 3 epochs on 2,000 images left static at 34% and ODConv at 10%.)
+QUICK_SEEDS = (0,)
 RUNS_FOLDER = "runs"
 
 
