@@ -161,12 +161,10 @@ class ODConvAttention(nn.Module):
         biases, as in the official code; the heads' weights zero (``head_init='zero'``) or
         Kaiming-normal (``'official'``).
 
-        Why zero: the official heads map the normalised hidden features to logits that differ
-        between samples at random (small_cnn on MNIST with the BatchNorm: a spread of 0.5 to 1.8
-        over the batch, up to 11 in absolute value), a random per-sample attention that the
-        temperature hides only while it is high. Annealed to 1, that noise reaches every layer
-        at once, and training diverged (docs/layers.md, ODConv2d). Zero heads start every
-        attention at its centre; it varies per sample only as far as the loss asks."""
+        Why zero (measured in docs/layers.md, ODConv2d): the official heads start every
+        attention at a random function of the normalised pooled features, which the temperature
+        hides only while it is high; annealed to 1, the BatchNorm version diverged. Zero heads
+        start every attention at its centre; it varies per sample only as far as the loss asks."""
         init_conv_fan_out_(self.fc)
         norm = getattr(self, "bn", None) or getattr(self, "norm", None)
         if norm is not None:

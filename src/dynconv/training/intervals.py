@@ -137,9 +137,7 @@ def paired_interval(correct: Tensor, baseline: Tensor, level: float = 0.95,
             means += [s / total for s in sums.tolist()]
     finally:
         torch.set_num_threads(threads)
-    centre = math.fsum(means) / resamples
-    se_boot = math.sqrt(math.fsum((m - centre) ** 2 for m in means) / (resamples - 1))
-    image_half = z * se_boot
+    image_half = z * statistics.stdev(means)  # exact sums inside: the same in any order
     half = math.sqrt((seed_half or 0.0) ** 2 + image_half**2)
     return PairedInterval(mean, mean - half, mean + half, seeds, images, seed_half, image_half,
                           level)

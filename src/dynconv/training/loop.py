@@ -320,6 +320,9 @@ class _Run:
     schedule: TemperatureSchedule
     augmentation: Augmentation
     batches_per_epoch: int
+    # whether the model has a layer with an attention temperature (a static network has none:
+    # its run neither shows nor needs a temperature schedule); found once, not at every batch
+    has_temperature: bool
     metrics: list[dict[str, float]] = field(default_factory=list)
 
     @property
@@ -330,12 +333,6 @@ class _Run:
     def show(self) -> bool:
         """Whether this process reports (the main one, unless the run is quiet)."""
         return self.processes.main and not self.config.quiet
-
-    @property
-    def has_temperature(self) -> bool:
-        """Whether the model has a layer with an attention temperature (a static network has
-        none: its run neither shows nor needs a temperature schedule)."""
-        return bool(dynamic_layers(self.core))
 
     def log(self, message: str) -> None:
         if self.show:
@@ -360,7 +357,8 @@ def _build(config: TrainConfig, dataset: Dataset, processes: Processes) -> _Run:
                 optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                 schedule=config.temperature_schedule(),
                 augmentation=Augmentation(config.crop_padding, config.flip),
-                batches_per_epoch=len(dataset.train) // config.batch_size)
+                batches_per_epoch=len(dataset.train) // config.batch_size,
+                has_temperature=bool(dynamic_layers(model)))
 
 
 def _restore(run: _Run, checkpoint: dict[str, Any]) -> tuple[int, int, list[float]]:

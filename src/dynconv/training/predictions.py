@@ -2,9 +2,10 @@
 the run's folder (:data:`PREDICTIONS_NAME`), which ``dynconv compare`` pairs image by image
 between convolution types for its intervals.
 
-The training loop rewrites it, atomically, after evaluating every epoch and before that epoch's
-checkpoint, so a run whose checkpoint says "epoch E done" always has epoch E's predictions beside
-it, also after a kill and ``--resume``.
+The training loop rewrites it, atomically, after every epoch it evaluates (``eval_every``;
+always the last) and before that epoch's checkpoint, so a run's folder always holds the
+predictions of the last epoch its checkpoint counts as evaluated, also after a kill and
+``--resume``.
 """
 
 from __future__ import annotations
