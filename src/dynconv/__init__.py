@@ -3,7 +3,13 @@
 from . import functional
 from ._version import __version__ as __version__
 from .allocator import keep_freed_memory
-from .functional import mixture_conv2d, per_sample_conv2d, region_conv2d
+from .functional import (
+    AutotuneError,
+    autotune,
+    mixture_conv2d,
+    per_sample_conv2d,
+    region_conv2d,
+)
 from .integrations.safe_load import allow_weights_only_load, safe_load_globals
 from .layers import DRConv2d, DynamicConv2d, DynamicConvBase, KernelBankConv, ODConv2d
 from .layers.factory import create_conv2d
@@ -22,6 +28,7 @@ register_thop()
 
 __all__ = [
     "AttentionCapture",
+    "AutotuneError",
     "CheckpointError",
     "DRConv2d",
     "DynamicConv2d",
@@ -30,6 +37,7 @@ __all__ = [
     "LoadResult",
     "ODConv2d",
     "allow_weights_only_load",
+    "autotune",
     "convert",
     "count_macs",
     "create_conv2d",

@@ -17,6 +17,10 @@ Every layer of dynconv ends in one of these calls:
 :func:`mix_kernels` is the mixing itself (per-sample kernels or biases from a bank), for the
 tools that need the kernels a layer convolved with.
 
+``'auto'`` picks a formulation by a rule whose thresholds depend on the device type
+(:mod:`dynconv.functional.dispatch`), or, under :class:`autotune`, by timing every formulation
+once per shape (:mod:`dynconv.functional.tuning`).
+
 All formulations compute the same result (up to floating-point rounding); ``method`` forces one,
 which the tests do in turn.
 
@@ -43,20 +47,26 @@ from .region import (
     assign_regions,
     region_conv2d,
 )
+from .tuning import AutotuneError, autotune, autotune_enabled, autotune_summary, reset_autotune
 
 __all__ = [
     "MIXTURE_METHODS",
     "PER_SAMPLE_METHODS",
     "REGION_METHODS",
+    "AutotuneError",
     "MixtureMethod",
     "PerSampleMethod",
     "RegionMethod",
     "adaptive_avg_pool2d_matmul",
     "assign_regions",
+    "autotune",
+    "autotune_enabled",
+    "autotune_summary",
     "is_exporting",
     "mix_kernels",
     "mixout_through_im2col",
     "mixture_conv2d",
     "per_sample_conv2d",
     "region_conv2d",
+    "reset_autotune",
 ]

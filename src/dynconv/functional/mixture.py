@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import allocator
 from .._conv_args import ConvGeometry, PaddingArg, Pair
+from . import tuning
 from ._common import (
     autocast_dtype,
     check_conv,
@@ -23,24 +23,17 @@ from ._common import (
     pad_for_conv,
     shape_list,
 )
+from .dispatch import DispatchRule, freed_memory_reused, rule_for
 from .per_sample import (
     PerSampleMethod,
     check_per_sample_method,
     is_recomputed,
+    per_sample_candidates,
     per_sample_conv2d_unchecked,
 )
 
 MixtureMethod = Literal["auto", "aggregate", "mixout"]
 MIXTURE_METHODS = ("auto", "aggregate", "mixout")
-
-# Dispatch thresholds (see docs/performance.md): on maps of at most 16 output pixels per sample,
-# mixing the K outputs of one matrix product beats assembling per-sample kernels; below 256
-# pixels, so does the dense convolution's mix-out in inference once the batch's per-sample
-# kernels are over glibc's 32 MB mmap threshold and freed memory is not kept (see
-# dynconv.allocator): such a tensor is page-faulted in afresh on every call.
-_MIXOUT_MAX_PIXELS = 256
-_MIXOUT_MIN_KERNEL_BYTES = 32 * 2**20
-_MIXOUT_UNFOLD_MAX_PIXELS = 16
 
 
 def mixture_conv2d(
@@ -130,7 +123,17 @@ def mixture_conv2d_unchecked(
     n = x.shape[0]
     pixels = output_size[0] * output_size[1]
     bias = None if bias_bank is None else coefficients @ bias_bank
-    if method == "auto":
+    if method == "auto" and per_sample_method == "auto":
+        method = tuning.choose(
+            "mixture_conv2d", (x, coefficients, bank, bias_bank, spatial), geometry,
+            lambda: _candidates(x, bank, geometry, output_size, spatial is not None),
+            lambda m, t: mixture_conv2d_unchecked(
+                t[0], t[1], t[2], t[3], geometry, output_size, spatial=t[4],
+                method=m.split("/")[0], per_sample_method=m.partition("/")[2] or "auto"),
+            lambda: _choose_mixture_method(x, bank, geometry, spatial is not None, pixels))
+        method, _, per_sample_method = method.partition("/")
+        per_sample_method = per_sample_method or "auto"
+    elif method == "auto":
         method = _choose_mixture_method(x, bank, geometry, spatial is not None, pixels)
     if method == "aggregate":
         check_per_sample_method(per_sample_method, n)
@@ -148,11 +151,29 @@ def mixture_conv2d_unchecked(
         spatial = None
     xp, pad = pad_for_conv(x, geometry)
     args = (geometry.stride, pad, geometry.dilation, geometry.groups)
-    if mixout_through_im2col(spatial is not None, pixels):
+    if mixout_through_im2col(spatial is not None, pixels, rule_for(x.device)):
         out = _mixout_unfold(xp, coefficients, bank, spatial, bias, *args)
     else:
         out = _mixout(xp, coefficients, bank, bias, *args)
     return match_memory_format(out, x)
+
+
+def _candidates(x: Tensor, bank: Tensor, geometry: ConvGeometry, output_size: Pair,
+                spatial: bool) -> list[str]:
+    """The formulations :func:`dynconv.autotune` times: the per-sample kernels aggregated,
+    then each per-sample method (``'aggregate/grouped'``, ...), and ``'mixout'`` unless its
+    K-fold output (or im2col buffer) would pass
+    :data:`~dynconv.functional.tuning.MAX_CANDIDATE_BYTES`."""
+    names = ["aggregate/" + m for m in per_sample_candidates(x, bank.shape[1], geometry,
+                                                             output_size)]
+    num_kernels, c_out, _, kh, kw = bank.shape
+    pixels = output_size[0] * output_size[1]
+    extra = x.shape[0] * pixels * num_kernels * c_out
+    if mixout_through_im2col(spatial, pixels, rule_for(x.device)):
+        extra = max(extra, x.shape[0] * pixels * x.shape[1] * kh * kw)
+    if extra * x.element_size() <= tuning.MAX_CANDIDATE_BYTES:
+        names.append("mixout")
+    return names
 
 
 def mix_kernels(coefficients: Tensor, bank: Tensor) -> Tensor:
@@ -256,10 +277,12 @@ def _saved_tensor_hooks_active() -> bool:
     return top is not None and top(False) is not None
 
 
-def mixout_through_im2col(spatial: bool, pixels: int) -> bool:
+def mixout_through_im2col(spatial: bool, pixels: int, rule: DispatchRule | None = None) -> bool:
     """Which form of mix-out runs: through im2col with a spatial weight (larger than 1x1) or on
-    maps of at most 16 output pixels per sample, else the dense convolution."""
-    return spatial or pixels <= _MIXOUT_UNFOLD_MAX_PIXELS
+    maps of at most ``rule.mixout_unfold_max_pixels`` output pixels per sample (the CPU table's
+    16 by default), else the dense convolution."""
+    rule = rule or rule_for("cpu")
+    return spatial or pixels <= rule.mixout_unfold_max_pixels
 
 
 def _choose_mixture_method(
@@ -274,17 +297,17 @@ def _choose_mixture_method(
     if pixels is None:
         h_out, w_out = geometry.output_size(x.shape[-2], x.shape[-1])
         pixels = h_out * w_out
-    if pixels >= _MIXOUT_MAX_PIXELS:
-        return "aggregate"
+    rule = rule_for(x.device)
     training = torch.is_grad_enabled() and (x.requires_grad or bank.requires_grad)
     kernel_bytes = x.shape[0] * bank[0].numel() * bank.element_size()
-    large_kernels = kernel_bytes > _MIXOUT_MIN_KERNEL_BYTES
-    if pixels <= _MIXOUT_UNFOLD_MAX_PIXELS and (training or large_kernels):
-        # one matrix product with all K kernels: DY-Conv C=512 4x4, N=8-64: 2.9-3.2x nn.Conv2d
-        # against 3.8-4.8x for per-sample kernels and im2col
+    large_kernels = kernel_bytes > rule.mixout_min_kernel_bytes
+    if pixels <= rule.mixout_unfold_max_pixels and (training or large_kernels):
+        # one matrix product with all K kernels (CPU: DY-Conv C=512 4x4, N=8-64: 2.9-3.2x
+        # nn.Conv2d against 3.8-4.8x for per-sample kernels and im2col)
         return "mixout"
-    if large_kernels and not training and not allocator.freed_memory_is_kept():
-        return "mixout"  # inference C=256 8x8, N=32, malloc as is: 4.4x against 6.4x
+    if (pixels < rule.mixout_max_pixels and large_kernels and not training
+            and not freed_memory_reused(rule)):
+        return "mixout"  # CPU inference C=256 8x8, N=32, malloc as is: 4.4x against 6.4x
     # per-sample kernels and im2col (per_sample_conv2d's 'unfold' up to 8x8): C=256 8x8, N=32-64,
     # freed memory kept: DY-Conv 2.1-2.3x nn.Conv2d f+b, ODConv 2.6-2.8x, against 4.3-4.6x mixout
     return "aggregate"

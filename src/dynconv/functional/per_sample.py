@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import allocator
 from .._conv_args import ConvGeometry, PaddingArg, Pair
+from . import tuning
 from ._common import (
     check_conv,
     check_input,
@@ -22,14 +22,11 @@ from ._common import (
     pad_for_conv,
     shape_list,
 )
+from .dispatch import freed_memory_reused, rule_for
 
 PerSampleMethod = Literal["auto", "direct", "grouped", "loop", "unfold"]
 PER_SAMPLE_METHODS = ("auto", "direct", "grouped", "loop", "unfold")
 
-# Dispatch (see docs/performance.md): up to this many output pixels per sample (8x8), im2col and
-# a batched matrix product beat the grouped convolution (with gradients always; without, once
-# freed memory is kept: its im2col buffer is large).
-_UNFOLD_MAX_PIXELS = 64
 # What the forward makes and backward needs (the per-sample kernels, the im2col buffer) is not
 # kept between them but recomputed in backward from at least this many bytes.
 _RECOMPUTE_MIN_BYTES = 4 * 2**20
@@ -106,13 +103,33 @@ def per_sample_conv2d_unchecked(
     """:func:`per_sample_conv2d` without its checks, for callers that made them: ``geometry``
     parsed, ``output_size`` (H_out, W_out) the output's, ``method`` valid for the batch."""
     if method == "auto":
-        needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-        pixels = output_size[0] * output_size[1]
-        method = _choose_per_sample_method(x.shape[0], pixels, needs_grad, geometry)
+        def rule() -> str:
+            needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+            return _choose_per_sample_method(x.shape[0], output_size[0] * output_size[1],
+                                             needs_grad, geometry, x.device)
+
+        method = tuning.choose(
+            "per_sample_conv2d", (x, weight, bias), geometry,
+            lambda: per_sample_candidates(x, weight.shape[1], geometry, output_size),
+            lambda m, t: per_sample_conv2d_unchecked(*t, geometry, output_size, method=m), rule)
     xp, pad = pad_for_conv(x, geometry)
     args = (geometry.stride, pad, geometry.dilation, geometry.groups)
     out = _PER_SAMPLE_IMPLS[method](xp, weight, bias, *args)
     return match_memory_format(out, x)
+
+
+def per_sample_candidates(x: Tensor, c_out: int, geometry: ConvGeometry, output_size: Pair
+                          ) -> list[str]:
+    """The formulations :func:`dynconv.autotune` times for a call: ``'direct'`` at batch 1,
+    else ``'grouped'`` and ``'loop'``; and ``'unfold'`` unless its im2col buffer would pass
+    :data:`~dynconv.functional.tuning.MAX_CANDIDATE_BYTES`."""
+    n = x.shape[0]
+    names = ["direct"] if n == 1 else ["grouped", "loop"]
+    kh, kw = geometry.kernel_size
+    cols = n * x.shape[1] * kh * kw * output_size[0] * output_size[1] * x.element_size()
+    if _is_pointwise(geometry) or cols <= tuning.MAX_CANDIDATE_BYTES:
+        names.append("unfold")
+    return names
 
 
 def _is_pointwise(geometry: ConvGeometry) -> bool:
@@ -121,17 +138,21 @@ def _is_pointwise(geometry: ConvGeometry) -> bool:
 
 
 def _choose_per_sample_method(
-    batch: int, pixels: int, needs_grad: bool, geometry: ConvGeometry
+    batch: int, pixels: int, needs_grad: bool, geometry: ConvGeometry,
+    device: torch.device | str = "cpu",
 ) -> str:
-    """The dispatch rule of :func:`per_sample_conv2d` (see docs/performance.md); ``pixels``:
-    output pixels per sample."""
-    if is_exporting() or _is_pointwise(geometry):
-        # a 1x1 kernel: one batched matrix product on the input, no im2col (YOLO 1x1 256 -> 128
-        # at 40x40 with gradients, N = 8-64: 0.4-0.8x nn.Conv2d, against 1.1-1.3x grouped)
+    """The dispatch rule of :func:`per_sample_conv2d` (see docs/performance.md) with the
+    thresholds of ``device``'s table (:mod:`dynconv.functional.dispatch`); ``pixels``: output
+    pixels per sample."""
+    rule = rule_for(device)
+    if is_exporting() or (rule.pointwise_unfold and _is_pointwise(geometry)):
+        # a 1x1 kernel: one batched matrix product on the input, no im2col (CPU: YOLO 1x1
+        # 256 -> 128 at 40x40 with gradients, N = 8-64: 0.4-0.8x nn.Conv2d, against 1.1-1.3x
+        # grouped)
         return "unfold"
     if batch == 1:
         return "direct"
-    if pixels <= _UNFOLD_MAX_PIXELS and (needs_grad or allocator.freed_memory_is_kept()):
+    if pixels <= rule.unfold_max_pixels and (needs_grad or freed_memory_reused(rule)):
         return "unfold"
     return "grouped"
 

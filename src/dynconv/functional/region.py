@@ -11,6 +11,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .._conv_args import ConvGeometry, PaddingArg, Pair
+from . import tuning
 from ._common import (
     autocast_like_conv,
     check_conv,
@@ -22,16 +23,11 @@ from ._common import (
     match_memory_format,
     shape_list,
 )
-from .per_sample import per_sample_conv2d_unchecked
+from .dispatch import rule_for
+from .per_sample import per_sample_candidates, per_sample_conv2d_unchecked
 
 RegionMethod = Literal["auto", "dense", "restricted"]
 REGION_METHODS = ("auto", "dense", "restricted")
-
-# Dispatch of region_conv2d (see docs/performance.md): the restricted formulation saves R - 1
-# of every R MACs but pays a gather and one small matrix product per sample, region and group;
-# it wins from 4 regions on, once those products hold about a million MACs each.
-_RESTRICTED_MIN_REGIONS = 4
-_RESTRICTED_MIN_MACS_PER_PRODUCT = 2**20
 
 
 def region_conv2d(
@@ -127,10 +123,18 @@ def region_conv2d_unchecked(
     if regions is None:
         regions = assign_regions(guide.detach())
     output_size = guide.shape[-2:]
+    per_sample_method = "auto"
     if method == "auto":
-        method = _choose_region_method(weight, geometry, output_size[0] * output_size[1])
+        method = tuning.choose(
+            "region_conv2d", (x, weight, guide, bias), geometry,
+            lambda: _candidates(x, weight, geometry, output_size),
+            lambda m, t: region_conv2d_unchecked(t[0], t[1], t[2], t[3], geometry, method=m,
+                                                 regions=regions),
+            lambda: _choose_region_method(weight, geometry, output_size[0] * output_size[1]))
+    method, _, per_sample_method = method.partition("/")  # 'dense/grouped': dense, forced
     if method == "dense" or x.device.type == "meta":  # meta: no values to sort pixels by
-        y = _all_region_outputs(x, weight, bias, geometry, output_size)
+        y = _all_region_outputs(x, weight, bias, geometry, output_size,
+                                per_sample_method or "auto")
         out = _PickRegion.apply(y, guide, regions)
     else:
         # its products are out of autocast's reach: the inputs cast as for a convolution
@@ -153,17 +157,36 @@ def _choose_region_method(weight: Tensor, geometry: ConvGeometry, pixels: int) -
     if torch.compiler.is_compiling() or is_exporting():
         return "dense"  # the restricted method has data-dependent shapes
     num_regions, c_out, c_in_g, kh, kw = weight.shape[1:]
-    # MACs of one product: a region's pixels (P / R on average) times one group's kernel
+    # the restricted formulation saves R - 1 of every R MACs but pays a gather and one small
+    # matrix product per sample, region and group (CPU: it wins from 4 regions on, once those
+    # products hold about a million MACs each)
+    rule = rule_for(weight.device)
     macs = pixels * (c_out // geometry.groups) * c_in_g * kh * kw // num_regions
-    if num_regions < _RESTRICTED_MIN_REGIONS or macs < _RESTRICTED_MIN_MACS_PER_PRODUCT:
+    if num_regions < rule.restricted_min_regions or macs < rule.restricted_min_macs:
         return "dense"
     return "restricted"
 
 
+def _candidates(x: Tensor, weight: Tensor, geometry: ConvGeometry, output_size: Pair
+                ) -> list[str]:
+    """The formulations :func:`dynconv.autotune` times: ``'restricted'`` and, unless its
+    R-fold output would pass :data:`~dynconv.functional.tuning.MAX_CANDIDATE_BYTES`, the dense
+    one with each per-sample method (``'dense/grouped'``, ...)."""
+    n, num_regions, c_out = weight.shape[:3]
+    names = ["restricted"]
+    r_fold = n * num_regions * c_out * output_size[0] * output_size[1] * x.element_size()
+    if r_fold <= tuning.MAX_CANDIDATE_BYTES:
+        names += ["dense/" + m for m in per_sample_candidates(x, num_regions * c_out, geometry,
+                                                              output_size)]
+    return names
+
+
 def _all_region_outputs(
-    x: Tensor, weight: Tensor, bias: Tensor | None, geometry: ConvGeometry, output_size: Pair
+    x: Tensor, weight: Tensor, bias: Tensor | None, geometry: ConvGeometry, output_size: Pair,
+    per_sample_method: str = "auto",
 ) -> Tensor:
-    """Every region's output at every pixel, by one :func:`per_sample_conv2d`.
+    """Every region's output at every pixel, by one :func:`per_sample_conv2d` (by
+    ``per_sample_method``).
 
     Returns [N, groups, R, C_out/groups, H_out, W_out]: the R x C_out per-sample kernels are
     stacked group by group, so that each group's output channels stay together.
@@ -176,7 +199,8 @@ def _all_region_outputs(
     if bias is not None:
         b = bias.reshape(n, num_regions, g, c_out // g).transpose(1, 2)
         b = b.reshape(n, num_regions * c_out)
-    y = per_sample_conv2d_unchecked(x, kernel, b, geometry, output_size)
+    y = per_sample_conv2d_unchecked(x, kernel, b, geometry, output_size,
+                                    method=per_sample_method)
     return y.reshape(n, g, num_regions, c_out // g, y.shape[-2], y.shape[-1])
 
 
