@@ -339,6 +339,12 @@ def add_training_options(parser: argparse.ArgumentParser, compare: bool) -> None
                      help="'auto' (default: CUDA if any), 'cpu', 'cuda:N'")
     run.add_argument("--amp", action=argparse.BooleanOptionalAction, default=S,
                      help="mixed precision (default: on CUDA only)")
+    run.add_argument("--autotune", action="store_true", default=S,
+                     help="time every exact formulation of each new layer shape once and keep "
+                          "the fastest (as torch.backends.cudnn.benchmark); reported at the end")
+    run.add_argument("--autotune-cache", default=S, metavar="FILE",
+                     help="with --autotune: read earlier choices from FILE (JSON) and add the "
+                          "new ones to it")
     add_threads(run, S)
     run.add_argument("--quiet", action="store_true", default=S,
                      help="no progress bar and no per-epoch line")

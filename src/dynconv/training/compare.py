@@ -33,6 +33,7 @@ import torch
 from tqdm import tqdm
 
 from .._io import write_atomically
+from ..functional.tuning import autotune_summary
 from ..layers.factory import check_conv_type, conv_types
 from ..layers.temperature import dynamic_layers
 from ..tools.cost import count_macs, count_parameters, inference_latency_ms
@@ -256,6 +257,9 @@ def _settings(base: TrainConfig, rows: list[Row], seeds: list[int], skipped: lis
         "machine": f"{_machine(device, base.threads)}, torch {torch.__version__}",
         "wall time": f"{wall_s / 60:.1f} min",
     })
+    if base.autotune:
+        settings["autotune"] = (autotune_summary() or "no dynamic layer met").removeprefix(
+            "autotune: ")
     return settings
 
 

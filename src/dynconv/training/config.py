@@ -67,7 +67,9 @@ class TrainConfig:
     test images (MNIST's own 10,000, else a fixed, stratified fifth of the training images):
     choose a recipe there, and report the test images once
     (:meth:`~dynconv.training.data.Dataset.prepared`). ``eval_every`` evaluates every that many
-    epochs and after the last (the other epochs' test metrics are NaN).
+    epochs and after the last (the other epochs' test metrics are NaN). ``autotune`` times
+    the formulations of every new shape once (:class:`dynconv.autotune`), with its choices
+    carried between runs by the file ``autotune_cache``.
     """
 
     data: str = "mnist"
@@ -99,9 +101,12 @@ class TrainConfig:
     threads: int | None = None
     test_batch_size: int = 500
     quiet: bool = False
+    autotune: bool = False
+    autotune_cache: str | None = None
 
     # fields that may change between a run and its resumption
-    RUNTIME_FIELDS = ("out", "device", "amp", "threads", "test_batch_size", "quiet")
+    RUNTIME_FIELDS = ("out", "device", "amp", "threads", "test_batch_size", "quiet", "autotune",
+                      "autotune_cache")
 
     @classmethod
     def run_fields(cls) -> list[str]:
@@ -149,6 +154,12 @@ class TrainConfig:
                                           f"{self.eval_on!r}")
         if self.threads is not None:
             _check_setting(self.threads, "threads", 1)
+        if not isinstance(self.autotune, bool):
+            raise SettingError("autotune", f"autotune must be True or False, got "
+                                           f"{self.autotune!r}")
+        if self.autotune_cache is not None and not isinstance(self.autotune_cache, str):
+            raise SettingError("autotune_cache", "autotune_cache must be a file name or None, "
+                                                 f"got {self.autotune_cache!r}")
         for name in ("lr", "momentum", "weight_decay", "lr_gamma"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not (

@@ -22,7 +22,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from tqdm import tqdm
 
 from .._io import write_atomically
+from ..functional.tuning import autotune, autotune_summary
 from ..layers.temperature import (
     EVAL_TEMPERATURE,
     TemperatureSchedule,
@@ -270,10 +271,19 @@ def train(
         torch.set_num_threads(config.threads)
     processes = Processes.from_environment(requested.type)
     try:
-        return _run(config, dataset, processes, checkpoint if resume else None, on_epoch)
+        with autotuning(config):
+            return _run(config, dataset, processes, checkpoint if resume else None, on_epoch)
     finally:
         processes.close()
         torch.set_num_threads(threads)
+
+
+def autotuning(config: TrainConfig) -> AbstractContextManager:
+    """:class:`dynconv.autotune` for the run, with its cache file, if ``config.autotune``;
+    else nothing changes (an autotune switched on by the caller stays on)."""
+    if not config.autotune:
+        return nullcontext()
+    return autotune(cache=config.autotune_cache)
 
 
 def time_training_step(config: TrainConfig, dataset: Dataset, steps: int = 2) -> float:
@@ -290,10 +300,11 @@ def time_training_step(config: TrainConfig, dataset: Dataset, steps: int = 2) ->
         run = _build(config, dataset, Processes())
         indices = batch_indices(len(dataset.train), config.batch_size, config.seed, 0)
         seconds = 0.0
-        for batch in range(min(steps, len(indices))):
-            started = time.perf_counter()
-            _train_step(run, indices[batch], 0, batch)  # .item() waits for the GPU
-            seconds = time.perf_counter() - started
+        with autotuning(config):
+            for batch in range(min(steps, len(indices))):
+                started = time.perf_counter()
+                _train_step(run, indices[batch], 0, batch)  # .item() waits for the GPU
+                seconds = time.perf_counter() - started
         return seconds
     finally:
         torch.set_num_threads(threads)
@@ -589,6 +600,8 @@ def _run(config: TrainConfig, dataset: Dataset, processes: Processes,
             _write_predictions(run, config.epochs, predicted)
         if processes.main:
             save_file(run.core.state_dict(), run.out / MODEL_NAME)
+    if config.autotune:
+        run.log(autotune_summary() or "autotune: no dynamic layer met")
     run.core.eval()
     return TrainResult(run.core, run.metrics, config, dataset, run.out, interrupted,
                        processes.main)
