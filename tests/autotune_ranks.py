@@ -1,8 +1,9 @@
 """One process of tests/test_autotune.py's distributed checks, under torchrun (2 processes,
 gloo): ``python -m torch.distributed.run --nproc-per-node 2 autotune_ranks.py SCENARIO DIR``.
 
-``agree``: each process's timer prefers another formulation; the process writes what it chose,
-whether it timed, its summary and whether its outputs equal the untuned ones to DIR/rankN.json.
+``agree``: each process's timer prefers another formulation; the process writes what it chose
+with gradients, what it timed there, its summary, whether its outputs equal the untuned ones
+and what it chose for an evaluation batch of its own size to DIR/rankN.json.
 ``disagree``: the processes call a layer with different batch sizes; each writes the error it
 got (or None).
 """
@@ -38,19 +39,23 @@ def main(scenario: str, out: Path) -> None:
     result: dict = {"error": None}
     batch = 4 if scenario == "agree" or rank == 0 else 2
     x = torch.randn(batch, 3, 6, 6)
-    weight = torch.randn(batch, 5, 3, 3, 3)
+    weight = torch.randn(batch, 5, 3, 3, 3, requires_grad=True)
     expected = (layer(x), per_sample_conv2d(x, weight))
     try:
         with dynconv.autotune(timer=timer, cache=out / "cache.json"):
-            got = (layer(x), per_sample_conv2d(x, weight))
+            got = (layer(x), per_sample_conv2d(x, weight))  # with gradients: agreed
+            trained = {key.text: choice for key, choice in tuning._choices.items()}
+            timed_in_training = list(timed)
+            with torch.no_grad():  # evaluation, a shard of another size per process
+                layer(torch.randn(3 + rank, 3, 6, 6))
     except dynconv.AutotuneError as error:
         result["error"] = str(error)
     else:
         result["outputs_equal_untuned"] = all(
             torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(got, expected))
-    result.update(choices=sorted(tuning._choices.values()), timed=timed,
-                  summary=tuning.autotune_summary())
-    result["choices"] = {key.text: choice for key, choice in tuning._choices.items()}
+        result.update(choices=trained, timed=timed_in_training, summary=tuning.autotune_summary(),
+                      evaluation=[choice for key, choice in tuning._choices.items()
+                                  if key.text not in trained])
     (out / f"rank{rank}.json").write_text(json.dumps(result))
     dist.destroy_process_group()
 

@@ -366,16 +366,19 @@ def _torchrun(tmp_path: Path, scenario: str) -> list[dict]:
 
 
 def test_every_process_runs_the_choice_of_rank_0(tmp_path: Path) -> None:
-    """Each process's timer prefers another formulation; both run rank 0's, only rank 0
-    times, and only rank 0 writes the cache."""
+    """Each process's timer prefers another formulation; with gradients both run rank 0's,
+    only rank 0 times, and only rank 0 writes the cache."""
     rank0, rank1 = _torchrun(tmp_path, "agree")
     assert rank0["choices"] == rank1["choices"] and len(rank0["choices"]) == 2
     assert set(rank0["choices"].values()) == {"aggregate/loop", "loop"}  # rank 0's favourites
     assert rank0["timed"] and not rank1["timed"]
     assert "2 decided by rank 0" in rank1["summary"]
     assert rank0["outputs_equal_untuned"] and rank1["outputs_equal_untuned"]
+    # evaluation (no gradients, shards of different sizes): each process decides for itself
+    assert rank0["evaluation"] == ["aggregate/loop"] and rank1["evaluation"] == ["aggregate/unfold"]
+    # rank 0's choices, its evaluation's included
     assert sorted(json.loads((tmp_path / "cache.json").read_text())["sections"].popitem()[1]
-                  .values()) == ["aggregate/loop", "loop"]
+                  .values()) == ["aggregate/loop", "aggregate/loop", "loop"]
 
 
 def test_processes_that_meet_different_shapes_are_told(tmp_path: Path) -> None:

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
+import re
 import statistics
 from pathlib import Path
 
@@ -282,6 +284,32 @@ def test_command_line_compare(tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit):
         main(["compare", "--conv-types", "static", "static-wider"])
     assert ("argument --conv-types: unknown conv type 'static-wider'" in capsys.readouterr().err)
+
+
+def test_command_line_compare_autotunes_and_keeps_the_choices(tmp_path: Path, capsys) -> None:
+    from dynconv.functional import tuning
+
+    cache = tmp_path / "autotune.json"
+    argv = ["compare", "--data", "digits", "--conv-types", "static", "dynamic", "--seeds", "3",
+            "--epochs", "1", "--model-arg", "width=4", "--threads", "1", "--autotune",
+            "--autotune-cache", str(cache)]
+    tuning.reset_autotune()
+    try:
+        assert main([*argv, "--out", str(tmp_path / "a")]) == 0
+        printed = capsys.readouterr().out
+        timed = re.search(r"autotune: (\d+) shapes: (\d+) timed in [\d.]+ s", printed)
+        assert timed and int(timed[1]) == int(timed[2]) > 0, printed
+        assert "- **autotune**: " in (tmp_path / "a" / "table.md").read_text()
+        entries = json.loads(cache.read_text())["sections"].popitem()[1]
+        assert len(entries) == int(timed[1])
+        assert all(key.startswith("mixture_conv2d ") for key in entries)  # DY-Conv's layers
+        tuning.reset_autotune()  # as a new process: the choices come from the file
+        assert main([*argv, "--out", str(tmp_path / "b")]) == 0
+        printed = capsys.readouterr().out
+        assert f"autotune: {timed[1]} shapes: 0 timed in 0.0 s, {timed[1]} from the cache " \
+               f"{cache}" in printed
+    finally:
+        tuning.reset_autotune()
 
 
 @pytest.mark.parametrize("command", [[], ["compare"], ["train"]])

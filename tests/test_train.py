@@ -7,6 +7,7 @@ import csv
 import json
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -269,10 +270,15 @@ def test_two_processes_under_torchrun(tmp_path: Path) -> None:
                "--nproc-per-node", "2", "-m", "dynconv", "train", "--data", "digits",
                "--conv-type", "dynamic",
                "--model-arg", "width=8", "--epochs", "1", "--batch-size", "32",
-               "--temperature-epochs", "1", "--threads", "1", "--out", str(out)]
+               "--temperature-epochs", "1", "--threads", "1", "--out", str(out),
+               "--autotune", "--autotune-cache", str(tmp_path / "autotune.json")]
     done = subprocess.run(command, env=_ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("final test accuracy") == 1  # process 0 reports, once
+    # autotuned: rank 0 timed the shapes (the other process received its choices), reported once
+    tuned = re.findall(r"^autotune: \d+ shapes: (\d+) timed in ", done.stdout, re.M)
+    assert len(tuned) == 1 and int(tuned[0]) > 0, done.stdout
+    assert json.loads((tmp_path / "autotune.json").read_text())["sections"]
     assert "2 processes" in done.stdout
     state = read_checkpoint(out / "checkpoint.pt")
     assert state["position"] == {"epoch": 1, "batch": 0}

@@ -8,10 +8,12 @@ fastest and reuses it.
 are needed and the autocast state. With gradients, a formulation is timed forward and backward.
 The choices can be carried to the next run by a cache file, one section per device name, torch
 version and dynconv version. In a distributed run (``torch.distributed`` initialised, more than
-one process) rank 0 decides every key (from its cache or by timing) and every process receives
-its choice (with the other processes' keys, checked to be the same), so that every rank runs
-the same formulation; the processes must then meet the keys in the same
-order (the same model on batches of the same shape, as DistributedDataParallel runs them).
+one process) rank 0 decides every key that needs gradients (from its cache or by timing) and
+every process receives its choice (with the other processes' keys, checked to be the same), so
+that every rank trains with the same formulation; the processes must then meet those keys in
+the same order (the same model on batches of the same shape, as DistributedDataParallel
+trains). Keys without gradients (evaluation, whose shards may differ between processes) are
+decided by each process for itself.
 
 Tuning never runs while a model is compiled, traced or exported, inside a backward, or under
 saved-tensor hooks of the caller (activation checkpointing recomputes the forward and expects
@@ -211,7 +213,9 @@ def choose(
         t is not None and t.requires_grad for t in tensors)
     key = _key(op, tensors, geometry, needs_grad)
     choice = _choices.get(key)
-    distributed = _world_size() > 1
+    # the training step runs in lockstep under DistributedDataParallel; evaluation need not
+    # (its shards may differ in size): only keys with gradients are agreed between processes
+    distributed = needs_grad and _world_size() > 1
     if distributed and key not in _agreed:
         if torch.distributed.get_rank() != 0:
             choice = _agree(key, None)  # rank 0's, from its cache or its timing
