@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # The torch builds we develop and test against (the package itself keeps a lower bound only).
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test lint bench bench-yolo clean
+.PHONY: demo test lint bench bench-gpu bench-yolo clean
 
 # Two set-ups. `make demo` installs what the main job imports: the pinned torch build and the
 # package with its base dependencies, and fetches MNIST (below). `make test` adds the extras the
@@ -53,6 +53,14 @@ lint: $(STAMP)
 bench: $(STAMP)
 	mkdir -p runs
 	PYTHONPATH=src $(PY) benchmarks/run.py --output runs/bench.md $(ARGS)
+
+# The device report (docs/performance.md): every layer type at batch 1-128 in float32 and bfloat16
+# against nn.Conv2d and the seeds, the dispatch rule's and autotune's picks, ResNet-18/50 and
+# YOLOv8n steps and peak memory, on one CUDA device, written to runs/bench-gpu.md (under 8
+# minutes on a GPU). `make bench-gpu ARGS="--device cpu --quick"` runs it on the CPU.
+bench-gpu: $(STAMP)
+	mkdir -p runs
+	PYTHONPATH=src $(PY) benchmarks/run.py --tables device --device cuda --output runs/bench-gpu.md $(ARGS)
 
 # Stock Ultralytics YOLO against the shipped dynamic YAMLs: params, GFLOPs, s/epoch (~20 min).
 bench-yolo: $(STAMP)

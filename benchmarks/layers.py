@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from dynconv import DRConv2d, DynamicConv2d, ODConv2d
 from dynconv.functional import mixout_through_im2col
+from dynconv.functional.dispatch import rule_for
 from dynconv.functional.mixture import _choose_mixture_method
 from dynconv.functional.per_sample import _choose_per_sample_method
 from dynconv.functional.region import _choose_region_method
@@ -114,8 +115,9 @@ def path(kind: str, layer: nn.Module, x: Tensor, backward: bool) -> str:
         spatial = kind == "ODConv" and layer.attention.spatial_fc is not None
         method = _choose_mixture_method(x, layer.kernels, geometry, spatial)
     if method == "mixout":
-        return "mixout im2col" if mixout_through_im2col(spatial, h * w) else "mixout"
-    return _choose_per_sample_method(x.shape[0], h * w, backward, geometry)
+        through_im2col = mixout_through_im2col(spatial, h * w, rule_for(x.device))
+        return "mixout im2col" if through_im2col else "mixout"
+    return _choose_per_sample_method(x.shape[0], h * w, backward, geometry, x.device)
 
 
 def measure_cell(modules, shape: Shape, batch: int, device, budget: float, rounds, memory: bool):

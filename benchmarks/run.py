@@ -2,11 +2,14 @@
 
     PYTHONPATH=src python benchmarks/run.py [--quick] [--tables layers,models,dispatch,freed_memory]
         [--device cpu|cuda] [--threads N] [--output FILE.md]
+    PYTHONPATH=src python benchmarks/run.py --tables device --device cuda --output FILE.md
+        (make bench-gpu; --device cpu --quick runs it on the CPU in under 3 minutes)
 
 Prints markdown tables (and writes them to ``--output``): the layer tables (every layer type
 against ``nn.Conv2d`` and the seeds' formulation at ResNet-18 and YOLO shapes), the whole-model
 table (ResNet-18, eager and ``torch.compile``), the dispatch table (every formulation forced)
 and the freed-memory table (glibc's malloc as is against ``keep_freed_memory``, two processes).
+The device report (``--tables device``, benchmarks/device.py) is what ``make bench-gpu`` writes.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import device as device_report
 import dispatch
 import freed_memory
 import layers
@@ -29,6 +33,9 @@ from common import machine
 from dynconv import keep_freed_memory
 
 TABLES = ("layers", "models", "dispatch", "freed_memory")
+# the device report (make bench-gpu): every type at batch 1-128, float32 and bfloat16, the rule's
+# and autotune's picks, whole models; not part of the default tables
+REPORTS = ("device",)
 
 
 def main() -> None:
@@ -36,7 +43,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help="fewer shapes and batches, shorter budgets (a couple of minutes)")
     parser.add_argument("--tables", default=",".join(TABLES),
-                        help=f"comma-separated subset of {TABLES}")
+                        help=f"comma-separated subset of {TABLES + REPORTS}")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's, at most the cores)")
@@ -50,9 +57,9 @@ def main() -> None:
                              "as dynconv's train and compare commands do)")
     args = parser.parse_args()
     tables = [t for t in args.tables.split(",") if t]
-    unknown = sorted(set(tables) - set(TABLES))
+    unknown = sorted(set(tables) - set(TABLES + REPORTS))
     if unknown:
-        parser.error(f"unknown tables {unknown}; expected a subset of {TABLES}")
+        parser.error(f"unknown tables {unknown}; expected a subset of {TABLES + REPORTS}")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -74,6 +81,8 @@ def main() -> None:
             text = models.run(device, args.quick, budget, rounds, compile_)
         elif table == "dispatch":
             text = dispatch.run(device, args.quick, budget, rounds)
+        elif table == "device":
+            text = device_report.run(device, args.quick, budget, rounds)
         else:
             text = freed_memory.run(device, args.quick, budget, rounds)
         print("\n" + text + "\n", flush=True)

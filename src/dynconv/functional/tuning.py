@@ -22,6 +22,7 @@ the same formulation again): the rule decides there.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -29,7 +30,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,7 @@ _from_cache: set[TuneKey] = set()  # loaded keys not met yet
 _agreed: set[TuneKey] = set()  # keys agreed with rank 0 in this process
 _untuned: set[TuneKey] = set()  # keys left to the rule (over budget): never cached
 _timing = False  # a formulation is being timed: nested 'auto' calls take the rule
+_trace: list[tuple[str, str]] | None = None  # see trace()
 
 
 class autotune:
@@ -207,7 +209,11 @@ def choose(
         rule: the dispatch rule's choice.
     """
     if not _settings.enabled or _timing or not _may_tune(tensors[0]):
-        return rule()
+        return _traced(op, rule())
+    return _traced(op, _tuned(op, tensors, geometry, candidates, run, rule))
+
+
+def _tuned(op, tensors, geometry, candidates, run, rule) -> str:
     x = tensors[0]
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in tensors)
@@ -235,6 +241,32 @@ def choose(
     return choice
 
 
+@contextlib.contextmanager
+def trace() -> Iterator[list[tuple[str, str]]]:
+    """Record the formulation of every ``'auto'`` call in the block (forward calls, not those
+    made while timing): a list of (operation, formulation), filled as the calls run. A mixture
+    that the rule assembles into per-sample kernels shows two entries (``'aggregate'``, then
+    the per-sample method); a tuned one, one (``'aggregate/unfold'``)."""
+    global _trace
+    previous, _trace = _trace, []
+    try:
+        yield _trace
+    finally:
+        _trace = previous
+
+
+def _traced(op: str, choice: str) -> str:
+    if (_trace is not None and not _timing and not _in_backward()
+            and not torch.compiler.is_compiling()):
+        _trace.append((op, choice))
+    return choice
+
+
+def _in_backward() -> bool:
+    graph_task = getattr(torch._C, "_current_graph_task_id", None)
+    return graph_task is not None and graph_task() != -1
+
+
 def _count_if_cached(key: TuneKey) -> None:
     """Count ``key`` as taken from the cache, on its first use."""
     if key in _from_cache:
@@ -248,8 +280,7 @@ def _may_tune(x: Tensor) -> bool:
     inside a backward, not under the caller's saved-tensor hooks."""
     if x.is_meta or x.shape[0] == 0 or torch.compiler.is_compiling() or is_exporting():
         return False
-    graph_task = getattr(torch._C, "_current_graph_task_id", None)
-    if graph_task is not None and graph_task() != -1:
+    if _in_backward():
         return False
     top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
     return top is None or top(False) is None
