@@ -105,14 +105,22 @@ def per_sample_conv2d_unchecked(
 ) -> Tensor:
     """:func:`per_sample_conv2d` without its checks, for callers that made them: ``geometry``
     parsed, ``output_size`` (H_out, W_out) the output's, ``method`` valid for the batch."""
-    if method == "auto":
-        needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-        pixels = output_size[0] * output_size[1]
-        method = _choose_per_sample_method(x.shape[0], pixels, needs_grad, geometry)
+    method = resolve_per_sample_method(method, x, weight.requires_grad, geometry, output_size)
     xp, pad = pad_for_conv(x, geometry)
     args = (geometry.stride, pad, geometry.dilation, geometry.groups)
     out = _PER_SAMPLE_IMPLS[method](xp, weight, bias, *args)
     return match_memory_format(out, x)
+
+
+def resolve_per_sample_method(method: str, x: Tensor, weight_requires_grad: bool,
+                              geometry: ConvGeometry, output_size: Pair) -> str:
+    """``method``, or for ``'auto'`` the formulation the dispatch rule picks for input ``x`` and
+    kernels that do (or not) require gradients."""
+    if method != "auto":
+        return method
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight_requires_grad)
+    pixels = output_size[0] * output_size[1]
+    return _choose_per_sample_method(x.shape[0], pixels, needs_grad, geometry)
 
 
 def _is_pointwise(geometry: ConvGeometry) -> bool:

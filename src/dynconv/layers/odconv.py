@@ -148,27 +148,27 @@ class ODConv2d(KernelBankConv):
         x, unbatched, output_size = self._check_input_size(x)
         att = self.attentions(x)
         n, dtype = x.shape[0], x.dtype
-        xp, geometry = self._pad(x * att.channel.to(dtype).reshape(n, self.in_channels, 1, 1))
-        if self.is_pointwise_static:
-            out = F.conv2d(xp, self.weight, None, **self._conv_kwargs(geometry))
-        else:
+        if not self.is_pointwise_static:
+            # The mixture applies all four attentions: where it assembles per-sample kernels
+            # with gradients, the channel and filter attentions weight the kernels, so that no
+            # activation-sized product of them is kept for backward.
             coefficients = (
                 self.weight.new_ones(n, 1) if att.kernel is None
                 else att.kernel.to(self.weight.dtype)
             )
             spatial = None if att.spatial is None else att.spatial.to(self.weight.dtype)
             check_mixture_method(self.method)
-            out = mixture_conv2d_unchecked(xp, coefficients, self.kernels, None, geometry,
-                                           output_size, spatial=spatial, method=self.method)
+            xp, geometry = self._pad(x)
+            out = mixture_conv2d_unchecked(
+                xp, coefficients, self.kernels, self.bias, geometry, output_size,
+                spatial=spatial, channel=att.channel, filter=att.filter, method=self.method)
+            return out.squeeze(0) if unbatched else out
+        xp, geometry = self._pad(x * att.channel.to(dtype).reshape(n, self.in_channels, 1, 1))
+        out = F.conv2d(xp, self.weight, None, **self._conv_kwargs(geometry))
         if att.filter is not None:
             out = out * att.filter.to(out.dtype).reshape(n, self.out_channels, 1, 1)
-        if self.bias is not None:
-            if att.kernel is None:
-                bias = self.bias[0].reshape(1, self.out_channels, 1, 1)
-            else:
-                bias = att.kernel.to(self.bias.dtype) @ self.bias
-                bias = bias.reshape(n, self.out_channels, 1, 1)
-            out = out + bias.to(out.dtype)  # the convolution's dtype (autocast's), as nn.Conv2d
+        if self.bias is not None:  # the convolution's dtype (autocast's), as nn.Conv2d
+            out = out + self.bias[0].reshape(1, self.out_channels, 1, 1).to(out.dtype)
         return out.squeeze(0) if unbatched else out
 
     official_layouts: ClassVar[dict[str, str]] = {
