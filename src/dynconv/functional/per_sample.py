@@ -220,6 +220,14 @@ def _im2col(x: Tensor, groups: int, kernel_size: Pair, dilation, padding, stride
     return cols.reshape(x.shape[0], groups, cols.shape[1] // groups, cols.shape[-1])
 
 
+def compact(t: Tensor) -> Tensor:
+    """``t``, copied if its storage is larger than it needs: ``F.fold``'s result keeps a buffer
+    the size of its columns (kH * kW times larger), which would live as long as the result."""
+    if t.untyped_storage().nbytes() > t.numel() * t.element_size():
+        return t.clone(memory_format=torch.contiguous_format)
+    return t
+
+
 class _Im2colProduct(torch.autograd.Function):
     """``kernels @ im2col(x)`` [N, g, C_out/g, P] that keeps ``x`` for backward instead of the
     im2col buffer, kH * kW times larger (a ResNet-18 8x8 layer at batch 64: 38 MB against
@@ -253,8 +261,8 @@ class _Im2colProduct(torch.autograd.Function):
             # [N, g, C_in/g * kH * kW, P]
             grad_cols = torch.matmul(kernels.to(grad.dtype).transpose(-1, -2), grad)
             grad_cols = grad_cols.to(x.dtype).flatten(1, 2)
-            grad_x = F.fold(grad_cols, x.shape[-2:], kernel_size, dilation=dilation,
-                            padding=padding, stride=stride)
+            grad_x = compact(F.fold(grad_cols, x.shape[-2:], kernel_size, dilation=dilation,
+                                    padding=padding, stride=stride))
         return grad_x, grad_kernels, None, None, None, None
 
 
