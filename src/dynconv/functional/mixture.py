@@ -293,7 +293,7 @@ class _MixedKernels:
 # With gradients, the aggregate assembles, uses and differentiates the per-sample kernels a chunk
 # of samples at a time (_ChunkedAggregate) once the batch's kernels reach is_recomputed's size;
 # a chunk holds at most this many bytes of kernels (at least one sample).
-_CHUNK_KERNEL_BYTES = 8 * 2**20
+_CHUNK_KERNEL_BYTES = 16 * 2**20
 
 
 def _aggregate_in_chunks(
@@ -500,7 +500,11 @@ class _ChunkedAggregate(torch.autograd.Function):
             if needs[1]:
                 grads[1].append(grad_mix @ bank.reshape(bank.shape[0], -1).to(grad_mix.dtype).T)
             if needs[2]:
-                chunk_grad = (coefficients[rows].to(grad_mix.dtype).T @ grad_mix).to(bank.dtype)
+                coefficients_t = coefficients[rows].to(grad_mix.dtype).T
+                if in_place and grad_bank is not None and grad_bank.dtype == grad_mix.dtype:
+                    grad_bank.addmm_(coefficients_t, grad_mix)  # no product to add
+                    continue
+                chunk_grad = (coefficients_t @ grad_mix).to(bank.dtype)
                 if grad_bank is None:
                     grad_bank = chunk_grad
                 elif in_place:

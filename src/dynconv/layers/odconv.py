@@ -34,10 +34,11 @@ class ODConv2d(KernelBankConv):
         y_n = conv(x_n, W_n) + sum_k a_w[k] b_k
 
     computed as ``a_f * conv(a_c * x_n, a_s * sum_k a_w[k] W_k)``: the channel and filter
-    attentions act on the activations, the kernel attention is reduced first (one matrix
-    product) and the spatial attention scales the K-reduced kernel, all in
-    :func:`dynconv.functional.mixture_conv2d`. A 1x1 layer with K = 1 is a plain convolution
-    between the two activation scalings.
+    attentions act on the activations (with gradients, on the per-sample kernels where those
+    are the smaller, so that no weighted activation is kept for backward), the kernel attention
+    is reduced first (one matrix product) and the spatial attention scales the K-reduced
+    kernel, all in :func:`dynconv.functional.mixture_conv2d`. A 1x1 layer with K = 1 is a
+    plain convolution between the two activation scalings.
 
     {conv_args}
 
