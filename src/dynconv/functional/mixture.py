@@ -25,9 +25,9 @@ from ._common import (
 )
 from .per_sample import (
     PerSampleMethod,
-    _im2col,
     check_per_sample_method,
     compact,
+    im2col,
     is_recomputed,
     per_sample_conv2d_unchecked,
     resolve_per_sample_method,
@@ -370,7 +370,7 @@ def _chunk_conv(method: str, x: Tensor, w: Tensor, conv: tuple) -> Tensor:
     _, kernel_size, stride, padding, dilation, groups, (h_out, w_out), _, _ = conv
     n, _, c_out_g, c_in_g, taps = w.shape
     if method == "unfold":
-        cols = _im2col(x, groups, kernel_size, dilation, padding, stride)
+        cols = im2col(x, groups, kernel_size, dilation, padding, stride)
         out = torch.matmul(w.reshape(n, groups, c_out_g, c_in_g * taps), cols)
     else:
         out = F.conv2d(x.reshape(1, -1, *x.shape[-2:]),
@@ -467,7 +467,7 @@ class _ChunkedAggregate(torch.autograd.Function):
                         grad_x_c = compact(grad_x_c)
                 del w
                 if kernels_need_grad:
-                    cols = _im2col(x_c, groups, kernel_size, dilation, padding, stride)
+                    cols = im2col(x_c, groups, kernel_size, dilation, padding, stride)
                     grad_w = torch.matmul(g4, cols.to(grad.dtype).transpose(-1, -2))
                     del cols
             else:

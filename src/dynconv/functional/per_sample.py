@@ -198,7 +198,7 @@ def _unfold(x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dil
                      n * groups * c_in_g * kh * kw * h_out * w_out * x.element_size()):
         out = _Im2colProduct.apply(x, kernels, (kh, kw), dilation, padding, stride)
     else:
-        out = torch.matmul(kernels, _im2col(x, groups, (kh, kw), dilation, padding, stride))
+        out = torch.matmul(kernels, im2col(x, groups, (kh, kw), dilation, padding, stride))
     out = out.reshape(n, c_out, h_out, w_out)
     if bias is not None:  # in the product's dtype (autocast's), as F.conv2d adds its bias
         out = out + bias.reshape(n, c_out, 1, 1).to(out.dtype)
@@ -214,7 +214,7 @@ def is_recomputed(needs_grad: bool, nbytes: int) -> bool:
     return nbytes >= _RECOMPUTE_MIN_BYTES
 
 
-def _im2col(x: Tensor, groups: int, kernel_size: Pair, dilation, padding, stride) -> Tensor:
+def im2col(x: Tensor, groups: int, kernel_size: Pair, dilation, padding, stride) -> Tensor:
     """The unfolded input [N, groups, C_in/groups * kH * kW, H_out * W_out]."""
     cols = F.unfold(x, kernel_size, dilation=dilation, padding=padding, stride=stride)
     return cols.reshape(x.shape[0], groups, cols.shape[1] // groups, cols.shape[-1])
@@ -236,7 +236,7 @@ class _Im2colProduct(torch.autograd.Function):
 
     @staticmethod
     def forward(x, kernels, kernel_size, dilation, padding, stride):
-        return torch.matmul(kernels, _im2col(x, kernels.shape[1], kernel_size, dilation, padding,
+        return torch.matmul(kernels, im2col(x, kernels.shape[1], kernel_size, dilation, padding,
                                              stride))
 
     @staticmethod
@@ -254,7 +254,7 @@ class _Im2colProduct(torch.autograd.Function):
         kernel_size, dilation, padding, stride = ctx.geometry
         grad_x = grad_kernels = None
         if ctx.needs_input_grad[1]:
-            cols = _im2col(x, ctx.groups, kernel_size, dilation, padding, stride).to(grad.dtype)
+            cols = im2col(x, ctx.groups, kernel_size, dilation, padding, stride).to(grad.dtype)
             grad_kernels = torch.matmul(grad, cols.transpose(-1, -2)).to(ctx.kernels_dtype)
             del cols  # before the input's gradient, which needs as much memory again
         if ctx.needs_input_grad[0]:
