@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from unittest import mock
 
 import torch
 from torch import Tensor
+
+from dynconv.functional import mixture, per_sample
 
 TOL = {"rtol": 1e-10, "atol": 1e-10}
 
@@ -40,3 +44,26 @@ def assert_same_outputs_and_grads(
             assert other is None or not other.any(), f"input {i}: only one side has a gradient"
             continue
         torch.testing.assert_close(g, rg, **tol, msg=lambda m, i=i: f"input {i}: {m}")
+
+
+@contextlib.contextmanager
+def recomputing(chunk_bytes: int = 1) -> Iterator[None]:
+    """Per-sample kernels (the aggregate method) and im2col buffers (the unfold method)
+    recomputed in backward at any size; with gradients, the aggregate through 'grouped' or
+    'unfold' runs in chunks of ``chunk_bytes`` of kernels (1: one sample a chunk)."""
+    with mock.patch.object(per_sample, "_RECOMPUTE_MIN_BYTES", 0), \
+            mock.patch.object(mixture, "_CHUNK_KERNEL_BYTES", chunk_bytes):
+        yield
+
+
+def saved_storages(fn: Callable[[], object]) -> dict[int, int]:
+    """What autograd keeps for backward while ``fn()`` runs: bytes per distinct storage."""
+    saved: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return saved

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import math
-from unittest import mock
-
 import pytest
 import torch
 from hypothesis import example, given, settings
@@ -18,21 +15,14 @@ from dynconv.functional import (
     mixture_conv2d,
     per_sample_conv2d,
 )
-from dynconv.functional import per_sample as per_sample_module
 from dynconv.functional.mixture import _choose_mixture_method
 from dynconv.functional.per_sample import _choose_per_sample_method
 from dynconv.testing import reference_per_sample_conv2d
 
-from helpers import assert_same_outputs_and_grads
+from helpers import assert_same_outputs_and_grads, recomputing, saved_storages
 from strategies import EMPTY_BATCH, ConvConfig, conv_configs
 
 F64 = torch.float64
-
-
-def _recomputing():
-    """Per-sample kernels (the aggregate method) and im2col buffers (the unfold method)
-    recomputed in backward at any size."""
-    return mock.patch.object(per_sample_module, "_RECOMPUTE_MIN_BYTES", 0)
 
 
 def _tensors(cfg: ConvConfig, generator: torch.Generator, num_kernels: int | None = None):
@@ -63,7 +53,7 @@ def test_per_sample_conv2d_matches_reference(cfg: ConvConfig, seed: int) -> None
             lambda: reference_per_sample_conv2d(x, w, b, **kw),
             inputs,
         )
-    with _recomputing():  # the im2col buffer unfolded again in backward
+    with recomputing():  # the im2col buffer unfolded again in backward
         assert_same_outputs_and_grads(
             lambda: per_sample_conv2d(x, w, b, **kw, method="unfold"),
             lambda: reference_per_sample_conv2d(x, w, b, **kw),
@@ -76,9 +66,11 @@ def test_per_sample_conv2d_matches_reference(cfg: ConvConfig, seed: int) -> None
     cfg=conv_configs(padding_modes=("zeros",)),
     num_kernels=st.integers(1, 4),
     seed=st.integers(0, 2**31 - 1),
+    chunked=st.sampled_from(["auto", "grouped", "unfold"]),
 )
-@example(cfg=EMPTY_BATCH, num_kernels=3, seed=0)
-def test_mixture_conv2d_matches_reference(cfg: ConvConfig, num_kernels: int, seed: int) -> None:
+@example(cfg=EMPTY_BATCH, num_kernels=3, seed=0, chunked="unfold")
+def test_mixture_conv2d_matches_reference(cfg: ConvConfig, num_kernels: int, seed: int,
+                                          chunked: str) -> None:
     gen = torch.Generator().manual_seed(seed)
     x, bank, bias_bank = _tensors(cfg, gen, num_kernels)
     coeffs = torch.randn(cfg.batch, num_kernels, dtype=F64, generator=gen).requires_grad_()
@@ -91,16 +83,18 @@ def test_mixture_conv2d_matches_reference(cfg: ConvConfig, num_kernels: int, see
         return reference_per_sample_conv2d(x, weight, bias, **kw)
 
     _check_every_mixture_method(lambda **m: mixture_conv2d(x, coeffs, bank, bias_bank, **kw, **m),
-                                reference, inputs)
+                                reference, inputs, chunked)
 
 
-def _check_every_mixture_method(mixture, reference, inputs) -> None:
+def _check_every_mixture_method(mixture, reference, inputs, chunked: str = "auto") -> None:
     """``mixture(method=...)`` against ``reference`` for every method, and with the per-sample
-    kernels and im2col buffers recomputed in backward."""
+    kernels and im2col buffers recomputed in backward: the aggregate through per-sample method
+    ``chunked``, one sample a chunk where it is 'grouped' or 'unfold'."""
     for method in MIXTURE_METHODS:
         assert_same_outputs_and_grads(lambda m=method: mixture(method=m), reference, inputs)
-    with _recomputing():
-        assert_same_outputs_and_grads(lambda: mixture(method="aggregate"), reference, inputs)
+    with recomputing():
+        assert_same_outputs_and_grads(
+            lambda: mixture(method="aggregate", per_sample_method=chunked), reference, inputs)
 
 
 def test_mix_kernels_is_the_weighted_sum_of_the_bank() -> None:
@@ -240,26 +234,38 @@ def test_torch_compile_small_case() -> None:
     cfg=conv_configs(padding_modes=("zeros",)),
     num_kernels=st.integers(1, 4),
     seed=st.integers(0, 2**31 - 1),
+    attentions=st.tuples(st.booleans(), st.booleans()),
+    chunked=st.sampled_from(["auto", "grouped", "unfold"]),
 )
-@example(cfg=EMPTY_BATCH, num_kernels=3, seed=0)
+@example(cfg=EMPTY_BATCH, num_kernels=3, seed=0, attentions=(True, True), chunked="grouped")
 def test_mixture_conv2d_with_spatial_weight_matches_reference(
-    cfg: ConvConfig, num_kernels: int, seed: int
+    cfg: ConvConfig, num_kernels: int, seed: int, attentions: tuple[bool, bool], chunked: str
 ) -> None:
+    """With ODConv's spatial weight, and its channel and filter weights when drawn (on the
+    kernels or on the activations, by the maps' sizes), against the definition."""
     gen = torch.Generator().manual_seed(seed)
     x, bank, bias_bank = _tensors(cfg, gen, num_kernels)
-    coeffs = torch.randn(cfg.batch, num_kernels, dtype=F64, generator=gen).requires_grad_()
-    spatial = torch.randn(cfg.batch, *cfg.kernel_size, dtype=F64, generator=gen).requires_grad_()
-    inputs = [t for t in (x, coeffs, bank, bias_bank, spatial) if t is not None]
+    n, c_in, c_out = cfg.batch, cfg.in_channels, cfg.out_channels
+    coeffs = torch.randn(n, num_kernels, dtype=F64, generator=gen).requires_grad_()
+    spatial = torch.randn(n, *cfg.kernel_size, dtype=F64, generator=gen).requires_grad_()
+    channel, filter_ = (torch.randn(n, c, dtype=F64, generator=gen).requires_grad_() if drawn
+                        else None for c, drawn in zip((c_in, c_out), attentions, strict=True))
+    inputs = [t for t in (x, coeffs, bank, bias_bank, spatial, channel, filter_) if t is not None]
     kw = cfg.conv_kwargs()
 
     def reference():
         weight = torch.einsum("nk,koihw->noihw", coeffs, bank) * spatial[:, None, None]
         bias = None if bias_bank is None else coeffs @ bias_bank
-        return reference_per_sample_conv2d(x, weight, bias, **kw)
+        xc = x if channel is None else x * channel[:, :, None, None]
+        out = reference_per_sample_conv2d(xc, weight, None, **kw)
+        if filter_ is not None:
+            out = out * filter_[:, :, None, None]
+        return out if bias is None else out + bias[:, :, None, None]
 
     _check_every_mixture_method(
-        lambda **m: mixture_conv2d(x, coeffs, bank, bias_bank, **kw, spatial=spatial, **m),
-        reference, inputs)
+        lambda **m: mixture_conv2d(x, coeffs, bank, bias_bank, **kw, spatial=spatial,
+                                   channel=channel, filter=filter_, **m),
+        reference, inputs, chunked)
 
 
 def test_recomputed_im2col_supports_double_backward() -> None:
@@ -271,7 +277,7 @@ def test_recomputed_im2col_supports_double_backward() -> None:
         return per_sample_conv2d(x, w, stride=(2, 1), padding=(1, 2), dilation=(1, 2), groups=2,
                                  method="unfold")
 
-    with _recomputing():
+    with recomputing():
         assert torch.autograd.gradcheck(fn, (x, w))
         assert torch.autograd.gradgradcheck(fn, (x, w))
 
@@ -290,7 +296,7 @@ def test_recomputed_im2col_under_autocast() -> None:
         return torch.autograd.grad(out.float().square().sum(), (x, w))
 
     kept = grads()
-    with _recomputing():
+    with recomputing():
         recomputed = grads()
     for got, expected in zip(recomputed, kept, strict=True):
         assert got.dtype == torch.float32
@@ -316,10 +322,15 @@ def test_recomputed_kernels_under_autocast(with_spatial: bool, per_sample_method
         return [out, *torch.autograd.grad(out.float().square().sum(), inputs)]
 
     kept = run()
-    with _recomputing():
+    with recomputing(chunk_bytes=2**30):  # the whole batch a chunk
         recomputed = run()
     for got, expected in zip(recomputed, kept, strict=True):
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    with recomputing():  # a sample a chunk: the bank's gradient a float32 sum of bfloat16
+        chunked = run()  # products, where the kept kernels' is one bfloat16 product
+    for got, expected in zip(chunked, kept, strict=True):
+        assert got.dtype == expected.dtype
+        assert (got.float() - expected.float()).norm() <= 1e-2 * expected.float().norm()
 
 
 def test_recomputed_im2col_is_not_kept_between_forward_and_backward() -> None:
@@ -338,7 +349,7 @@ def test_recomputed_im2col_is_not_kept_between_forward_and_backward() -> None:
         out.sum().backward()
 
     kept = peak_bytes_of(step)
-    with _recomputing():
+    with recomputing():
         recomputed = peak_bytes_of(step)
     cols = 16 * 32 * 9 * 64 * 4  # one layer's im2col buffer: 1.2 MB
     # kept: all six at the start of backward; recomputed: one at a time (measured: 4.6 MB less)
@@ -358,13 +369,15 @@ def test_recomputed_kernels_support_double_backward(with_spatial: bool) -> None:
         return mixture_conv2d(x, c, k, padding=1, spatial=s, method="aggregate",
                               per_sample_method="unfold")
 
-    with _recomputing():
+    with recomputing():
         assert torch.autograd.gradgradcheck(fn, inputs)
 
 
 def test_callers_saved_tensor_hooks_see_every_tensor() -> None:
     """Inside the caller's own hooks (save_on_cpu, checkpointing), the mixture does not push
-    hooks of its own, which would take precedence: every saved tensor reaches the caller's."""
+    hooks of its own, which would take precedence: every saved tensor reaches the caller's.
+    (The per-sample method 'loop' keeps the kernels for backward; 'grouped' and 'unfold' with
+    gradients save none, see test_chunked_aggregate_saves_no_kernels.)"""
     gen = torch.Generator().manual_seed(6)
     x = torch.randn(4, 8, 6, 6, dtype=F64, generator=gen, requires_grad=True)
     coeffs = torch.randn(4, 3, dtype=F64, generator=gen, requires_grad=True)
@@ -375,10 +388,11 @@ def test_callers_saved_tensor_hooks_see_every_tensor() -> None:
         seen.append(t.shape)
         return t
 
-    with _recomputing(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = mixture_conv2d(x, coeffs, bank, padding=1, method="aggregate")
-    # the per-sample kernels (4 x 8 x 8 x 3 x 3 values, in whatever view the matmul saved)
-    assert any(math.prod(shape) == 4 * 8 * 8 * 9 for shape in seen), seen
+    with recomputing(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = mixture_conv2d(x, coeffs, bank, padding=1, method="aggregate",
+                             per_sample_method="loop")
+    # the per-sample kernels, one [8, 8, 3, 3] a sample for its convolution
+    assert sum(shape == (8, 8, 3, 3) for shape in seen) == 4, seen
     out.sum().backward()
     assert bank.grad is not None and x.grad is not None
 
@@ -407,7 +421,7 @@ def test_recomputed_kernels_are_not_kept_between_forward_and_backward(
         out.sum().backward()
 
     kept = peak_bytes_of(step)
-    with _recomputing():
+    with recomputing():
         recomputed = peak_bytes_of(step)
     kernels = 16 * banks[0][0].numel() * 4  # one layer's per-sample kernels: 2.4 MB
     # the kernels, and with a spatial weight also the unweighted mix the product saves
@@ -466,3 +480,72 @@ def test_mixout_on_both_sides_of_its_im2col_threshold(size, groups):
     torch.testing.assert_close(out, ref)
     for got, expected in zip(grads, ref_grads):
         torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("per_sample_method", ["grouped", "unfold"])
+@pytest.mark.parametrize("with_attentions", [False, True])
+def test_chunked_aggregate_saves_no_kernels(per_sample_method: str, with_attentions: bool) -> None:
+    """With gradients and kernels of is_recomputed's size, the aggregate keeps for backward only
+    its inputs (input, coefficients, bank, attentions), nothing kernel-sized: the per-sample
+    kernels exist a chunk at a time. Also inside the caller's own saved-tensor hooks, which
+    count here what is saved."""
+    gen = torch.Generator().manual_seed(12)
+    n, c, k = 8, 16, 4
+    x = torch.randn(n, c, 12, 12, generator=gen, requires_grad=True)
+    coeffs = torch.randn(n, k, generator=gen).softmax(1).requires_grad_()
+    bank = torch.randn(k, c, c, 3, 3, generator=gen, requires_grad=True)
+    attention = {} if not with_attentions else {
+        "spatial": torch.rand(n, 3, 3, generator=gen, requires_grad=True),
+        "channel": torch.rand(n, c, generator=gen, requires_grad=True),
+        "filter": torch.rand(n, c, generator=gen, requires_grad=True)}
+    with recomputing(chunk_bytes=2 * bank[0].numel() * 4):  # two samples a chunk
+        saved = saved_storages(lambda: mixture_conv2d(
+            x, coeffs, bank, padding=1, method="aggregate", per_sample_method=per_sample_method,
+            **attention))
+    inputs = [x, coeffs, bank, *attention.values()]
+    assert set(saved) == {t.untyped_storage().data_ptr() for t in inputs}, saved
+
+
+@pytest.mark.parametrize("per_sample_method", ["grouped", "unfold"])
+@pytest.mark.parametrize("size", [3, 9])  # the channel and filter weights on the activations
+def test_chunked_aggregate_uneven_chunks_and_double_backward(per_sample_method: str,
+                                                             size: int) -> None:
+    """Five samples in chunks of two, with every attention (on the kernels at 9x9, on the
+    activations at 3x3), a group and a stride: the definition's outputs and gradients in
+    float64, and double backward."""
+    gen = torch.Generator().manual_seed(13)
+    n, c_in, c_out, k, g = 5, 4, 6, 3, 2
+    x = torch.randn(n, c_in, size, size, dtype=F64, generator=gen, requires_grad=True)
+    coeffs = torch.randn(n, k, dtype=F64, generator=gen, requires_grad=True)
+    bank = torch.randn(k, c_out, c_in // g, 3, 2, dtype=F64, generator=gen, requires_grad=True)
+    bias_bank = torch.randn(k, c_out, dtype=F64, generator=gen, requires_grad=True)
+    spatial = torch.randn(n, 3, 2, dtype=F64, generator=gen, requires_grad=True)
+    channel = torch.randn(n, c_in, dtype=F64, generator=gen, requires_grad=True)
+    filter_ = torch.randn(n, c_out, dtype=F64, generator=gen, requires_grad=True)
+    inputs = (x, coeffs, bank, bias_bank, spatial, channel, filter_)
+    kw = {"stride": (2, 1), "padding": (1, 0), "groups": g}
+
+    def fn(x, c, k, b, s, a_c, a_f):
+        return mixture_conv2d(x, c, k, b, **kw, spatial=s, channel=a_c, filter=a_f,
+                              method="aggregate", per_sample_method=per_sample_method)
+
+    def reference():
+        weight = torch.einsum("nk,koihw->noihw", coeffs, bank) * spatial[:, None, None]
+        out = reference_per_sample_conv2d(x * channel[:, :, None, None], weight, None, **kw)
+        return out * filter_[:, :, None, None] + (coeffs @ bias_bank)[:, :, None, None]
+
+    with recomputing(chunk_bytes=2 * bank[0].numel() * 8):
+        assert_same_outputs_and_grads(lambda: fn(*inputs), reference, inputs)
+        assert torch.autograd.gradgradcheck(fn, inputs)
+
+
+def test_fold_keeps_no_columns_sized_buffer() -> None:
+    """The input's gradient of the recomputed im2col product is its own size, not the size of
+    the columns F.fold made it from (9x here)."""
+    gen = torch.Generator().manual_seed(14)
+    x = torch.randn(4, 8, 6, 6, generator=gen, requires_grad=True)
+    w = torch.randn(4, 8, 8, 3, 3, generator=gen, requires_grad=True)
+    with recomputing():
+        out = per_sample_conv2d(x, w, padding=1, method="unfold")
+    (grad_x,) = torch.autograd.grad(out.sum(), x)
+    assert grad_x.untyped_storage().nbytes() == x.numel() * 4

@@ -16,7 +16,7 @@ from dynconv import ODConv2d
 from dynconv.functional import MIXTURE_METHODS
 from dynconv.testing import reference_odconv2d
 
-from helpers import assert_same_outputs_and_grads
+from helpers import assert_same_outputs_and_grads, recomputing, saved_storages
 from seed_layouts import OfficialODConv2d
 from strategies import ConvConfig, conv_configs
 
@@ -53,10 +53,11 @@ def _randomize(layer: nn.Module, scale: float = 1.0) -> None:
     temperature=st.sampled_from([1.0, 0.5, 30.0]),
     train=st.booleans(),
     method=st.sampled_from(MIXTURE_METHODS),
+    chunked=st.booleans(),
     seed=st.integers(0, 2**31 - 1),
 )
 def test_layer_matches_per_sample_reference(
-    cfg, pointwise, num_kernels, min_channels, norm, temperature, train, method, seed
+    cfg, pointwise, num_kernels, min_channels, norm, temperature, train, method, chunked, seed
 ):
     if pointwise:  # 1x1 kernels, and with K = 1 the plain-convolution fast path
         cfg = dataclasses.replace(cfg, kernel_size=(1, 1))
@@ -72,7 +73,31 @@ def test_layer_matches_per_sample_reference(
             layer(x)
         return
     inputs = [x, *layer.parameters()]
+    if chunked:  # the aggregate one sample a chunk, the attentions on its kernels or input
+        with recomputing():
+            assert_same_outputs_and_grads(lambda: layer(x), lambda: reference_odconv2d(layer, x),
+                                          inputs)
+        return
     assert_same_outputs_and_grads(lambda: layer(x), lambda: reference_odconv2d(layer, x), inputs)
+
+
+@pytest.mark.parametrize("size", [12, 6])
+def test_training_keeps_no_activation_weighted_by_an_attention(size: int) -> None:
+    """With gradients, the layer keeps its input for backward, not the input weighted by the
+    channel attention (recomputed) nor, at 12x12, the output before the filter attention (the
+    attentions weight the per-sample kernels there). At 6x6, where a sample's kernels are
+    larger than its output, the filter attention weights the output, which keeps that one
+    activation-sized tensor: cheaper than a pass over the kernels."""
+    torch.manual_seed(0)
+    layer = ODConv2d(16, 16, 3, padding=1)
+    layer.method = "aggregate"
+    x = torch.randn(8, 16, size, size, requires_grad=True)
+    with recomputing(chunk_bytes=2**30):
+        saved = saved_storages(lambda: layer(x))
+    activation = x.numel() * x.element_size()
+    large = {ptr for ptr, nbytes in saved.items() if nbytes >= activation}
+    extra = large - {t.untyped_storage().data_ptr() for t in (x, *layer.parameters())}
+    assert len(extra) == (0 if size == 12 else 1), saved
 
 
 # Every special case of the official layout, deterministically (the property test above draws

@@ -27,9 +27,12 @@ from .dispatch import DispatchRule, freed_memory_reused, rule_for
 from .per_sample import (
     PerSampleMethod,
     check_per_sample_method,
+    compact,
+    im2col,
     is_recomputed,
     per_sample_candidates,
     per_sample_conv2d_unchecked,
+    resolve_per_sample_method,
 )
 
 MixtureMethod = Literal["auto", "aggregate", "mixout"]
@@ -47,6 +50,8 @@ def mixture_conv2d(
     groups: int = 1,
     *,
     spatial: Tensor | None = None,
+    channel: Tensor | None = None,
+    filter: Tensor | None = None,
     method: MixtureMethod = "auto",
     per_sample_method: PerSampleMethod = "auto",
 ) -> Tensor:
@@ -61,6 +66,10 @@ def mixture_conv2d(
         spatial: a per-sample weight of each kernel position [N, kH, kW], or ``None``: sample n's
             kernel becomes ``spatial[n] * sum_k coefficients[n, k] * bank[k]`` (broadcast over
             C_out and C_in/groups; ODConv's spatial attention). The biases are not weighted.
+        channel: a per-sample weight of each input channel [N, C_in], or ``None``: the input
+            is scaled by it (ODConv's channel attention).
+        filter: a per-sample weight of each output channel [N, C_out], or ``None``: the output
+            is scaled by it before the biases are added (ODConv's filter attention).
         method: ``'auto'``, ``'aggregate'`` (assemble the N kernels with one matrix product, then
             :func:`per_sample_conv2d`) or ``'mixout'`` (one dense product with K x C_out
             outputs, then a per-sample weighted sum: K times the MACs, but dense; with a
@@ -89,12 +98,14 @@ def mixture_conv2d(
             f"got {shape_list(bias_bank)}"
         )
     check_shape(spatial, "spatial", "[N, kH, kW]", [n, *bank.shape[-2:]], optional=True)
+    check_shape(channel, "channel", "[N, C_in]", [n, x.shape[1]], optional=True)
+    check_shape(filter, "filter", "[N, C_out]", [n, c_out], optional=True)
     check_mixture_method(method)
     geometry, output_size = check_conv(x, c_out, bank.shape[2], bank.shape[-2:], stride, padding,
                                        dilation, groups)
     return mixture_conv2d_unchecked(
-        x, coefficients, bank, bias_bank, geometry, output_size, spatial=spatial, method=method,
-        per_sample_method=per_sample_method,
+        x, coefficients, bank, bias_bank, geometry, output_size, spatial=spatial,
+        channel=channel, filter=filter, method=method, per_sample_method=per_sample_method,
     )
 
 
@@ -113,6 +124,8 @@ def mixture_conv2d_unchecked(
     output_size: Pair,
     *,
     spatial: Tensor | None = None,
+    channel: Tensor | None = None,
+    filter: Tensor | None = None,
     method: str = "auto",
     per_sample_method: str = "auto",
 ) -> Tensor:
@@ -125,11 +138,12 @@ def mixture_conv2d_unchecked(
     bias = None if bias_bank is None else coefficients @ bias_bank
     if method == "auto" and per_sample_method == "auto":
         method = tuning.choose(
-            "mixture_conv2d", (x, coefficients, bank, bias_bank, spatial), geometry,
-            lambda: _candidates(x, bank, geometry, output_size, spatial is not None),
+            "mixture_conv2d", (x, coefficients, bank, bias_bank, spatial, channel, filter),
+            geometry, lambda: _candidates(x, bank, geometry, output_size, spatial is not None),
             lambda m, t: mixture_conv2d_unchecked(
-                t[0], t[1], t[2], t[3], geometry, output_size, spatial=t[4],
-                method=m.split("/")[0], per_sample_method=m.partition("/")[2] or "auto"),
+                t[0], t[1], t[2], t[3], geometry, output_size, spatial=t[4], channel=t[5],
+                filter=t[6], method=m.split("/")[0],
+                per_sample_method=m.partition("/")[2] or "auto"),
             lambda: _choose_mixture_method(x, bank, geometry, spatial is not None, pixels))
         method, _, per_sample_method = method.partition("/")
         per_sample_method = per_sample_method or "auto"
@@ -137,6 +151,34 @@ def mixture_conv2d_unchecked(
         method = _choose_mixture_method(x, bank, geometry, spatial is not None, pixels)
     if method == "aggregate":
         check_per_sample_method(per_sample_method, n)
+        out = _aggregate_in_chunks(x, coefficients, bank, bias, geometry, output_size, spatial,
+                                   channel, filter, per_sample_method)
+        if out is not None:
+            return out
+    if channel is None and filter is None:
+        return _mixture(x, coefficients, bank, bias, geometry, output_size, spatial, method,
+                        per_sample_method)
+    # ODConv's channel and filter attentions on the activations (the padding, if any, commutes
+    # with a per-channel factor), the biases after the filter attention
+    if channel is not None:
+        x = x * channel.to(x.dtype).reshape(n, x.shape[1], 1, 1)
+    out = _mixture(x, coefficients, bank, None if filter is not None else bias, geometry,
+                   output_size, spatial, method, per_sample_method)
+    if filter is not None:
+        out = out * filter.to(out.dtype).reshape(n, bank.shape[1], 1, 1)
+        if bias is not None:
+            out = out + bias.reshape(n, bank.shape[1], 1, 1).to(out.dtype)
+    return out
+
+
+def _mixture(x: Tensor, coefficients: Tensor, bank: Tensor, bias: Tensor | None,
+             geometry: ConvGeometry, output_size: Pair, spatial: Tensor | None, method: str,
+             per_sample_method: str) -> Tensor:
+    """The aggregate (per-sample kernels, then :func:`per_sample_conv2d`) or mix-out of
+    :func:`mixture_conv2d_unchecked`, ``method`` decided, ``bias`` [N, C_out] mixed."""
+    n = x.shape[0]
+    pixels = output_size[0] * output_size[1]
+    if method == "aggregate":
         weights = _MixedKernels(coefficients, bank, spatial)
         if not weights.recompute_in_backward():
             return per_sample_conv2d_unchecked(x, weights.kernels(), bias, geometry, output_size,
@@ -268,6 +310,254 @@ class _MixedKernels:
                 self._stash = mix
             mix = self._weigh(mix)
         return mix.as_strided(shape, stride, offset)
+
+
+# With gradients, the aggregate assembles, uses and differentiates the per-sample kernels a chunk
+# of samples at a time (_ChunkedAggregate) once the batch's kernels reach is_recomputed's size;
+# a chunk holds at most this many bytes of kernels (at least one sample).
+_CHUNK_KERNEL_BYTES = 16 * 2**20
+
+
+def _aggregate_in_chunks(
+    x: Tensor, coefficients: Tensor, bank: Tensor, bias: Tensor | None, geometry: ConvGeometry,
+    output_size: Pair, spatial: Tensor | None, channel: Tensor | None, filter: Tensor | None,
+    per_sample_method: str,
+) -> Tensor | None:
+    """The aggregate by :class:`_ChunkedAggregate` where it runs: with gradients, kernels of at
+    least ``is_recomputed``'s size, and the per-sample method ``'grouped'`` or ``'unfold'``;
+    else ``None``. ``bias`` [N, C_out] is added after the filter attention."""
+    n, c_out = x.shape[0], bank.shape[1]
+    tensors = (x, coefficients, bank, spatial, channel, filter)
+    needs_grad = any(t is not None and t.requires_grad for t in tensors)
+    kernel_bytes = n * bank[0].numel() * bank.element_size()
+    if n == 0 or not is_recomputed(needs_grad, kernel_bytes):
+        return None
+    kernels_need_grad = any(t is not None and t.requires_grad for t in tensors[1:])
+    method = resolve_per_sample_method(per_sample_method, x, kernels_need_grad, geometry,
+                                       output_size)
+    if method not in ("grouped", "unfold"):
+        return None
+    if per_sample_method == "auto":
+        tuning.traced("per_sample_conv2d", method)  # the rule's pick, decided here
+    # ODConv's channel and filter attentions weight the kernels where a sample's kernels are no
+    # larger than its input (output): no activation-sized product of them is kept for backward;
+    # elsewhere (small maps) they weight the activations, which costs less than a pass over the
+    # kernels (C=256 8x8, N=64: 0.45 s against 0.30 s for forward+backward).
+    kernel_numel = bank[0].numel()
+    channel_on_input = channel is not None and kernel_numel > x[0].numel()
+    filter_after = filter is not None and kernel_numel > c_out * output_size[0] * output_size[1]
+    xp, pad = pad_for_conv(x, geometry)
+    chunk = max(1, _CHUNK_KERNEL_BYTES * n // kernel_bytes)
+    conv = (method, geometry.kernel_size, geometry.stride, pad, geometry.dilation,
+            geometry.groups, output_size, channel_on_input, chunk)
+    out = _ChunkedAggregate.apply(xp, coefficients, bank, spatial, channel,
+                                  None if filter_after else filter, conv)
+    if filter_after:
+        out = out * filter.to(out.dtype).reshape(n, c_out, 1, 1)
+    if bias is not None:  # in the product's dtype (autocast's), as F.conv2d adds its bias
+        out = out + bias.reshape(n, c_out, 1, 1).to(out.dtype)
+    return match_memory_format(out, x)
+
+
+def _kernel_scales(spatial: Tensor | None, channel: Tensor | None, filter: Tensor | None,
+                   shape: tuple[int, ...], conv: tuple) -> list[tuple[int, Tensor]]:
+    """The attentions that weight the per-sample kernels, viewed to broadcast over them as
+    [N, groups, C_out/g, C_in/g, kH * kW] (``shape`` without N), each with its input index in
+    :class:`_ChunkedAggregate` (the channel attention unless it weights the input)."""
+    groups, c_out_g, c_in_g, taps = shape
+    scales = []
+    if spatial is not None:
+        scales.append((3, spatial.reshape(-1, 1, 1, 1, taps)))
+    if channel is not None and not conv[-2]:
+        scales.append((4, channel.reshape(-1, groups, 1, c_in_g, 1)))
+    if filter is not None:
+        scales.append((5, filter.reshape(-1, groups, c_out_g, 1, 1)))
+    return scales
+
+
+def _assemble(coefficients: Tensor, bank: Tensor, scales: list[tuple[int, Tensor]],
+              shape: tuple[int, ...], partial: bool = False) -> list[Tensor]:
+    """The kernels of a chunk of samples [n, groups, C_out/g, C_in/g, kH * kW]: the mix of the
+    bank, weighted by each scale in turn; with ``partial``, every product on the way (the
+    kernels last), else the kernels alone."""
+    w = (coefficients @ bank.reshape(bank.shape[0], -1)).reshape(-1, *shape)
+    parts = [w]
+    for _, s in scales:
+        w = w * s.to(w.dtype)
+        parts = [*parts, w] if partial else [w]
+    return parts
+
+
+def _chunk_conv(method: str, x: Tensor, w: Tensor, conv: tuple) -> Tensor:
+    """Convolve a chunk of samples ``x`` [n, C_in, H, W] (padded) with their kernels ``w``
+    [n, groups, C_out/g, C_in/g, kH * kW] -> [n, C_out, H_out, W_out]."""
+    _, kernel_size, stride, padding, dilation, groups, (h_out, w_out), _, _ = conv
+    n, _, c_out_g, c_in_g, taps = w.shape
+    if method == "unfold":
+        cols = im2col(x, groups, kernel_size, dilation, padding, stride)
+        out = torch.matmul(w.reshape(n, groups, c_out_g, c_in_g * taps), cols)
+    else:
+        out = F.conv2d(x.reshape(1, -1, *x.shape[-2:]),
+                       w.reshape(n * groups * c_out_g, c_in_g, *kernel_size), None, stride,
+                       padding, dilation, groups * n)
+    return out.reshape(n, groups * c_out_g, h_out, w_out)
+
+
+class _ChunkedAggregate(torch.autograd.Function):
+    """The aggregate, ``conv(x_n, filter_n (x) channel_n (x) spatial_n (x) sum_k c_nk W_k)``
+    [N, C_out, H_out, W_out], a chunk of samples at a time: the per-sample kernels (and in
+    backward their gradient and the im2col buffer) exist for one chunk only, and nothing
+    kernel-sized is kept between forward and backward, which recomputes each chunk's kernels
+    with one matrix product. Backward computes the gradient of each chunk's kernels (as the
+    per-sample method's own backward does) and reduces it at once to the gradients of the
+    coefficients, the bank and the attentions: the same multiply-accumulates as the whole batch
+    at once, with transients bounded by the chunk (ResNet-18 at batch 64, C=256 8x8: 8 MB of
+    kernels a chunk against 151 MB of kernels and 151 MB of their gradient).
+
+    The channel and filter attentions (ODConv) weight the kernels rather than the input and the
+    output, so that no input or output-sized product of them is kept for backward either.
+    Backward is made of differentiable operations, so double backward holds."""
+
+    @staticmethod
+    def forward(x, coefficients, bank, spatial, channel, filter, conv):
+        method, chunk = conv[0], conv[-1]
+        shape = _kernel_shape(x, bank, conv)
+        scales = _kernel_scales(spatial, channel, filter, shape, conv)
+        outs = []
+        for start in range(0, x.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            w = _assemble(coefficients[rows], bank, [(i, s[rows]) for i, s in scales], shape)[-1]
+            outs.append(_chunk_conv(method, _chunk_input(x, channel, rows, conv), w, conv))
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, coefficients, bank, spatial, channel, filter, ctx.conv = inputs
+        ctx.autocast = autocast_dtype(x.device.type)
+        ctx.save_for_backward(x, coefficients, bank, spatial, channel, filter)
+
+    @staticmethod
+    def backward(ctx, grad):
+        inputs = ctx.saved_tensors
+        x = inputs[0]
+        needs = ctx.needs_input_grad
+        if ctx.autocast is None:
+            return _ChunkedAggregate._backward(inputs, needs, ctx.conv, grad)
+        # The forward ran under autocast and backward runs without it: recompute the kernels
+        # and run the products as the forward did (in grad's dtype)
+        with torch.autocast(x.device.type, dtype=ctx.autocast):
+            return _ChunkedAggregate._backward(inputs, needs, ctx.conv, grad)
+
+    @staticmethod
+    def _backward(inputs, needs, conv, grad):
+        x, coefficients, bank, *_ = inputs
+        method, kernel_size, stride, padding, dilation, groups, _, channel_on_input, chunk = conv
+        shape = _kernel_shape(x, bank, conv)
+        scales = _kernel_scales(*inputs[3:], shape, conv)
+        channel = inputs[4]
+        # the kernels' gradient: for the coefficients, the bank, the attentions; the (scaled)
+        # input's: for the input, or the channel attention where it weights the input
+        kernels_need_grad = any(needs[1:4]) or any(needs[i] for i, _ in scales)
+        needs_input_grad = needs[0] or (channel_on_input and needs[4])
+        grads: list[list[Tensor]] = [[] for _ in inputs]
+        # Without double backward, each chunk's input gradient goes straight into the batch's
+        # and the bank's gradient is summed in place, in the bank's dtype (a sum of bfloat16
+        # products under autocast).
+        in_place = not torch.is_grad_enabled()
+        grad_x = torch.empty_like(x, memory_format=torch.contiguous_format) if (
+            in_place and needs[0]) else None
+        grad_bank = None
+        for start in range(0, x.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            x_c, g_c = _chunk_input(x, channel, rows, conv), grad[rows]
+            n = x_c.shape[0]
+            chunk_scales = [(i, s[rows]) for i, s in scales]
+            scales_need_grad = any(needs[i] for i, _ in scales)
+            parts = _assemble(coefficients[rows], bank, chunk_scales, shape,
+                              partial=scales_need_grad)
+            w = parts[-1].to(grad.dtype)
+            if not scales_need_grad:
+                parts = []  # the kernels are freed once the input's gradient is made
+            grad_w = None
+            if method == "unfold":
+                g4 = g_c.reshape(n, groups, shape[1], -1)
+                if needs_input_grad:
+                    grad_cols = torch.matmul(w.reshape(*g4.shape[:3], -1).transpose(-1, -2), g4)
+                    grad_x_c = F.fold(grad_cols.to(x.dtype).flatten(1, 2), x.shape[-2:],
+                                      kernel_size, dilation=dilation, padding=padding,
+                                      stride=stride)
+                    del grad_cols
+                    if grad_x is None:
+                        grad_x_c = compact(grad_x_c)
+                del w
+                if kernels_need_grad:
+                    cols = im2col(x_c, groups, kernel_size, dilation, padding, stride)
+                    grad_w = torch.matmul(g4, cols.to(grad.dtype).transpose(-1, -2))
+                    del cols
+            else:
+                grad_x_c, grad_w, _ = torch.ops.aten.convolution_backward(
+                    g_c.reshape(1, -1, *g_c.shape[-2:]),
+                    x_c.to(grad.dtype).reshape(1, -1, *x_c.shape[-2:]),
+                    w.reshape(-1, shape[2], *kernel_size), None, stride, padding, dilation,
+                    False, (0, 0), groups * n, (needs_input_grad, kernels_need_grad, False))
+                if needs_input_grad:
+                    grad_x_c = grad_x_c.reshape(x_c.shape).to(x.dtype)
+            if channel_on_input and needs_input_grad:  # the scaled input's: through a_c
+                a_c = channel[rows].to(grad_x_c.dtype).reshape(n, -1, 1, 1)
+                if needs[4]:
+                    grads[4].append((grad_x_c * x[rows]).sum((2, 3)))
+                grad_x_c = grad_x_c * a_c if needs[0] else None
+            if grad_x is not None:
+                grad_x[rows] = grad_x_c
+            elif needs[0]:
+                grads[0].append(grad_x_c)
+            grad_x_c = None
+            if not kernels_need_grad:
+                continue
+            grad_w = grad_w.reshape(n, *shape)
+            for j in reversed(range(len(chunk_scales))):
+                i, s = chunk_scales[j]
+                if needs[i]:  # then parts holds every product on the way
+                    grads[i].append((grad_w * parts[j]).sum_to_size(s.shape))
+                grad_w = grad_w * s.to(grad_w.dtype)
+            grad_mix = grad_w.reshape(n, -1)
+            if needs[1]:
+                grads[1].append(grad_mix @ bank.reshape(bank.shape[0], -1).to(grad_mix.dtype).T)
+            if needs[2]:
+                coefficients_t = coefficients[rows].to(grad_mix.dtype).T
+                if in_place and grad_bank is not None and grad_bank.dtype == grad_mix.dtype:
+                    grad_bank.addmm_(coefficients_t, grad_mix)  # no product to add
+                    continue
+                chunk_grad = (coefficients_t @ grad_mix).to(bank.dtype)
+                if grad_bank is None:
+                    grad_bank = chunk_grad
+                elif in_place:
+                    grad_bank += chunk_grad
+                else:
+                    grad_bank = grad_bank + chunk_grad
+                del chunk_grad
+        result = [torch.cat(g).reshape(t.shape).to(t.dtype) if g else None
+                  for g, t in zip(grads, inputs, strict=True)]
+        if grad_x is not None:
+            result[0] = grad_x
+        if grad_bank is not None:
+            result[2] = grad_bank.reshape(bank.shape)
+        return (*result, None)
+
+
+def _chunk_input(x: Tensor, channel: Tensor | None, rows: slice, conv: tuple) -> Tensor:
+    """The input of a chunk of samples, weighted by the channel attention if it weights the
+    input (recomputed in backward, not kept)."""
+    if not conv[-2]:
+        return x[rows]
+    return x[rows] * channel[rows].to(x.dtype).reshape(-1, x.shape[1], 1, 1)
+
+
+def _kernel_shape(x: Tensor, bank: Tensor, conv: tuple) -> tuple[int, ...]:
+    """[groups, C_out/g, C_in/g, kH * kW]: a sample's kernels as :func:`_assemble` makes them."""
+    groups = conv[5]
+    _, c_out, c_in_g, kh, kw = bank.shape
+    return groups, c_out // groups, c_in_g, kh * kw
 
 
 def _saved_tensor_hooks_active() -> bool:

@@ -103,15 +103,12 @@ def per_sample_conv2d_unchecked(
     """:func:`per_sample_conv2d` without its checks, for callers that made them: ``geometry``
     parsed, ``output_size`` (H_out, W_out) the output's, ``method`` valid for the batch."""
     if method == "auto":
-        def rule() -> str:
-            needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-            return _choose_per_sample_method(x.shape[0], output_size[0] * output_size[1],
-                                             needs_grad, geometry, x.device)
-
         method = tuning.choose(
             "per_sample_conv2d", (x, weight, bias), geometry,
             lambda: per_sample_candidates(x, weight.shape[1], geometry, output_size),
-            lambda m, t: per_sample_conv2d_unchecked(*t, geometry, output_size, method=m), rule)
+            lambda m, t: per_sample_conv2d_unchecked(*t, geometry, output_size, method=m),
+            lambda: resolve_per_sample_method("auto", x, weight.requires_grad, geometry,
+                                              output_size))
     xp, pad = pad_for_conv(x, geometry)
     args = (geometry.stride, pad, geometry.dilation, geometry.groups)
     out = _PER_SAMPLE_IMPLS[method](xp, weight, bias, *args)
@@ -130,6 +127,17 @@ def per_sample_candidates(x: Tensor, c_out: int, geometry: ConvGeometry, output_
     if _is_pointwise(geometry) or cols <= tuning.MAX_CANDIDATE_BYTES:
         names.append("unfold")
     return names
+
+
+def resolve_per_sample_method(method: str, x: Tensor, weight_requires_grad: bool,
+                              geometry: ConvGeometry, output_size: Pair) -> str:
+    """``method``, or for ``'auto'`` the formulation the dispatch rule picks for input ``x`` and
+    kernels that do (or not) require gradients."""
+    if method != "auto":
+        return method
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight_requires_grad)
+    pixels = output_size[0] * output_size[1]
+    return _choose_per_sample_method(x.shape[0], pixels, needs_grad, geometry, x.device)
 
 
 def _is_pointwise(geometry: ConvGeometry) -> bool:
@@ -211,7 +219,7 @@ def _unfold(x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dil
                      n * groups * c_in_g * kh * kw * h_out * w_out * x.element_size()):
         out = _Im2colProduct.apply(x, kernels, (kh, kw), dilation, padding, stride)
     else:
-        out = torch.matmul(kernels, _im2col(x, groups, (kh, kw), dilation, padding, stride))
+        out = torch.matmul(kernels, im2col(x, groups, (kh, kw), dilation, padding, stride))
     out = out.reshape(n, c_out, h_out, w_out)
     if bias is not None:  # in the product's dtype (autocast's), as F.conv2d adds its bias
         out = out + bias.reshape(n, c_out, 1, 1).to(out.dtype)
@@ -227,10 +235,18 @@ def is_recomputed(needs_grad: bool, nbytes: int) -> bool:
     return nbytes >= _RECOMPUTE_MIN_BYTES
 
 
-def _im2col(x: Tensor, groups: int, kernel_size: Pair, dilation, padding, stride) -> Tensor:
+def im2col(x: Tensor, groups: int, kernel_size: Pair, dilation, padding, stride) -> Tensor:
     """The unfolded input [N, groups, C_in/groups * kH * kW, H_out * W_out]."""
     cols = F.unfold(x, kernel_size, dilation=dilation, padding=padding, stride=stride)
     return cols.reshape(x.shape[0], groups, cols.shape[1] // groups, cols.shape[-1])
+
+
+def compact(t: Tensor) -> Tensor:
+    """``t``, copied if its storage is larger than it needs: ``F.fold``'s result keeps a buffer
+    the size of its columns (kH * kW times larger), which would live as long as the result."""
+    if t.untyped_storage().nbytes() > t.numel() * t.element_size():
+        return t.clone(memory_format=torch.contiguous_format)
+    return t
 
 
 class _Im2colProduct(torch.autograd.Function):
@@ -241,7 +257,7 @@ class _Im2colProduct(torch.autograd.Function):
 
     @staticmethod
     def forward(x, kernels, kernel_size, dilation, padding, stride):
-        return torch.matmul(kernels, _im2col(x, kernels.shape[1], kernel_size, dilation, padding,
+        return torch.matmul(kernels, im2col(x, kernels.shape[1], kernel_size, dilation, padding,
                                              stride))
 
     @staticmethod
@@ -259,15 +275,15 @@ class _Im2colProduct(torch.autograd.Function):
         kernel_size, dilation, padding, stride = ctx.geometry
         grad_x = grad_kernels = None
         if ctx.needs_input_grad[1]:
-            cols = _im2col(x, ctx.groups, kernel_size, dilation, padding, stride).to(grad.dtype)
+            cols = im2col(x, ctx.groups, kernel_size, dilation, padding, stride).to(grad.dtype)
             grad_kernels = torch.matmul(grad, cols.transpose(-1, -2)).to(ctx.kernels_dtype)
             del cols  # before the input's gradient, which needs as much memory again
         if ctx.needs_input_grad[0]:
             # [N, g, C_in/g * kH * kW, P]
             grad_cols = torch.matmul(kernels.to(grad.dtype).transpose(-1, -2), grad)
             grad_cols = grad_cols.to(x.dtype).flatten(1, 2)
-            grad_x = F.fold(grad_cols, x.shape[-2:], kernel_size, dilation=dilation,
-                            padding=padding, stride=stride)
+            grad_x = compact(F.fold(grad_cols, x.shape[-2:], kernel_size, dilation=dilation,
+                                    padding=padding, stride=stride))
         return grad_x, grad_kernels, None, None, None, None
 
 

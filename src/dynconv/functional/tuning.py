@@ -209,8 +209,8 @@ def choose(
         rule: the dispatch rule's choice.
     """
     if not _settings.enabled or _timing or not _may_tune(tensors[0]):
-        return _traced(op, rule())
-    return _traced(op, _tuned(op, tensors, geometry, candidates, run, rule))
+        return traced(op, rule())
+    return traced(op, _tuned(op, tensors, geometry, candidates, run, rule))
 
 
 def _tuned(op, tensors, geometry, candidates, run, rule) -> str:
@@ -255,7 +255,8 @@ def trace() -> Iterator[list[tuple[str, str]]]:
         _trace = previous
 
 
-def _traced(op: str, choice: str) -> str:
+def traced(op: str, choice: str) -> str:
+    """Record that a call of ``op`` runs ``choice`` (when :func:`trace` is on); return it."""
     if (_trace is not None and not _timing and not _in_backward()
             and not torch.compiler.is_compiling()):
         _trace.append((op, choice))

@@ -34,10 +34,11 @@ class ODConv2d(KernelBankConv):
         y_n = conv(x_n, W_n) + sum_k a_w[k] b_k
 
     computed as ``a_f * conv(a_c * x_n, a_s * sum_k a_w[k] W_k)``: the channel and filter
-    attentions act on the activations, the kernel attention is reduced first (one matrix
-    product) and the spatial attention scales the K-reduced kernel, all in
-    :func:`dynconv.functional.mixture_conv2d`. A 1x1 layer with K = 1 is a plain convolution
-    between the two activation scalings.
+    attentions act on the activations (with gradients, on the per-sample kernels where those
+    are the smaller, so that no weighted activation is kept for backward), the kernel attention
+    is reduced first (one matrix product) and the spatial attention scales the K-reduced
+    kernel, all in :func:`dynconv.functional.mixture_conv2d`. A 1x1 layer with K = 1 is a
+    plain convolution between the two activation scalings.
 
     {conv_args}
 
@@ -148,27 +149,27 @@ class ODConv2d(KernelBankConv):
         x, unbatched, output_size = self._check_input_size(x)
         att = self.attentions(x)
         n, dtype = x.shape[0], x.dtype
-        xp, geometry = self._pad(x * att.channel.to(dtype).reshape(n, self.in_channels, 1, 1))
-        if self.is_pointwise_static:
-            out = F.conv2d(xp, self.weight, None, **self._conv_kwargs(geometry))
-        else:
+        if not self.is_pointwise_static:
+            # The mixture applies all four attentions: where it assembles per-sample kernels
+            # with gradients, the channel and filter attentions weight the kernels, so that no
+            # activation-sized product of them is kept for backward.
             coefficients = (
                 self.weight.new_ones(n, 1) if att.kernel is None
                 else att.kernel.to(self.weight.dtype)
             )
             spatial = None if att.spatial is None else att.spatial.to(self.weight.dtype)
             check_mixture_method(self.method)
-            out = mixture_conv2d_unchecked(xp, coefficients, self.kernels, None, geometry,
-                                           output_size, spatial=spatial, method=self.method)
+            xp, geometry = self._pad(x)
+            out = mixture_conv2d_unchecked(
+                xp, coefficients, self.kernels, self.bias, geometry, output_size,
+                spatial=spatial, channel=att.channel, filter=att.filter, method=self.method)
+            return out.squeeze(0) if unbatched else out
+        xp, geometry = self._pad(x * att.channel.to(dtype).reshape(n, self.in_channels, 1, 1))
+        out = F.conv2d(xp, self.weight, None, **self._conv_kwargs(geometry))
         if att.filter is not None:
             out = out * att.filter.to(out.dtype).reshape(n, self.out_channels, 1, 1)
-        if self.bias is not None:
-            if att.kernel is None:
-                bias = self.bias[0].reshape(1, self.out_channels, 1, 1)
-            else:
-                bias = att.kernel.to(self.bias.dtype) @ self.bias
-                bias = bias.reshape(n, self.out_channels, 1, 1)
-            out = out + bias.to(out.dtype)  # the convolution's dtype (autocast's), as nn.Conv2d
+        if self.bias is not None:  # the convolution's dtype (autocast's), as nn.Conv2d
+            out = out + self.bias[0].reshape(1, self.out_channels, 1, 1).to(out.dtype)
         return out.squeeze(0) if unbatched else out
 
     official_layouts: ClassVar[dict[str, str]] = {
