@@ -89,6 +89,7 @@ def main() -> None:
         sections.append(f"## {table}\n\n{text}")
     print(f"total {time.perf_counter() - start:.0f} s")
     if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text("\n\n".join(sections) + "\n")
 
 

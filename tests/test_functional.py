@@ -12,6 +12,7 @@ from dynconv.functional import (
     PER_SAMPLE_METHODS,
     adaptive_avg_pool2d_matmul,
     mix_kernels,
+    mixture,
     mixture_conv2d,
     per_sample_conv2d,
 )
@@ -549,3 +550,38 @@ def test_fold_keeps_no_columns_sized_buffer() -> None:
         out = per_sample_conv2d(x, w, padding=1, method="unfold")
     (grad_x,) = torch.autograd.grad(out.sum(), x)
     assert grad_x.untyped_storage().nbytes() == x.numel() * 4
+
+
+@pytest.mark.parametrize("spatial", [False, True])
+def test_recomputed_kernels_are_recomputed_once_per_backward(monkeypatch, spatial: bool) -> None:
+    """'loop' saves one slice of the per-sample kernels per sample: backward recomputes the
+    batch's kernels once for all of them (it once did so for every slice: 64x the work at batch
+    64), and still gives the gradients of the kept kernels, in float64, twice in a row with
+    retain_graph."""
+    gen = torch.Generator().manual_seed(3)
+    n, k = 6, 3
+    x = torch.randn(n, 4, 5, 5, dtype=F64, generator=gen, requires_grad=True)
+    coefficients = torch.randn(n, k, dtype=F64, generator=gen, requires_grad=True)
+    bank = torch.randn(k, 5, 4, 3, 3, dtype=F64, generator=gen, requires_grad=True)
+    weights = (torch.randn(n, 3, 3, dtype=F64, generator=gen, requires_grad=True) if spatial
+               else None)
+    inputs = [t for t in (x, coefficients, bank, weights) if t is not None]
+
+    def run():
+        return mixture_conv2d(x, coefficients, bank, padding=1, spatial=weights,
+                              method="aggregate", per_sample_method="loop")
+
+    expected = torch.autograd.grad(run().square().sum(), inputs)
+    calls = []
+    original = mixture.mix_kernels
+    monkeypatch.setattr(mixture, "mix_kernels", lambda *a: calls.append(1) or original(*a))
+    with recomputing():
+        out = run()
+        assert len(calls) == 1  # forward
+        loss = out.square().sum()
+        for backward in range(2):
+            got = torch.autograd.grad(loss, inputs, retain_graph=True)
+            for g, e in zip(got, expected, strict=True):
+                torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+            if backward == 0:
+                assert len(calls) == 2  # the first backward: once for every slice

@@ -242,9 +242,11 @@ class _MixedKernels:
         self._tracked: dict[int, int] = {}  # storage address -> MIX or WEIGHT, during forward
         self._alive: list[Tensor] = []  # the tracked tensors, alive until forward ends: a freed
         # storage could be reused by another tensor that autograd saves
-        self._mix_saved = False  # whether the spatial product saved the mix (for its backward)
-        self._stash: Tensor | None = None  # the mix recomputed for the convolution's backward,
-        # kept for the spatial product's backward, which runs next
+        self._pending = 0  # recipes packed and not yet unpacked
+        self._recomputed: dict[int, Tensor] = {}  # MIX / WEIGHT recomputed in backward, kept
+        # while recipes are pending: the spatial product's backward needs the mix after the
+        # convolution's, and 'loop' saves one slice of the kernels per sample (recomputing the
+        # whole batch's kernels for each slice cost 64x at batch 64)
         self._autocast: torch.dtype | None = None  # the forward's autocast dtype, if tracked
         # under autocast: backward runs without it, and recomputes under the same
 
@@ -296,20 +298,24 @@ class _MixedKernels:
         which = self._tracked.get(t.untyped_storage().data_ptr()) if t.numel() else None
         if which is None:
             return t
-        self._mix_saved |= which == self.MIX
+        self._pending += 1
         return which, t.shape, t.stride(), t.storage_offset()
 
     def unpack(self, packed):
         if isinstance(packed, Tensor):
             return packed
         which, shape, stride, offset = packed
-        mix = self._recompute_mix() if self._stash is None else self._stash
-        self._stash = None
-        if which == self.WEIGHT:
-            if self._mix_saved and self.spatial is not None:
-                self._stash = mix
-            mix = self._weigh(mix)
-        return mix.as_strided(shape, stride, offset)
+        if which not in self._recomputed:
+            mix = self._recomputed.get(self.MIX)
+            if mix is None:
+                mix = self._recomputed[self.MIX] = self._recompute_mix()
+            if which == self.WEIGHT:
+                self._recomputed[self.WEIGHT] = self._weigh(mix)
+        tensor = self._recomputed[which]
+        self._pending -= 1
+        if self._pending <= 0:  # the last recipe (or a graph backpropagated again)
+            self._recomputed.clear()
+        return tensor.as_strided(shape, stride, offset)
 
 
 # With gradients, the aggregate assembles, uses and differentiates the per-sample kernels a chunk
