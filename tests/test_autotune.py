@@ -110,16 +110,17 @@ def test_the_cpu_table_is_the_rule_measured_before() -> None:
 def test_the_fastest_formulation_is_chosen_once_per_key_and_reused() -> None:
     x = torch.randn(4, 6, 8, 8)
     weight = torch.randn(4, 5, 6, 3, 3, requires_grad=True)
-    timer = FakeTimer({"loop": 0.1})
+    timer = FakeTimer({"grouped": 0.1, "unfold": 0.5})
     with dynconv.autotune(timer=timer, repeats=2):
         per_sample_conv2d(x, weight, padding=1).sum().backward()
         assert timer.methods() == {"grouped", "loop", "unfold"}  # every exact formulation
-        # twice each, but 'unfold' (1 s, over 4x the best median so far, 0.1 s) stops at once
-        assert [m for _, m in timer.calls] == ["grouped", "grouped", "loop", "loop", "unfold"]
+        # the rule's pick first ('unfold' at 8x8 with gradients), then twice each, but 'loop'
+        # (1 s, over 4x the best median so far, 0.1 s) stops at once
+        assert [m for _, m in timer.calls] == ["unfold", "unfold", "grouped", "grouped", "loop"]
         per_sample_conv2d(x, weight, padding=1)  # the same key: reused, not timed again
         assert len(timer.calls) == 5
     [(key, choice)] = tuning._choices.items()
-    assert choice == "loop"
+    assert choice == "grouped"
     assert key.text.startswith("per_sample_conv2d 4x6x8x8:float32,4x5x6x3x3:float32,-")
     assert " grad " in key.text
     assert tuning.autotune_summary().startswith("autotune: 1 shape: 1 timed in ")
