@@ -82,6 +82,10 @@ HOW: dict[str, str] = {
     "--image-size 96": "tests/test_doc_commands.py::test_data_commands_on_fixture_folders",
     "dynconv train --out 运行目录 --resume": "tests/test_train.py::"
     "test_stopped_and_resumed_run_ends_with_the_same_weights",
+    # -- the device report: its Makefile target, and the report itself on a tiny plan
+    "make bench-gpu": "tests/test_benchmarks.py::test_make_bench_gpu_runs_the_device_report",
+    "make bench-gpu 'ARGS=--device cpu --quick'":
+        "tests/test_benchmarks.py::test_make_bench_gpu_runs_the_device_report",
     # -- YOLO: the integrations' tests run the launchers offline on a generated data set
     "python -c \"from dynconv.integrations.shapes import write_shapes_dataset; "
     "write_shapes_dataset('shapes')\"": RUN,
