@@ -348,7 +348,7 @@ def test_a_bad_cache_file_is_named(tmp_path: Path, content: bytes, expected: str
     with pytest.raises(dynconv.AutotuneError, match=f"autotune cache {cache}: {expected}"):
         dynconv.autotune(cache=cache)
     assert not tuning.autotune_enabled()
-    with pytest.raises(ValueError, match="expected a JSON file, got a folder"):
+    with pytest.raises(ValueError, match="expected a JSON file, got the folder"):
         dynconv.autotune(cache=tmp_path)
 
 

@@ -78,6 +78,9 @@ BAD: list[tuple[str, list[str]]] = [
     ("compare --device cuda:99", ["argument --device: 'cuda:99': "]),
     ("compare --amp=1", ["argument --amp/--no-amp: ignored explicit argument '1'"]),
     ("compare --threads 0", ["argument --threads: expected an integer >= 1, got '0'"]),
+    ("compare --autotune=yes", ["argument --autotune: ignored explicit argument 'yes'"]),
+    ("compare --autotune-cache {file}", ["argument --autotune-cache: autotune cache {file}: not "
+                                         "a JSON file"]),
     ("compare --quiet=1", ["argument --quiet: ignored explicit argument '1'"]),
     # train: its own options, and the shared ones once more
     ("train --conv-type deform", ["argument --conv-type: unknown conv type 'deform'; expected"]),
@@ -130,6 +133,9 @@ BAD: list[tuple[str, list[str]]] = [
     ("train --threads two", ["argument --threads: expected an integer >= 1, got 'two'"]),
     ("train --quiet=yes", ["argument --quiet: ignored explicit argument 'yes'"]),
     ("train --amp=no", ["argument --amp/--no-amp: ignored explicit argument 'no'"]),
+    ("train --autotune=1", ["argument --autotune: ignored explicit argument '1'"]),
+    ("train --autotune-cache {dir}", ["argument --autotune-cache: autotune cache {dir}: "
+                                      "expected a JSON file, got the folder"]),
     # profile
     ("profile", ["the following arguments are required: MODEL"]),
     ("profile resnet19", ["argument MODEL: unknown model 'resnet19'; expected one of"]),

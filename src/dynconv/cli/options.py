@@ -169,6 +169,18 @@ def device(text: str, auto: bool = False) -> str:
     return text
 
 
+def autotune_cache(text: str) -> str:
+    """A JSON file of autotuned choices: absent (it will be written), or a dynconv autotune
+    cache."""
+    from ..functional.tuning import check_cache
+
+    try:
+        check_cache(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
 def training_device(text: str) -> str:
     """:func:`device`, or 'auto' (CUDA if any, else the CPU)."""
     return device(text, auto=True)
@@ -342,9 +354,9 @@ def add_training_options(parser: argparse.ArgumentParser, compare: bool) -> None
     run.add_argument("--autotune", action="store_true", default=S,
                      help="time every exact formulation of each new layer shape once and keep "
                           "the fastest (as torch.backends.cudnn.benchmark); reported at the end")
-    run.add_argument("--autotune-cache", default=S, metavar="FILE",
-                     help="with --autotune: read earlier choices from FILE (JSON) and add the "
-                          "new ones to it")
+    run.add_argument("--autotune-cache", type=autotune_cache, default=S, metavar="FILE",
+                     help="autotune (implies --autotune), reading earlier choices from FILE "
+                          "(JSON) and adding the new ones to it")
     add_threads(run, S)
     run.add_argument("--quiet", action="store_true", default=S,
                      help="no progress bar and no per-epoch line")

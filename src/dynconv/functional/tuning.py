@@ -460,9 +460,18 @@ def _load_cache(path: Path) -> None:
     _loaded.add(path)
 
 
+def check_cache(path: str | os.PathLike) -> Path:
+    """``path`` as a cache file: absent (to be written) or a dynconv autotune cache; else an
+    :class:`AutotuneError` naming it and what is wrong."""
+    path = Path(path)
+    if path.exists():
+        _read_cache(path)
+    return path
+
+
 def _read_cache(path: Path) -> dict[str, Any]:
     if path.is_dir():
-        raise AutotuneError(f"autotune cache {path}: expected a JSON file, got a folder")
+        raise AutotuneError(f"autotune cache {path}: expected a JSON file, got the folder")
     try:
         content = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:

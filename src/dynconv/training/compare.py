@@ -257,7 +257,7 @@ def _settings(base: TrainConfig, rows: list[Row], seeds: list[int], skipped: lis
         "machine": f"{_machine(device, base.threads)}, torch {torch.__version__}",
         "wall time": f"{wall_s / 60:.1f} min",
     })
-    if base.autotune:
+    if base.autotune or base.autotune_cache:
         settings["autotune"] = (autotune_summary() or "no dynamic layer met").removeprefix(
             "autotune: ")
     return settings

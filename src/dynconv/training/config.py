@@ -69,7 +69,7 @@ class TrainConfig:
     (:meth:`~dynconv.training.data.Dataset.prepared`). ``eval_every`` evaluates every that many
     epochs and after the last (the other epochs' test metrics are NaN). ``autotune`` times
     the formulations of every new shape once (:class:`dynconv.autotune`), with its choices
-    carried between runs by the file ``autotune_cache``.
+    carried between runs by the file ``autotune_cache`` (which implies ``autotune``).
     """
 
     data: str = "mnist"

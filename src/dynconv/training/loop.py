@@ -279,9 +279,10 @@ def train(
 
 
 def autotuning(config: TrainConfig) -> AbstractContextManager:
-    """:class:`dynconv.autotune` for the run, with its cache file, if ``config.autotune``;
-    else nothing changes (an autotune switched on by the caller stays on)."""
-    if not config.autotune:
+    """:class:`dynconv.autotune` for the run, with its cache file, if ``config.autotune`` or
+    ``config.autotune_cache``; else nothing changes (an autotune switched on by the caller
+    stays on)."""
+    if not (config.autotune or config.autotune_cache):
         return nullcontext()
     return autotune(cache=config.autotune_cache)
 
@@ -600,7 +601,7 @@ def _run(config: TrainConfig, dataset: Dataset, processes: Processes,
             _write_predictions(run, config.epochs, predicted)
         if processes.main:
             save_file(run.core.state_dict(), run.out / MODEL_NAME)
-    if config.autotune:
+    if config.autotune or config.autotune_cache:
         run.log(autotune_summary() or "autotune: no dynamic layer met")
     run.core.eval()
     return TrainResult(run.core, run.metrics, config, dataset, run.out, interrupted,
