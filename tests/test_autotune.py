@@ -199,10 +199,8 @@ def test_a_tuned_layer_computes_what_an_untuned_one_does(layer: str, favourite: 
 
     assert_same_outputs_and_grads(tuned, lambda: module(x), inputs)
     assert timer.calls, "the layer's formulation was tuned"
-    assert favourite in timer.methods() or favourite.split("/")[0] not in {
-        m.split("/")[0] for m in timer.methods()}
-    chosen = set(tuning._choices.values())
-    assert favourite in chosen or favourite not in timer.methods()
+    if favourite in timer.methods():  # a formulation of this layer's op: the one it runs
+        assert favourite in set(tuning._choices.values())
     module.eval()
     with torch.no_grad():
         expected = module(x)

@@ -137,3 +137,11 @@ def match_memory_format(out: Tensor, x: Tensor) -> Tensor:
     if is_channels_last(x):
         return out.contiguous(memory_format=torch.channels_last)
     return out
+
+
+def saved_tensor_hooks_active() -> bool:
+    """Whether the caller's saved-tensor hooks (``save_on_cpu``, checkpointing) are in effect:
+    the recomputed kernels' hooks would take precedence over them, and autotuning would run
+    inside them. (torch has no public query; without this private one, assume none.)"""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is not None and top(False) is not None

@@ -21,6 +21,7 @@ from ._common import (
     is_exporting,
     match_memory_format,
     pad_for_conv,
+    saved_tensor_hooks_active,
     shape_list,
 )
 from .dispatch import DispatchRule, freed_memory_reused, rule_for
@@ -292,7 +293,7 @@ class _MixedKernels:
             self.spatial is not None and self.spatial.requires_grad)
         kernel_bytes = self.coefficients.shape[0] * self.bank[0].numel() * self.bank.element_size()
         # not inside the caller's own hooks (save_on_cpu, checkpoint): they keep every tensor
-        return is_recomputed(needs_grad, kernel_bytes) and not _saved_tensor_hooks_active()
+        return is_recomputed(needs_grad, kernel_bytes) and not saved_tensor_hooks_active()
 
     def pack(self, t: Tensor):
         which = self._tracked.get(t.untyped_storage().data_ptr()) if t.numel() else None
@@ -564,13 +565,6 @@ def _kernel_shape(x: Tensor, bank: Tensor, conv: tuple) -> tuple[int, ...]:
     groups = conv[5]
     _, c_out, c_in_g, kh, kw = bank.shape
     return groups, c_out // groups, c_in_g, kh * kw
-
-
-def _saved_tensor_hooks_active() -> bool:
-    """Whether saved-tensor hooks are in effect: ours would take precedence over them inside the
-    layer. (torch has no public query; without this private one, assume none.)"""
-    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-    return top is not None and top(False) is not None
 
 
 def mixout_through_im2col(spatial: bool, pixels: int, rule: DispatchRule | None = None) -> bool:

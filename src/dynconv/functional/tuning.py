@@ -42,7 +42,12 @@ from .. import allocator
 from .._conv_args import ConvGeometry
 from .._io import write_atomically
 from .._version import __version__
-from ._common import autocast_dtype, is_channels_last, is_exporting
+from ._common import (
+    autocast_dtype,
+    is_channels_last,
+    is_exporting,
+    saved_tensor_hooks_active,
+)
 
 __all__ = ["AutotuneError", "TuneKey", "autotune", "autotune_enabled", "autotune_summary",
            "reset_autotune"]
@@ -282,10 +287,7 @@ def _may_tune(x: Tensor) -> bool:
     inside a backward, not under the caller's saved-tensor hooks."""
     if x.is_meta or x.shape[0] == 0 or torch.compiler.is_compiling() or is_exporting():
         return False
-    if _in_backward():
-        return False
-    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-    return top is None or top(False) is None
+    return not _in_backward() and not saved_tensor_hooks_active()
 
 
 def _decide(key: TuneKey, device: torch.device, tensors, needs_grad: bool, candidates, run,
