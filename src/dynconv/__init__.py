@@ -11,7 +11,16 @@ from .functional import (
     region_conv2d,
 )
 from .integrations.safe_load import allow_weights_only_load, safe_load_globals
-from .layers import DRConv2d, DynamicConv2d, DynamicConvBase, KernelBankConv, ODConv2d
+from .layers import (
+    DRConv2d,
+    DynamicConv2d,
+    DynamicConvBase,
+    KernelBankConv,
+    KWConv2d,
+    ODConv2d,
+    Warehouse,
+    Warehouses,
+)
 from .layers.factory import create_conv2d
 from .layers.temperature import dynamic_layers, get_temperature, set_temperature, temperatures
 from .tools.checkpoint import CheckpointError, LoadResult, load_checkpoint
@@ -33,9 +42,12 @@ __all__ = [
     "DRConv2d",
     "DynamicConv2d",
     "DynamicConvBase",
+    "KWConv2d",
     "KernelBankConv",
     "LoadResult",
     "ODConv2d",
+    "Warehouse",
+    "Warehouses",
     "allow_weights_only_load",
     "autotune",
     "convert",

@@ -112,9 +112,19 @@ class DynamicConvBase(nn.Module):
 
     # -- temperature ---------------------------------------------------------------------------
 
+    #: The temperature that annealing ends at and evaluation runs at: 1 for the softmax and
+    #: sigmoid attentions (KernelWarehouse's mixing weight ends at 0).
+    final_temperature: ClassVar[float] = 1.0
+
     def set_temperature(self, value: float) -> None:
         """Set the softmax/sigmoid temperature of the attention (a float > 0)."""
         self.temperature.fill_(check_positive_float(value, "temperature"))
+
+    def scheduled_temperature(self, schedule: Any, epoch: int, iteration: int,
+                              iterations_per_epoch: int) -> float:
+        """The layer's temperature at iteration ``iteration`` of epoch ``epoch`` under
+        ``schedule`` (a :class:`~dynconv.layers.temperature.TemperatureSchedule`): its value."""
+        return schedule.at(epoch, iteration, iterations_per_epoch)
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs

@@ -16,12 +16,14 @@ from .._conv_args import PaddingArg, check_bool
 from .base import DynamicConvBase
 from .drconv import DRConv2d
 from .dynamic import DynamicConv2d
+from .kwconv import KWConv2d
 from .odconv import ODConv2d
 
 ConvBuilder = Callable[..., nn.Module]
 _REGISTRY: dict[str, ConvBuilder] = {}
 
-ANY_BATCH_DEFAULTS: dict[str, dict[str, Any]] = {"odconv": {"attention_norm": "layer"}}
+ANY_BATCH_DEFAULTS: dict[str, dict[str, Any]] = {"odconv": {"attention_norm": "layer"},
+                                                 "kw": {"attention_norm": "layer"}}
 """Per-type keywords for networks that must train at any batch size (the small CNN, the YOLO
 blocks): ODConv's official attention BatchNorm normalises pooled features over the batch, which
 fails at batch 1 and diverged at small batches in our runs; LayerNorm over the attention's
@@ -105,3 +107,4 @@ register_conv("dynamic", functools.partial(DynamicConv2d, routing="softmax"))
 register_conv("condconv", functools.partial(DynamicConv2d, routing="sigmoid"))
 register_conv("odconv", ODConv2d)
 register_conv("drconv", DRConv2d)
+register_conv("kw", KWConv2d)

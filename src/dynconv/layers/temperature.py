@@ -50,6 +50,27 @@ def get_temperature(model: nn.Module) -> float:
     return distinct.pop()
 
 
+def set_final_temperature(model: nn.Module) -> int:
+    """Set every dynamic layer of ``model`` to the temperature it evaluates at (its
+    ``final_temperature``: 1, or 0 for KernelWarehouse); return how many were set."""
+    layers = dynamic_layers(model)
+    for layer in layers.values():
+        layer.set_temperature(layer.final_temperature)
+    return len(layers)
+
+
+def anneal_temperature(model: nn.Module, schedule: TemperatureSchedule, epoch: int,
+                       iteration: int, iterations_per_epoch: int) -> float | None:
+    """Set every dynamic layer of ``model`` to its temperature under ``schedule`` at iteration
+    ``iteration`` of epoch ``epoch``; return the first layer's (what a log shows; None without
+    a dynamic layer)."""
+    values = [layer.scheduled_temperature(schedule, epoch, iteration, iterations_per_epoch)
+              for layer in dynamic_layers(model).values()]
+    for layer, value in zip(dynamic_layers(model).values(), values):
+        layer.set_temperature(value)
+    return values[0] if values else None
+
+
 # -- annealing schedules ------------------------------------------------------------------------
 
 TEMPERATURE_SCHEDULES = ("linear", "step", "none")
@@ -108,9 +129,23 @@ class TemperatureSchedule:
             return self.final
         if self.name == "step":
             return max(self.final, self.start - _STEP_DECREMENT * epoch)
+        remaining = self.remaining(epoch, iteration, iterations_per_epoch)
+        return self.final + (self.start - self.final) * remaining
+
+    def remaining(self, epoch: int, iteration: int, iterations_per_epoch: int) -> float:
+        """How much of the annealing is left at that iteration, from 1 to 0: the weight of
+        KernelWarehouse's assigned cells, which its official code anneals from 1 to 0 with the
+        linear formula (``engine.py``, ``get_temperature`` with ``temp_end=0``)."""
+        if self.name == "none":
+            return 0.0
+        if self.name == "step":
+            if self.start == self.final:
+                return 0.0
+            return (self.at(epoch, iteration, iterations_per_epoch) - self.final) / (
+                self.start - self.final)
         total = self.epochs * iterations_per_epoch
         done = epoch * iterations_per_epoch + iteration + 1
-        return self.final + (self.start - self.final) * max(0.0, 1.0 - done / total)
+        return max(0.0, 1.0 - done / total)
 
     def __str__(self) -> str:
         if self.name == "none":

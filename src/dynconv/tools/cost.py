@@ -18,7 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .._conv_args import parse_geometry
 from ..layers.base import DynamicConvBase, LayerMacs, kernel_numel
-from ..layers.temperature import EVAL_TEMPERATURE, set_temperature
+from ..layers.temperature import set_final_temperature
 from .rules import RuleTable
 
 __all__ = [
@@ -133,7 +133,7 @@ def count_macs(model: nn.Module, inputs: Tensor) -> float:
     """
     was_training = model.training
     model.eval()
-    set_temperature(model, EVAL_TEMPERATURE)
+    set_final_temperature(model)
     counter = FlopCounterMode(display=False)
     inside: list[float] = []  # FLOPs the counter saw inside each dynamic layer call
     analytic: list[int] = []
@@ -171,7 +171,7 @@ def inference_latency_ms(model: nn.Module, inputs: Tensor, min_run_time: float =
     benchmark = _import_benchmark()
     was_training = model.training
     model.eval()
-    set_temperature(model, EVAL_TEMPERATURE)
+    set_final_temperature(model)
     try:
         with torch.no_grad():
             model(inputs)  # warm-up: lazy initialisation, allocator, dispatch choices
@@ -211,7 +211,7 @@ def peak_memory_bytes(model: nn.Module, inputs: Tensor) -> int:
     """
     was_training = model.training
     model.eval()
-    set_temperature(model, EVAL_TEMPERATURE)
+    set_final_temperature(model)
     try:
         with torch.no_grad():
             model(inputs)  # warm-up: lazy initialisation and caches are not the pass's memory

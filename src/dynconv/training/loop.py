@@ -36,10 +36,10 @@ from tqdm import tqdm
 from .._io import write_atomically
 from ..functional.tuning import autotune, autotune_summary
 from ..layers.temperature import (
-    EVAL_TEMPERATURE,
     TemperatureSchedule,
+    anneal_temperature,
     dynamic_layers,
-    set_temperature,
+    set_final_temperature,
 )
 from ..models import create_model_for_data
 from ..tools.checkpoint import load_checkpoint, save_file
@@ -183,7 +183,7 @@ def load_run(
     model = build_model(config, dataset)
     weights = out / MODEL_NAME
     load_checkpoint(model, weights if weights.exists() else out / CHECKPOINT_NAME)
-    set_temperature(model, EVAL_TEMPERATURE)
+    set_final_temperature(model)
     return model.eval(), config, dataset
 
 
@@ -481,7 +481,7 @@ def _epoch_row(run: _Run, epoch: int, lr: float, temperature: float,
     test_loss = test_acc = math.nan
     predicted = None
     if (epoch + 1) % run.config.eval_every == 0 or epoch + 1 == run.config.epochs:
-        set_temperature(run.core, EVAL_TEMPERATURE)
+        set_final_temperature(run.core)
         test_loss, test_acc, predicted = _evaluate(run.core, run.dataset.test, run.dataset,
                                                    run.config, run.device, run.processes,
                                                    run.amp)
@@ -561,8 +561,8 @@ def _run(config: TrainConfig, dataset: Dataset, processes: Processes,
                     _save(run, {"epoch": epoch, "batch": batch, "partial": [*sums, train_time]})
                     break
                 started = time.perf_counter()
-                temperature = run.schedule.at(epoch, batch, run.batches_per_epoch)
-                set_temperature(run.core, temperature)
+                temperature = anneal_temperature(run.core, run.schedule, epoch, batch,
+                                                 run.batches_per_epoch) or 0.0
                 batch_loss, batch_correct, images = _train_step(run, indices[batch], epoch, batch)
                 _check_loss(batch_loss, epoch, batch, lr, temperature)
                 loss_sum += batch_loss * images
@@ -589,7 +589,7 @@ def _run(config: TrainConfig, dataset: Dataset, processes: Processes,
             if on_epoch is not None:
                 on_epoch(row)
 
-    set_temperature(run.core, EVAL_TEMPERATURE)
+    set_final_temperature(run.core)
     if interrupted:
         run.log(f"stopped at epoch {epoch + 1}, batch {batch + 1}: saved "
                 f"{run.out / CHECKPOINT_NAME}; continue with --resume")
