@@ -169,3 +169,61 @@ class RefManager(nn.Module):
         for layer in network.modules():
             if isinstance(layer, RefAttention):
                 layer.temp_value = t
+
+
+def fuse_name(name, sharing_range=("layer", "conv")):
+    """The official warehouse name of a layer named ``stageA_layerB_convC``."""
+    parts = []
+    for part in name.split("_"):
+        for shared in sharing_range:
+            if part.startswith(shared):
+                part = shared
+        parts.append(part)
+    return "_".join(parts)
+
+
+def ref_kw_resnet(model, bottleneck, manager):
+    """Turn dynconv's static torchvision-named ResNet ``model`` into the official KW ResNet:
+    the official constructor's names, handover and ``enabled`` rules, reserved in its order
+    (a stage's shortcut before its first block), then store() and allocate(); the manager
+    becomes ``model.warehouse_manager`` (the official state_dict key)."""
+    def put(path, name, enabled):
+        conv = model.get_submodule(path)
+        if not enabled:
+            return
+        layer = manager.reserve(fuse_name(name), conv.in_channels, conv.out_channels,
+                                conv.kernel_size[0], stride=conv.stride[0],
+                                padding=conv.padding[0], groups=conv.groups)
+        parent, _, child = path.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer)
+
+    layer_idx = 0
+    for stage in range(4):
+        blocks = getattr(model, f"layer{stage + 1}")
+        first = blocks[0]
+        if first.downsample is not None:
+            stride = first.downsample[0].stride[0]
+            put(f"layer{stage + 1}.0.downsample.0",
+                f"stage{stage - 1}_layer{layer_idx + 1}_conv0", stride != 1)
+        for b in range(len(blocks)):
+            prefix = f"layer{stage + 1}.{b}"
+            if b == 0:  # warehouse handover
+                if bottleneck:
+                    put(prefix + ".conv1", f"stage{stage - 1}_layer{layer_idx}_conv0",
+                        stage - 1 >= 0)
+                else:
+                    put(prefix + ".conv1", f"stage{max(stage - 1, 0)}_layer{layer_idx}_conv0",
+                        True)
+                names = [f"stage{stage}_layer0_conv{c}" for c in (1, 2)]
+                layer_idx = 1
+            else:
+                put(prefix + ".conv1", f"stage{stage}_layer{layer_idx}_conv0", True)
+                names = [f"stage{stage}_layer{layer_idx}_conv{c}" for c in (1, 2)]
+                layer_idx += 1
+            put(prefix + ".conv2", names[0], True)
+            if bottleneck:
+                put(prefix + ".conv3", names[1], True)
+    manager.store()
+    manager.allocate(model)
+    model.warehouse_manager = manager
+    return model

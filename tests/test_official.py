@@ -171,7 +171,8 @@ def test_layout_argument() -> None:
         to_official_state_dict({})
     assert set(to_official_state_dict(model)) == set(model.state_dict()) - {
         "0.temperature", "1.temperature"}
-    assert set(LAYOUTS) == {"odconv", "dyconv-2020", "dyconv-2022", "drconv", "timm-condconv"}
+    assert set(LAYOUTS) == {"odconv", "dyconv-2020", "dyconv-2022", "drconv", "timm-condconv",
+                            "kernelwarehouse"}
 
 
 # -- the 2022 DY-Conv layout: hidden width K on an RGB stem ---------------------------------------
@@ -428,6 +429,11 @@ def test_every_model_names_the_keyword_to_use(name: str) -> None:
                                             rf".*{hint.replace('{', '.').replace('}', '.')}"):
             create_model(name, **{wrong: 2})
     # and through conv_kwargs, the layer names its own spelling
+    if name.startswith("kw_"):  # KernelWarehouse layers have no kernel count at all
+        with pytest.raises(TypeError, match=r"KWConv2d.* got an unexpected keyword argument "
+                                            r"'kernel_num'"):
+            create_model(name, conv_kwargs={"kernel_num": 2})
+        return
     with pytest.raises(TypeError, match=r"'kernel_num': use num_kernels="):
         create_model(name, conv_type="odconv", conv_kwargs={"kernel_num": 2}) \
             if not name.startswith("od_") else create_model(name, conv_kwargs={"kernel_num": 2})

@@ -4,7 +4,7 @@ per-sample mixture of the cells of a shared :class:`~dynconv.layers.warehouse.Wa
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -327,6 +327,35 @@ class KWConv2d(DynamicConvBase):
         """``{'cells': [N, m, n]}``, each kernel cell's weights over the warehouse cells."""
         x, _ = self._check_input(x)
         return {"cells": self.cell_attention(x)}
+
+    # -- the reference layout ----------------------------------------------------------------
+
+    official_layouts: ClassVar[dict[str, str]] = {
+        "kernelwarehouse": "OSVAI/KernelWarehouse (modules/kernel_warehouse.py): the layer's "
+        "attention and bias; the warehouses as warehouse_manager.weights.<i> of the model",
+    }
+
+    def official_layout(self) -> str:
+        """``'kernelwarehouse'``; a ``ValueError`` names what the official code cannot build
+        (another attention norm or minimum hidden width, a non-square kernel, a padding
+        mode)."""
+        problems = self._official_geometry_problems()
+        if self.attention_norm != "batch":
+            problems.append(f"attention_norm={self.attention_norm!r} (official: BatchNorm1d)")
+        if self.min_hidden != 16:
+            problems.append(f"min_hidden={self.min_hidden} (official: 16)")
+        self._refuse_layout("kernelwarehouse", problems)
+        return "kernelwarehouse"
+
+    def official_state_dict(self, layout: str | None = None) -> dict[str, Tensor]:
+        """The layer's own tensors in the official layout: the attention and the bias (the
+        warehouse is the model's, see :func:`dynconv.tools.official.to_official_state_dict`;
+        the temperature and the cell offset are not kept there)."""
+        own = self.official_layout()
+        if layout is not None and layout != own:
+            raise ValueError(f"{type(self).__name__} fits the {own!r} layout, not {layout!r}")
+        return {k: v for k, v in self.state_dict().items()
+                if k not in ("temperature", "cell_offset") and not k.startswith("warehouse.")}
 
     # -- conversion and cost -----------------------------------------------------------------
 

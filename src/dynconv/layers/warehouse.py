@@ -286,3 +286,33 @@ class Warehouses:
     def __repr__(self) -> str:
         settings = ", ".join(f"{k}={v!r}" for k, v in self.settings.items())
         return f"Warehouses({settings}; {sorted(self._made)})"
+
+
+#: Where the official code keeps warehouse i: ``Warehouse_Manager.weights`` of the model.
+OFFICIAL_WAREHOUSE_KEY = "warehouse_manager.weights.{}"
+
+
+def model_warehouses(model: nn.Module) -> list[tuple[Warehouse, list[str]]]:
+    """The warehouses used in ``model``, each with every path it sits under (one per layer,
+    e.g. ``'layer2.0.conv2.warehouse'``), in module order: the official code's warehouse order
+    for its models, whose first layer of each warehouse comes in the order the warehouses were
+    declared."""
+    found: dict[int, tuple[Warehouse, list[str]]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, Warehouse):
+            found.setdefault(id(module), (module, []))[1].append(name)
+    return list(found.values())
+
+
+def check_official_order(warehouse: Warehouse, members_in_module_order: list[Any]) -> str | None:
+    """Why the official ``allocate()`` would not give ``warehouse``'s layers the cells they
+    have (it hands them out in module order), or None if it would."""
+    offset = 0
+    for layer in members_in_module_order:
+        if layer.layout.offset != offset:
+            return (f"its layers' cells are not in module order (a layer starts at cell "
+                    f"{layer.layout.offset}, the official code would start it at {offset})")
+        offset += layer.layout.own_cells
+    if offset != warehouse.num_cells:
+        return f"its layers use {offset} of its {warehouse.num_cells} cells"
+    return None

@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import nn
 
+from .kernel_warehouse import KW_WIDTHS, kw_resnet18, kw_resnet50
 from .mobilenetv2 import (
     MobileNetV2,
     mobilenet_v2,
@@ -32,9 +33,12 @@ _MODELS: dict[str, Callable[..., nn.Module]] = {
     for f in (
         resnet18, resnet34, resnet50, resnet101, mobilenet_v2, od_resnet18, od_resnet34,
         od_resnet50, od_resnet101, od_mobilenetv2_050, od_mobilenetv2_075, od_mobilenetv2_100,
-        small_cnn,
+        small_cnn, kw_resnet18, kw_resnet50,
     )
 }
+
+#: The zoo built with one convolution type only: name prefix -> type.
+_FIXED_TYPES = {"od_": "odconv", "kw_": "kw"}
 
 
 def list_models() -> list[str]:
@@ -56,17 +60,20 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
 
 def fixed_conv_type(name: str) -> str | None:
     """The convolution type a model is built with whatever is asked (``'odconv'`` for the
-    official ODConv zoo, ``od_*``), or ``None`` if it takes ``conv_type``."""
-    return "odconv" if check_model(name).startswith("od_") else None
+    official ODConv zoo, ``od_*``; ``'kw'`` for KernelWarehouse's, ``kw_*``), or ``None`` if it
+    takes ``conv_type``."""
+    check_model(name)
+    return next((t for prefix, t in _FIXED_TYPES.items() if name.startswith(prefix)), None)
 
 
 def check_model_conv_type(name: str, conv_type: str | None) -> str | None:
     """Raise a ``ValueError`` if model ``name`` cannot be built with ``conv_type`` (the ``od_*``
-    zoo is ODConv only); return :func:`fixed_conv_type`."""
+    zoo is ODConv only, ``kw_*`` KernelWarehouse only); return :func:`fixed_conv_type`."""
     fixed = fixed_conv_type(name)
     if fixed is not None and conv_type not in (None, fixed):
+        plain = name.split("_", 1)[1]
         raise ValueError(f"model {name!r} is built with conv type {fixed!r} only, got "
-                         f"{conv_type!r}; use {name.removeprefix('od_')!r} for other types")
+                         f"{conv_type!r}; use {plain!r} for other types")
     return fixed
 
 
@@ -99,6 +106,7 @@ def create_model_for_data(
 
 
 __all__ = [
+    "KW_WIDTHS",
     "MobileNetV2",
     "ResNet",
     "SmallCNN",
@@ -107,6 +115,8 @@ __all__ = [
     "create_model",
     "create_model_for_data",
     "fixed_conv_type",
+    "kw_resnet18",
+    "kw_resnet50",
     "list_models",
     "mobilenet_v2",
     "od_mobilenetv2_050",

@@ -16,6 +16,7 @@ Each layer says which layout it fits and what it cannot hold there
 from __future__ import annotations
 
 import os
+import re
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -23,8 +24,9 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ..layers import DRConv2d, DynamicConv2d, ODConv2d, RoutedConv2d
+from ..layers import DRConv2d, DynamicConv2d, KWConv2d, ODConv2d, RoutedConv2d
 from ..layers.base import DynamicConvBase
+from ..layers.warehouse import OFFICIAL_WAREHOUSE_KEY, check_official_order, model_warehouses
 from .checkpoint import LoadResult, load_checkpoint
 from .convert import dynamic_layer_names, replace_module
 
@@ -42,6 +44,7 @@ LAYOUTS: dict[str, str] = {
     **DynamicConv2d.official_layouts,
     **DRConv2d.official_layouts,
     **RoutedConv2d.official_layouts,
+    **KWConv2d.official_layouts,
 }
 
 
@@ -95,10 +98,67 @@ def to_official_state_dict(model: nn.Module, layout: str | None = None) -> Order
         elif owner in converted:  # the layer's tensors, once, where its first key was
             prefix = owner + "." if owner else ""
             result.update((prefix + k, v) for k, v in converted.pop(owner).items())
+    result = _with_official_warehouses(model, result)
     metadata = getattr(state, "_metadata", None)
     if metadata is not None:  # module versions (BatchNorm's), as load_state_dict reads them
         result._metadata = OrderedDict(metadata)  # type: ignore[attr-defined]
     return result
+
+
+def _with_official_warehouses(model: nn.Module, state: OrderedDict[str, Tensor]
+                              ) -> OrderedDict[str, Tensor]:
+    """``state`` with KernelWarehouse's cells where the official code keeps them:
+    ``warehouse_manager.weights.<i>``, i in module order, before every other key."""
+    warehouses = model_warehouses(model)
+    if not warehouses:
+        return state
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, KWConv2d)]
+    cells: OrderedDict[str, Tensor] = OrderedDict()
+    for i, (warehouse, paths) in enumerate(warehouses):
+        members = [layer for _, layer in layers if layer.warehouse is warehouse]
+        problem = check_official_order(warehouse, members)
+        if problem is not None:
+            raise ValueError(f"the warehouse of layer {paths[0].rpartition('.')[0]!r} cannot be "
+                             f"written in the 'kernelwarehouse' layout: {problem}")
+        cells[OFFICIAL_WAREHOUSE_KEY.format(i)] = warehouse.cells.detach()
+    return OrderedDict([*cells.items(), *state.items()])
+
+
+def _official_warehouse_hook(model: nn.Module):
+    """A load_state_dict pre-hook for ``model`` that puts the official checkpoint's
+    ``warehouse_manager.weights.<i>`` under the paths of the model's i-th warehouse (module
+    order), after checking that they are of the model's width."""
+    pattern = re.compile(r"warehouse_manager\.weights\.(\d+)")
+
+    def hook(module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+        keys = [k for k in state_dict if pattern.fullmatch(k[len(prefix):])]
+        if not keys:
+            return
+        warehouses = model_warehouses(model)
+        width = getattr(model, "kw_width", None)
+        model_is = f" (the model is {width})" if width else ""
+        if len(keys) != len(warehouses):
+            raise ValueError(
+                f"the checkpoint holds {len(keys)} KernelWarehouse warehouses "
+                f"(warehouse_manager.weights.*), the model {len(warehouses)}: is it the right "
+                "model?"
+            )
+        for i, (warehouse, paths) in enumerate(warehouses):
+            key = prefix + OFFICIAL_WAREHOUSE_KEY.format(i)
+            value = state_dict.pop(key, None)
+            if not isinstance(value, Tensor):
+                raise ValueError(f"the checkpoint has no tensor {key!r}")
+            if value.shape != warehouse.cells.shape:
+                raise ValueError(
+                    f"the checkpoint's {key} holds cells {list(value.shape)}, the model's "
+                    f"warehouse of {paths[0].rpartition('.')[0]!r} "
+                    f"{list(warehouse.cells.shape)}: the checkpoint is of another width"
+                    f"{model_is} or another model"
+                )
+            for path in paths:
+                state_dict[prefix + path + ".cells"] = value
+
+    return hook
 
 
 @dataclass(frozen=True)
@@ -142,6 +202,7 @@ def load_official(
 
     handles = [model.get_submodule(name).register_load_state_dict_pre_hook(fit)
                for name in dynamic_layer_names(model)]
+    handles.append(model.register_load_state_dict_pre_hook(_official_warehouse_hook(model)))
     try:
         result = load_checkpoint(model, checkpoint, strict=strict, map_location=map_location,
                                  weights_only=weights_only)
