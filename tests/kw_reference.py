@@ -102,7 +102,9 @@ class RefKWConv2d(nn.Module):
         self.cell_shape = cells.shape
         self.g_out = self.out_planes // cells.shape[1]
         self.g_in = self.in_planes // cells.shape[2] // self.groups
-        self.g_sp = (self.kernel_size // cells.shape[3]) * (self.kernel_size // cells.shape[4])
+        self.g_sp = 1
+        for size in cells.shape[3:]:
+            self.g_sp *= self.kernel_size // size
         mixtures = self.g_out * self.g_in * self.g_sp
         self.attention = RefAttention(self.in_planes, reduction, cells.shape[0], mixtures, ratio,
                                       nonlocal_basis_ratio, start)
@@ -125,6 +127,32 @@ class RefKWConv2d(nn.Module):
         return y
 
 
+class RefKWLinear(nn.Module):
+    """The official KWLinear: ``conv``, a 1-D KW convolution of kernel 1 (1-D cells)."""
+
+    def __init__(self, manager, name, in_planes, out_planes, bias=True):
+        super().__init__()
+        self.conv = RefKWConv1d(manager, name, in_planes, out_planes, 1, bias=bias)
+
+    def forward(self, x):
+        return self.conv(x[:, :, None])[:, :, 0]
+
+
+class RefKWConv1d(RefKWConv2d):
+    """The official KWConv1d, kernel 1 only: [N, C, L] -> [N, C_out, L]."""
+
+    def forward(self, x):
+        a = self.attention(x)
+        n = x.shape[0]
+        cells = self.manager[0].weights[self.manager[0].index[self.name]]
+        w = (a @ cells.reshape(cells.shape[0], -1)).reshape(n, self.g_sp, self.g_out, self.g_in,
+                                                            *cells.shape[1:])
+        w = w.permute(0, 2, 4, 3, 5, 1, 6).reshape(n * self.out_planes, self.in_planes, 1)
+        y = F.conv1d(x.reshape(1, -1, x.shape[-1]), w, None, 1, 0, 1, n)
+        y = y.reshape(n, self.out_planes, -1)
+        return y + self.bias[None, :, None] if self.bias is not None else y
+
+
 class RefManager(nn.Module):
     """The official Warehouse_Manager: reserve, then store, then allocate(network)."""
 
@@ -137,32 +165,41 @@ class RefManager(nn.Module):
         self.shapes: dict[str, list] = {}
         self.index: dict[str, int] = {}
 
-    def reserve(self, warehouse, in_planes, out_planes, kernel_size, **kwargs):
+    def reserve(self, warehouse, in_planes, out_planes, kernel_size, linear=False, **kwargs):
         self.index.setdefault(warehouse, len(self.index))
         self.shapes.setdefault(warehouse, []).append(
-            (out_planes, in_planes // kwargs.get("groups", 1), kernel_size))
+            (out_planes, in_planes // kwargs.get("groups", 1), kernel_size, linear))
+        if linear:
+            return RefKWLinear(self, warehouse, in_planes, out_planes, **kwargs)
         return RefKWConv2d(self, warehouse, in_planes, out_planes, kernel_size, **kwargs)
+
+    def setting(self, value, i):
+        """A setting given once for all warehouses, or one per warehouse (a tuple)."""
+        return value[i] if isinstance(value, tuple) else value
 
     def store(self):
         self.weights = nn.ParameterList()
-        for name in self.index:
+        for i, name in enumerate(self.index):
             layers = self.shapes[name]
             out_gcd = math.gcd(*(s[0] for s in layers))
             in_gcd = math.gcd(*(s[1] for s in layers))
-            c_in = max(int(in_gcd * self.in_ratio), 1)
-            c_out = max(int(out_gcd * self.out_ratio), 1)
+            c_in = max(int(in_gcd * self.setting(self.in_ratio, i)), 1)
+            c_out = max(int(out_gcd * self.setting(self.out_ratio, i)), 1)
             k = 1 if self.spatial_partition else layers[0][2]
-            total = sum((s[0] // c_out) * (s[1] // c_in) * (s[2] // k) ** 2 for s in layers)
+            total = sum((s[0] // c_out) * (s[1] // c_in) * (s[2] // k) ** (1 if s[3] else 2)
+                        for s in layers)
+            spatial = (k,) if layers[0][3] else (k, k)
             self.weights.append(nn.Parameter(torch.randn(
-                max(int(total * self.ratio), 1), c_out, c_in, k, k)))
+                max(int(total * self.setting(self.ratio, i)), 1), c_out, c_in, *spatial)))
 
     def allocate(self, network):
         ends = [0] * len(self.weights)
         for layer in network.modules():
             if isinstance(layer, RefKWConv2d):
                 i = self.index[layer.name]
-                ends[i] = layer.init_attention(self.weights[i], ends[i], self.reduction,
-                                               self.ratio, self.basis_ratio)
+                ends[i] = layer.init_attention(self.weights[i], ends[i],
+                                               self.setting(self.reduction, i),
+                                               self.setting(self.ratio, i), self.basis_ratio)
         assert ends == [w.shape[0] for w in self.weights], (ends, [len(w) for w in self.weights])
 
     def set_temperature(self, network, t):
@@ -223,6 +260,64 @@ def ref_kw_resnet(model, bottleneck, manager):
             put(prefix + ".conv2", names[0], True)
             if bottleneck:
                 put(prefix + ".conv3", names[1], True)
+    manager.store()
+    manager.allocate(model)
+    model.warehouse_manager = manager
+    return model
+
+
+def ref_kw_mobilenetv2(model, width):
+    """dynconv's static torchvision-named MobileNetV2 ``model`` made the official KW model of
+    ``width`` ('1x', '4x': models/kw_mobilenetv2.py; '1/2x': models/kw1d2x_mobilenetv2.py):
+    the official names, stages and handover, sharing ranges and per-warehouse settings."""
+    half = width == "1/2x"
+    if half:
+        manager = RefManager(reduction=0.03125, cell_num_ratio=(1, 1, 1, 1, 1, 1, 0.5, 1, 0.5, 0.5),
+                             cell_inplane_ratio=(1, 1, 1, 1, 1, 1, 0.5, 1, 0.5, 0.025),
+                             cell_outplane_ratio=(1, 1, 1, 1, 1, 1, 0.5, 1, 0.5, 1))
+        sharing = tuple("layer")
+    else:
+        manager = RefManager(cell_num_ratio=1 if width == "1x" else 4)
+        sharing = ("layer", "pwconv") if width == "1x" else ("layer",)
+    enabled_pw = [False, False, False, False, False, True, True] if half else [True] * 7
+
+    def put(path, name, enabled=True):
+        conv = model.get_submodule(path)
+        if not enabled:
+            return
+        layer = manager.reserve(fuse_name(name, sharing), conv.in_channels, conv.out_channels,
+                                conv.kernel_size[0], stride=conv.stride[0],
+                                padding=conv.padding[0], groups=conv.groups)
+        parent, _, child = path.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer)
+
+    put("features.0.0", "stage0_conv0")
+    stages = [1, 2, 3, 4, 5, 6, 6]
+    settings = [(1, 1), (6, 2), (6, 3), (6, 4), (6, 3), (6, 3), (6, 1)]
+    layer_idx, index = 0, 1
+    for row, (t, n) in enumerate(settings):
+        for i in range(n):
+            handover = i == 0 and row > 0 and stages[row] != stages[row - 1]
+            stage = stages[row] - 1 if handover else stages[row]
+            pw = enabled_pw[stage - 1]
+            prefix = f"features.{index}.conv."
+            j = 0
+            if t != 1:
+                put(prefix + "0.0", f"stage{stage}_layer{layer_idx}_pwconv0", pw)
+                j = 1
+            put(prefix + f"{j}.0", f"stage{stage}_layer{layer_idx}_dwconv0")
+            put(prefix + f"{j + 1}", f"stage{stage}_layer{layer_idx}_pwconv1", pw)
+            layer_idx += 1
+            if handover:
+                layer_idx = 0
+            index += 1
+    put(f"features.{index}.0", f"stage6_layer{layer_idx}_pwconv1")
+    linear = model.classifier[1]
+    if half:
+        model.classifier[1] = manager.reserve("classifier", linear.in_features,
+                                              linear.out_features, 1, linear=True)
+    else:
+        model.classifier = linear
     manager.store()
     manager.allocate(model)
     model.warehouse_manager = manager

@@ -9,16 +9,19 @@ import torch
 from torch import nn
 
 import dynconv
-from dynconv.models import create_model, kw_resnet18, resnet18, resnet50
+from dynconv.models import create_model, kw_resnet18, mobilenet_v2, resnet18, resnet50
 from dynconv.models.kernel_warehouse import KW_WIDTHS
 from dynconv.tools.official import load_official, to_official_state_dict
-from kw_reference import RefManager, ref_kw_resnet
+from kw_reference import RefManager, ref_kw_mobilenetv2, ref_kw_resnet
 
 # The official README's parameter counts; ResNet-18 1/4x: see test_resnet18_quarter_width.
 README = {("kw_resnet18", "1/2x"): 7.43, ("kw_resnet18", "1x"): 11.93,
           ("kw_resnet18", "2x"): 23.24, ("kw_resnet18", "4x"): 45.86,
           ("kw_resnet50", "1/2x"): 17.64, ("kw_resnet50", "1x"): 28.05,
-          ("kw_resnet50", "4x"): 102.02}
+          ("kw_resnet50", "4x"): 102.02, ("kw_mobilenetv2_100", "1/2x"): 2.65,
+          ("kw_mobilenetv2_100", "1x"): 5.17, ("kw_mobilenetv2_100", "4x"): 11.38,
+          ("kw_mobilenetv2_050", "1/2x"): 1.47, ("kw_mobilenetv2_050", "1x"): 2.85,
+          ("kw_mobilenetv2_050", "4x"): 4.65}
 
 
 def count(model: nn.Module) -> int:
@@ -27,6 +30,8 @@ def count(model: nn.Module) -> int:
 
 def reference(name: str, width: str) -> nn.Module:
     """The official model, built by the reimplemented official constructor."""
+    if name.startswith("kw_mobilenetv2"):
+        return ref_kw_mobilenetv2(mobilenet_v2(1.0 if name.endswith("100") else 0.5), width)
     settings = KW_WIDTHS[width]
     basis = 0.0625 if (name, width) == ("kw_resnet50", "1/2x") else 1.0
     manager = RefManager(cell_num_ratio=settings["cell_num_ratio"],
@@ -66,8 +71,11 @@ def randomise(model: nn.Module) -> None:
                 p.normal_(0, (2 / max(p[0].numel(), 1)) ** 0.5)
 
 
-@pytest.mark.parametrize(("name", "width"), [("kw_resnet18", "1/4x"), ("kw_resnet18", "2x"),
-                                             ("kw_resnet50", "1/2x")])
+@pytest.mark.parametrize(("name", "width"), [
+    # every cell ratio below 1 and 1, the non-local basis, KWLinear, shared pointwise cells (4x
+    # is 1x's code with 4 cells per kernel cell, which test_kwconv covers, and costs 10 s here)
+    ("kw_resnet18", "1/4x"), ("kw_resnet50", "1/2x"), ("kw_mobilenetv2_100", "1/2x"),
+    ("kw_mobilenetv2_050", "1x")])
 def test_official_checkpoint_loads_with_equal_logits(tmp_path, name, width):
     ref = reference(name, width)
     randomise(ref)
@@ -79,7 +87,7 @@ def test_official_checkpoint_loads_with_equal_logits(tmp_path, name, width):
     ours = create_model(name, width=width).double().eval()
     result = load_official(ours, path)
     assert result.load.stripped_prefixes == ("module.",)
-    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), ref(x), rtol=1e-10, atol=1e-10)
     # and back: the official model loads ours with strict=True and computes the same

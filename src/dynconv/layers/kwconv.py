@@ -169,6 +169,8 @@ class KWConv2d(DynamicConvBase):
 
     #: Annealing ends at, and evaluation runs at, temperature 0 (see DynamicConvBase).
     final_temperature = 0.0
+    #: The dimensions of the official cells of this layer (1 in the official KWLinear).
+    official_cell_dims = 2
     layout: CellLayout
     cell_offset: Tensor
 
@@ -400,3 +402,33 @@ class KWConv2d(DynamicConvBase):
             s += ", bias=False"
         s += f", cells={self.layout.mixtures}/{self.warehouse.num_cells}"
         return s
+
+
+class KWLinear(nn.Module):
+    """KernelWarehouse linear layer (the official ``KWLinear``): ``nn.Linear``'s arguments and
+    a :class:`Warehouse`; a 1x1 :class:`KWConv2d` (``conv``) over the features of each
+    sample's tokens, whose attention pools over the tokens.
+
+    Keywords after ``dtype`` go to the :class:`KWConv2d`. Shapes: [N, *, in_features] ->
+    [N, *, out_features] (at least 2-D).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 device: Any = None, dtype: torch.dtype | None = None, **kwargs: Any) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.conv = KWConv2d(in_features, out_features, 1, bias=bias, device=device,
+                             dtype=dtype, **kwargs)
+        self.conv.official_cell_dims = 1  # the official cells of a linear layer are 1-D
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not isinstance(x, Tensor) or x.dim() < 2 or x.shape[-1] != self.in_features:
+            got = list(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"KWLinear expects input [N, *, {self.in_features}], got {got}")
+        shape = x.shape
+        tokens = x.reshape(shape[0], -1, shape[-1]).transpose(1, 2).unsqueeze(-1)
+        y = self.conv(tokens).squeeze(-1).transpose(1, 2)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"

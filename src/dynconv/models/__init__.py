@@ -7,7 +7,13 @@ from typing import Any
 
 from torch import nn
 
-from .kernel_warehouse import KW_WIDTHS, kw_resnet18, kw_resnet50
+from .kernel_warehouse import (
+    KW_WIDTHS,
+    kw_mobilenetv2_050,
+    kw_mobilenetv2_100,
+    kw_resnet18,
+    kw_resnet50,
+)
 from .mobilenetv2 import (
     MobileNetV2,
     mobilenet_v2,
@@ -33,7 +39,7 @@ _MODELS: dict[str, Callable[..., nn.Module]] = {
     for f in (
         resnet18, resnet34, resnet50, resnet101, mobilenet_v2, od_resnet18, od_resnet34,
         od_resnet50, od_resnet101, od_mobilenetv2_050, od_mobilenetv2_075, od_mobilenetv2_100,
-        small_cnn, kw_resnet18, kw_resnet50,
+        small_cnn, kw_resnet18, kw_resnet50, kw_mobilenetv2_050, kw_mobilenetv2_100,
     )
 }
 
@@ -115,6 +121,8 @@ __all__ = [
     "create_model",
     "create_model_for_data",
     "fixed_conv_type",
+    "kw_mobilenetv2_050",
+    "kw_mobilenetv2_100",
     "kw_resnet18",
     "kw_resnet50",
     "list_models",

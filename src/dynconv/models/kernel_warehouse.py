@@ -17,11 +17,13 @@ from typing import Any
 from torch import nn
 
 from .._conv_args import check_keyword_spellings
-from ..layers.kwconv import KWConv2d
-from ..layers.warehouse import Warehouses
+from ..layers.kwconv import KWConv2d, KWLinear
+from ..layers.warehouse import Warehouse, Warehouses
+from .mobilenetv2 import INVERTED_RESIDUAL_SETTINGS, MobileNetV2
 from .resnet import BasicBlock, Bottleneck, ResNet
 
-__all__ = ["KW_WIDTHS", "kw_resnet18", "kw_resnet50", "kw_width"]
+__all__ = ["KW_WIDTHS", "kw_mobilenetv2_050", "kw_mobilenetv2_100", "kw_resnet18",
+           "kw_resnet50", "kw_width"]
 
 #: The official widths (``configs/*/kw*.json``): the warehouse settings of each. 1/4x and 1/2x
 #: cut cells of half the greatest common divisor of the channels and keep fewer warehouse cells
@@ -70,11 +72,12 @@ def _resnet_stage(name: str, conv: nn.Conv2d, bottleneck: bool) -> int | None:
 
 
 def replace_with_kw(model: nn.Module, stage_of: Callable[[str, nn.Conv2d], int | str | None],
-                    shop: Warehouses, **layer_kwargs: Any) -> list[str]:
+                    shop: Warehouses | Callable[[str], Warehouse], **layer_kwargs: Any
+                    ) -> list[str]:
     """Replace, in module order, each ``nn.Conv2d`` of ``model`` that ``stage_of(name, conv)``
     gives a warehouse key by a :class:`KWConv2d` of the same geometry and bias on
-    ``shop[key]``; return the replaced names. The layers start fresh (the warehouse is
-    re-initialised as each joins)."""
+    ``shop[f'stage{key}']`` (or ``shop(key)``); return the replaced names. The layers start
+    fresh (the warehouse is re-initialised as each joins)."""
     names = []
     for name, module in list(model.named_modules()):
         if type(module) is not nn.Conv2d:
@@ -85,7 +88,8 @@ def replace_with_kw(model: nn.Module, stage_of: Callable[[str, nn.Conv2d], int |
         layer = KWConv2d(
             module.in_channels, module.out_channels, module.kernel_size, module.stride,
             module.padding, module.dilation, module.groups, bias=module.bias is not None,
-            padding_mode=module.padding_mode, warehouse=shop[f"stage{key}"], **layer_kwargs,
+            padding_mode=module.padding_mode,
+            warehouse=shop(key) if callable(shop) else shop[f"stage{key}"], **layer_kwargs,
         )
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, layer)
@@ -136,3 +140,106 @@ def kw_resnet50(width: object = "1x", reduction: float = 0.0625,
         nonlocal_basis_ratio = 0.0625 if width == "1/2x" else 1.0
     return _kw_resnet(Bottleneck, [3, 4, 6, 3], width, reduction, nonlocal_basis_ratio,
                       conv_kwargs, **kwargs)
+
+
+# -- MobileNetV2 -----------------------------------------------------------------------------
+
+#: The official KernelWarehouse stage of each row of MobileNetV2's settings.
+_MOBILENETV2_STAGES = (1, 2, 3, 4, 5, 6, 6)
+
+#: The official 1/2x MobileNetV2 (``models/kw1d2x_mobilenetv2.py``), a model of its own: only
+#: the stem, the depthwise convolutions, stage 6's pointwise ones, the last 1x1 and the
+#: classifier are KernelWarehouse layers, each warehouse with its own settings (declaration
+#: order: stem, depthwise stages 1-5, stage 6 expand, depthwise, project, classifier).
+_HALF_WIDTH_MOBILENETV2 = {
+    "stem": (1, 1, 1), "dw1": (1, 1, 1), "dw2": (1, 1, 1), "dw3": (1, 1, 1), "dw4": (1, 1, 1),
+    "dw5": (1, 1, 1), "pw6_0": (0.5, 0.5, 0.5), "dw6": (1, 1, 1), "pw6_1": (0.5, 0.5, 0.5),
+    "classifier": (0.5, 0.025, 1),
+}
+
+
+def _mobilenetv2_keys(half: bool, shared_pointwise: bool) -> dict[str, str]:
+    """Module path -> warehouse key of the official KernelWarehouse MobileNetV2: the stem
+    alone, then per stage the depthwise convolutions and the pointwise ones (expand and project
+    together at 1x, apart at 4x and 1/2x), a stage's first block in the previous stage's
+    warehouses (the official handover); the last 1x1 with stage 6's projections."""
+    keys = {"features.0.0": "stem"}
+    index = 1
+    for row, (t, _, n, _) in enumerate(INVERTED_RESIDUAL_SETTINGS):
+        for i in range(n):
+            handover = i == 0 and row > 0 and \
+                _MOBILENETV2_STAGES[row] != _MOBILENETV2_STAGES[row - 1]
+            stage = _MOBILENETV2_STAGES[row] - (1 if handover else 0)
+            prefix = f"features.{index}.conv."
+            pointwise = not half or stage == 6
+            expand, project = (f"pw{stage}", f"pw{stage}") if shared_pointwise else (
+                f"pw{stage}_0", f"pw{stage}_1")
+            if t != 1:
+                if pointwise:
+                    keys[prefix + "0.0"] = expand
+                keys[prefix + "1.0"] = f"dw{stage}"
+                if pointwise:
+                    keys[prefix + "2"] = project
+            else:
+                keys[prefix + "0.0"] = f"dw{stage}"
+                if pointwise:
+                    keys[prefix + "1"] = project
+            index += 1
+    keys[f"features.{index}.0"] = "pw6" if shared_pointwise else "pw6_1"
+    return keys
+
+
+def _kw_mobilenetv2(width_mult: float, width: object, reduction: float | None,
+                    conv_kwargs: dict | None, **kwargs: Any) -> MobileNetV2:
+    width = kw_width(width)
+    if width not in ("1/2x", "1x", "4x"):
+        raise ValueError(f"the official KernelWarehouse MobileNetV2 widths are '1/2x', '1x' and "
+                         f"'4x', got {width!r}")
+    if "conv_type" in kwargs:
+        raise TypeError("kw_mobilenetv2 models are KernelWarehouse models; pass width= (and "
+                        "conv_kwargs= for the layers), not conv_type")
+    half = width == "1/2x"
+    kwargs.setdefault("dropout", 0.1 if half else 0.0)
+    model = MobileNetV2(width_mult=width_mult, conv_type="static", **kwargs)
+    keys = _mobilenetv2_keys(half, shared_pointwise=width == "1x")
+    layer_kwargs = {"reduction": reduction if reduction is not None else
+                    (0.03125 if half else 0.0625), **(conv_kwargs or {})}
+    if half:
+        made: dict[str, Warehouse] = {}
+
+        def shop(key: str) -> Warehouse:
+            if key not in made:
+                ratio, c_in, c_out = _HALF_WIDTH_MOBILENETV2[key]
+                made[key] = Warehouse(ratio, cell_in_ratio=c_in, cell_out_ratio=c_out)
+            return made[key]
+
+        replace_with_kw(model, lambda name, _: keys.get(name), shop, **layer_kwargs)
+        linear = model.classifier[1]
+        model.classifier[1] = KWLinear(linear.in_features, linear.out_features,
+                                       warehouse=shop("classifier"), **layer_kwargs)
+    else:
+        shop = Warehouses(**KW_WIDTHS[width])
+        replace_with_kw(model, lambda name, _: keys.get(name), lambda key: shop[key],
+                        **layer_kwargs)
+        linear = model.classifier[1]  # the official head: a Linear, no dropout
+        model.classifier = linear
+    model.kw_width = width
+    return model
+
+
+@check_keyword_spellings
+def kw_mobilenetv2_100(width: object = "1x", reduction: float | None = None,
+                       conv_kwargs: dict | None = None, **kwargs: Any) -> MobileNetV2:
+    """OSVAI/KernelWarehouse's ``kw_mobilenetv2_100`` (``'1x'``, ``'4x'``) and
+    ``kw1d2x_mobilenetv2_100`` (``'1/2x'``), in the official layout. Keywords go to
+    :class:`~dynconv.models.MobileNetV2` (``num_classes``, ``dropout``); ``conv_kwargs`` to
+    the layers. Parameters: 2.65M, 5.17M, 11.38M (the official README's)."""
+    return _kw_mobilenetv2(1.0, width, reduction, conv_kwargs, **kwargs)
+
+
+@check_keyword_spellings
+def kw_mobilenetv2_050(width: object = "1x", reduction: float | None = None,
+                       conv_kwargs: dict | None = None, **kwargs: Any) -> MobileNetV2:
+    """OSVAI/KernelWarehouse's ``kw_mobilenetv2_050`` and ``kw1d2x_mobilenetv2_050``; as
+    :func:`kw_mobilenetv2_100`. Parameters: 1.47M, 2.85M, 4.65M (the official README's)."""
+    return _kw_mobilenetv2(0.5, width, reduction, conv_kwargs, **kwargs)

@@ -16,6 +16,7 @@ from ..layers.factory import ConvBuilder, conv_builder
 from ._common import init_weights
 
 __all__ = [
+    "INVERTED_RESIDUAL_SETTINGS",
     "ConvBNReLU",
     "InvertedResidual",
     "MobileNetV2",
@@ -26,7 +27,7 @@ __all__ = [
 ]
 
 # expansion t, output channels c, repeats n, first stride s
-_SETTINGS = [
+INVERTED_RESIDUAL_SETTINGS = [
     (1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
     (6, 320, 1, 1),
 ]
@@ -113,7 +114,7 @@ class MobileNetV2(nn.Module):
         channels = make_divisible(32 * width_mult)
         self.last_channel = make_divisible(1280 * max(1.0, width_mult))
         features: list[nn.Module] = [ConvBNReLU(in_channels, channels, 3, 2, conv=stem_conv)]
-        for t, c, n, s in _SETTINGS:
+        for t, c, n, s in INVERTED_RESIDUAL_SETTINGS:
             out = make_divisible(c * width_mult)
             for i in range(n):
                 features.append(InvertedResidual(channels, out, s if i == 0 else 1, t, conv))

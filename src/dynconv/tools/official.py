@@ -120,7 +120,10 @@ def _with_official_warehouses(model: nn.Module, state: OrderedDict[str, Tensor]
         if problem is not None:
             raise ValueError(f"the warehouse of layer {paths[0].rpartition('.')[0]!r} cannot be "
                              f"written in the 'kernelwarehouse' layout: {problem}")
-        cells[OFFICIAL_WAREHOUSE_KEY.format(i)] = warehouse.cells.detach()
+        value = warehouse.cells.detach()
+        if members and all(layer.official_cell_dims == 1 for layer in members):
+            value = value.squeeze(-1)  # the official KWLinear's cells [n, c_out, c_in, 1]
+        cells[OFFICIAL_WAREHOUSE_KEY.format(i)] = value
     return OrderedDict([*cells.items(), *state.items()])
 
 
@@ -148,6 +151,8 @@ def _official_warehouse_hook(model: nn.Module):
             value = state_dict.pop(key, None)
             if not isinstance(value, Tensor):
                 raise ValueError(f"the checkpoint has no tensor {key!r}")
+            if value.dim() == 4 and warehouse.cells.shape[-2:] == (1, 1):
+                value = value.unsqueeze(-1)  # the official KWLinear's 1-D cells
             if value.shape != warehouse.cells.shape:
                 raise ValueError(
                     f"the checkpoint's {key} holds cells {list(value.shape)}, the model's "
