@@ -4,6 +4,11 @@ float64, both ways."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -123,3 +128,26 @@ def test_zoo_by_name_and_bad_arguments():
         kw_resnet18(conv_type="odconv")
     with pytest.raises(ValueError, match="built with conv type 'kw' only"):
         dynconv.models.create_model_for_data("kw_resnet18", "odconv", 10, 3, 32)
+
+
+def test_a_shared_warehouse_trains_under_ddp(tmp_path):
+    """Two gloo processes under torchrun, each on half of every batch, end with the weights of
+    one process trained on the whole batches (the shared cells' gradients are reduced once)."""
+    here = Path(__file__).parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
+        [str(here.parent / "src"), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         str(here / "kw_ranks.py"), str(tmp_path)],
+        capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    sys.path.insert(0, str(here))
+    from kw_ranks import shared_model, train
+
+    alone = shared_model()
+    train(alone, None)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for key, value in alone.state_dict().items():
+        torch.testing.assert_close(ranks[0][key], ranks[1][key], rtol=0, atol=0, msg=key)
+        torch.testing.assert_close(ranks[0][key], value, rtol=1e-5, atol=1e-6, msg=key)
+    assert not torch.equal(ranks[0]["0.warehouse.cells"], shared_model()[0].warehouse.cells)
