@@ -411,3 +411,26 @@ def test_curves_of_a_comparison_evaluated_every_few_epochs(tmp_path: Path) -> No
     accuracy = figure.axes[0].get_lines()[0]
     assert list(accuracy.get_xdata()) == [2, 4] and accuracy.get_marker() == "o"
     assert list(figure.axes[1].get_lines()[0].get_xdata()) == [1, 2, 3, 4]  # training: every
+
+
+def test_compare_takes_kw_as_one_more_row(tmp_path: Path, capsys) -> None:
+    """'kw' (not a default row): its run anneals the weight of the assigned cells from
+    1 to 0 and evaluates at 0 while DY-Conv's temperature ends at 1, the settings say both, and
+    its parameters count each shared warehouse once."""
+    out = tmp_path / "out"
+    assert "kw" not in DEFAULT_CONV_TYPES
+    assert main(["compare", "--data", "digits", "--conv-types", "dynamic", "kw", "--seeds", "0",
+                 "--epochs", "1", "--train-images", "40", "--batch-size", "20",
+                 "--model-arg", "width=4", "--threads", "1", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    setting = ("temperature: linear, from 30 over 1 epoch; evaluation at 1; kw: linear (1 to 0 "
+               "over 1 epoch, per iteration; evaluation at 0)")
+    assert setting in printed and setting in (out / "table.md").read_text().replace("**", "")
+    with (out / "metrics.csv").open() as f:
+        assert {r["row"]: float(r["temperature"]) for r in csv.DictReader(f)} == {
+            "dynamic": 1.0, "kw": 0.0}
+    with (out / "table.csv").open() as f:
+        parameters = {r["row"]: int(r["parameters"]) for r in csv.DictReader(f)}
+    model = build_model(_base(conv_type="kw", model_args={"width": 4}), DIGITS)
+    shared = sum(p.numel() for _, p in model.named_parameters(remove_duplicate=False))
+    assert parameters["kw"] == count_parameters(model) < shared

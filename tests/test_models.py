@@ -141,3 +141,28 @@ def test_small_cnn_stem_stride_halves_every_later_map(stem_stride) -> None:
     assert seen["stage3"][-2:] == (-(-size // 4), -(-size // 4))
     with pytest.raises(ValueError, match="stem_stride"):
         create_model("small_cnn", stem_stride=0)
+
+
+def test_small_cnn_kw_shares_a_warehouse_per_input_size_as_convert_does() -> None:
+    """The small CNN's 'kw' layers share one warehouse per input size, the same groups as
+    convert(share='stage') finds in the static network; the warehouse settings may be among
+    conv_kwargs; the layers keep the official initialisation (init_weights calls their
+    reset_parameters), with either attention norm."""
+    def groups(model: torch.nn.Module) -> list[list[str]]:
+        found: dict[int, list[str]] = {}
+        for name, module in model.named_modules():
+            if isinstance(module, dynconv.KWConv2d):
+                found.setdefault(id(module.warehouse), []).append(name)
+        return list(found.values())
+
+    model = create_model("small_cnn", conv_type="kw",
+                         conv_kwargs={"cell_num_ratio": 2, "attention_norm": "batch"})
+    static = create_model("small_cnn")
+    dynconv.convert(static, "kw", exclude="stem.*", example_input=torch.zeros(1, 3, 16, 16))
+    assert groups(model) == groups(static) == [
+        ["stage1.0.0", "stage1.1.0", "stage2.0.0"], ["stage2.1.0", "stage3.0.0"], ["stage3.1.0"]]
+    layer = model.stage1[0][0]
+    assert layer.warehouse.cell_num_ratio == 2 and layer.attention_norm == "batch"
+    # Kaiming (fan_out, ReLU gain) on 16 hidden units: std sqrt(2 / 16) = 0.35, not the 0.01
+    # that init_weights gives the other Linear layers
+    assert 0.2 < layer.attention.fc1.weight.std().item() < 0.5

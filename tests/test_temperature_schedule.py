@@ -63,3 +63,25 @@ def test_none_and_final() -> None:
 def test_bad_schedules(kwargs, message) -> None:
     with pytest.raises((ValueError, TypeError), match=message):
         TemperatureSchedule(**kwargs)
+
+
+def test_described_as_each_kind_of_layer_follows_it() -> None:
+    """Layers that end at 1 read the schedule's value; KernelWarehouse's, which end at 0, its
+    remaining part from 1 to 0 (a model holding both names them)."""
+    from torch import nn
+
+    import dynconv
+    from dynconv.layers.temperature import describe_schedule, final_temperatures
+
+    linear = TemperatureSchedule("linear", epochs=2)
+    assert linear.describe(0.0) == "linear (1 to 0 over 2 epochs, per iteration; evaluation at 0)"
+    assert linear.describe(1.0) == str(linear) == "linear (30 to 1 over 2 epochs, per iteration)"
+    assert TemperatureSchedule("none").describe(0.0) == "none (0)"
+    assert TemperatureSchedule("step").describe(0.0) == (
+        "step (1 to 0 as 34, -3 per epoch, goes to 1; evaluation at 0)")
+    both = nn.Sequential(dynconv.KWConv2d(4, 4, 3), dynconv.DynamicConv2d(4, 4, 3))
+    assert final_temperatures(both) == {1.0: ["DynamicConv2d"], 0.0: ["KWConv2d"]}
+    assert describe_schedule(both, linear) == (
+        "DynamicConv2d: linear (30 to 1 over 2 epochs, per iteration); KWConv2d: linear (1 to 0 "
+        "over 2 epochs, per iteration; evaluation at 0)")
+    assert describe_schedule(nn.Sequential(both[0]), linear) == linear.describe(0.0)

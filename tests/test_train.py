@@ -405,3 +405,60 @@ def test_resuming_a_finished_run_says_it_is_finished(tmp_path: Path, capsys) -> 
     # what the message says: more epochs on the same folder is another run
     assert main(["train", "--out", str(out), "--resume", "--epochs", "3"]) == 2
     assert "different run (epochs: checkpoint 2, now 3)" in capsys.readouterr().err
+
+
+def test_kw_on_mnist_anneals_from_one_to_zero_evaluates_at_zero_and_resumes(
+    tmp_path: Path, mnist: str, monkeypatch, capsys
+) -> None:
+    """KernelWarehouse from the command line: the weight of each cell's assigned warehouse cell
+    goes from 1 to 0 per iteration (the batches, the epoch log's T, metrics.csv, the
+    checkpoint), every evaluation runs at 0, and a run stopped by Ctrl-C within its second
+    epoch resumes to the weights of the run never stopped."""
+    trained: list[float] = []
+    evaluated: list[float] = []
+    stop_at: list[tuple[int, int]] = []
+    anneal, evaluate = train_module.anneal_temperature, train_module._evaluate
+
+    def recording_anneal(model, schedule, epoch, batch, per_epoch):
+        value = anneal(model, schedule, epoch, batch, per_epoch)
+        trained.append(value)
+        if (epoch, batch) in stop_at:  # Ctrl-C while this batch trains
+            os.kill(os.getpid(), signal.SIGINT)
+        return value
+
+    def recording_evaluate(model, *args, **kwargs):
+        evaluated.append(dynconv.get_temperature(model))
+        return evaluate(model, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "anneal_temperature", recording_anneal)
+    monkeypatch.setattr(train_module, "_evaluate", recording_evaluate)
+    options = ["train", "--conv-type", "kw", "--epochs", "2", "--temperature-epochs", "2",
+               "--train-images", "40", "--batch-size", "20", "--model-arg", "width=4",
+               "--threads", "1"]
+    full = tmp_path / "full"
+    assert main([*options, "--out", str(full)]) == 0
+    printed = capsys.readouterr().out
+    # two batches per epoch: 1 - (i + 1) / 4, as the official get_temperature
+    assert trained == [0.75, 0.5, 0.25, 0.0]
+    assert evaluated == [0.0, 0.0]
+    assert "temperature: linear (1 to 0 over 2 epochs, per iteration; evaluation at 0)" in printed
+    assert "note: the temperature reaches 0 only at the end of epoch 2" in printed
+    assert re.findall(r"  T (\S+)  train loss", printed) == ["0.5", "0"]
+    with (full / "metrics.csv").open() as f:
+        assert [float(r["temperature"]) for r in csv.DictReader(f)] == [0.5, 0.0]
+    assert read_checkpoint(full / "checkpoint.pt")["temperature"] == 0.0
+    model, _, _ = train_module.load_run(full)
+    assert dynconv.get_temperature(model) == 0.0
+
+    trained.clear()
+    stop_at.append((1, 0))
+    stopped = tmp_path / "stopped"
+    assert main([*options, "--out", str(stopped)]) == 130
+    state = read_checkpoint(stopped / "checkpoint.pt")
+    assert state["position"]["epoch"] == 1 and state["position"]["batch"] == 1
+    assert state["temperature"] == 0.25  # of the last batch trained
+    stop_at.clear()
+    assert main(["train", "--out", str(stopped), "--resume"]) == 0
+    assert trained == [0.75, 0.5, 0.25, 0.0]
+    assert _same_weights(torch.load(stopped / "model.pt", weights_only=True),
+                         torch.load(full / "model.pt", weights_only=True))

@@ -22,6 +22,7 @@ from ultralytics.nn import tasks
 from ultralytics.nn.modules.block import C3k
 from ultralytics.utils.torch_utils import get_flops
 
+import dynconv
 import dynconv.integrations.ultralytics as dy_ultralytics
 from dynconv.blocks import yolo as blocks
 from dynconv.integrations.shapes import write_shapes_dataset
@@ -344,3 +345,51 @@ def test_the_launcher_runs_the_yolo_command_line_with_the_blocks(tmp_path):
     printed = _launch(["predict", f"model={best}", f"source={image}", "imgsz=64", "device=cpu",
                        f"project={tmp_path / 'runs'}", "name=p", "save=False"], tmp_path)
     assert "image 1/1" in printed and "64x64" in printed
+
+
+def _total(out) -> torch.Tensor:
+    """The sum of every tensor in a model's output (tensors, lists, tuples and dicts of them)."""
+    if isinstance(out, torch.Tensor):
+        return out.float().sum()
+    values = out.values() if isinstance(out, dict) else out
+    return sum(_total(value) for value in values)
+
+
+def test_a_kw_yaml_builds_trains_a_step_saves_and_reloads(tmp_path):
+    """'kw' is one more conv type: a YAML naming C2f_KWConv builds with one warehouse per block,
+    runs forward and backward at batch 1, and the checkpoint Ultralytics' save() writes (the
+    pickled model in half precision) reloads through YOLO() and in safe-load mode, warehouses
+    still shared, with the same outputs."""
+    cfg = tmp_path / "yolov8n-kw.yaml"
+    cfg.write_text((dy_ultralytics.CFG_DIR / "yolov8-odconv.yaml").read_text().replace(
+        "C2f_ODConv", "C2f_KWConv"))
+    torch.manual_seed(0)
+    model = YOLO(str(cfg))
+    net = model.model
+
+    def warehouses(network: nn.Module) -> list[set[int]]:
+        return [{id(layer.warehouse) for layer in block.modules()
+                 if isinstance(layer, dynconv.KWConv2d)}
+                for block in network.model if isinstance(block, blocks.VARIANTS["C2f_KWConv"])]
+
+    found = warehouses(net)
+    assert len(found) == 4 and all(len(ids) == 1 for ids in found)
+    assert len(set.union(*found)) == 4
+    net.train()
+    _total(net(torch.rand(1, 3, 64, 64))).backward()
+    cells = net.model[12].m[0].cv1.conv.warehouse.cells
+    assert cells.grad is not None and cells.grad.abs().sum() > 0
+    path = tmp_path / "kw.pt"
+    model.save(str(path))
+    reference = copy.deepcopy(net).half().float().eval()
+    x = torch.rand(2, 3, 64, 64)
+    expected = _outputs(reference, x)
+    unwrapped = dy_ultralytics._patches.original(tasks, "torch_safe_load")
+    with pytest.raises(TypeError, match="references types outside the supported"):
+        unwrapped(str(path), safe_only=True)  # weights_only=True: Ultralytics' classes only...
+    safe, _ = tasks.torch_safe_load(str(path), safe_only=True)  # ...and dynconv's, here
+    for loaded in (YOLO(str(path)).model.float().eval(), safe["model"].float().eval()):
+        assert [len(ids) for ids in warehouses(loaded)] == [1, 1, 1, 1]
+        layers = [m for m in loaded.model[12].modules() if isinstance(m, dynconv.KWConv2d)]
+        assert layers[0].warehouse.members == tuple(layers)
+        torch.testing.assert_close(_outputs(loaded, x), expected)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+import dynconv
 from dynconv.blocks import yolo
 
 # (block, args) -> (number of state_dict entries, parameters, fingerprint of names and shapes),
@@ -51,7 +52,7 @@ def _randomise_bn(module: nn.Module) -> None:
             m.bias.data.uniform_(-1, 1)
 
 
-@pytest.mark.parametrize("suffix", ["DynamicConv", "CondConv", "ODConv", "DRConv"])
+@pytest.mark.parametrize("suffix", ["DynamicConv", "CondConv", "ODConv", "DRConv", "KWConv"])
 @pytest.mark.parametrize("block", ["", "Bottleneck_", "C3_", "C2f_", "C3k_", "C3k2_"])
 def test_dynamic_variants_build_run_fuse_and_pickle(block: str, suffix: str) -> None:
     torch.manual_seed(0)
@@ -59,14 +60,16 @@ def test_dynamic_variants_build_run_fuse_and_pickle(block: str, suffix: str) -> 
     args = (16, 16, 3) if not block else (16, 16) if block in ("Bottleneck_",) else (16, 16, 1)
     model = cls(*args).double().eval()
     dynamic = [m for m in model.modules() if type(m).__name__ in
-               ("DynamicConv2d", "ODConv2d", "DRConv2d")]
+               ("DynamicConv2d", "ODConv2d", "DRConv2d", "KWConv2d")]
     assert dynamic, "the variant has no dynamic convolution"
     _randomise_bn(model)
     x = torch.randn(2, 16, 12, 12, dtype=torch.float64)
     expected = model(x)
     folded = yolo.fuse_blocks(model)
     torch.testing.assert_close(model(x), expected)
-    assert folded >= (1 if suffix != "CondConv" else 0)
+    # CondConv and KernelWarehouse keep their BatchNorm (a shift into sigmoid-gated kernels, a
+    # scale into cells that other output channels share: neither is exact)
+    assert folded >= (1 if suffix not in ("CondConv", "KWConv") else 0)
     clone = pickle.loads(pickle.dumps(model))
     assert type(clone) is cls
     torch.testing.assert_close(clone(x), expected)
@@ -97,3 +100,24 @@ def test_fused_static_conv_matches() -> None:
     assert conv.fuse() and isinstance(conv.bn, nn.Identity)
     torch.testing.assert_close(conv(x), expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(conv.forward_fuse(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_kw_blocks_share_one_warehouse_per_block_and_train_at_batch_one() -> None:
+    """A 'kw' block's layers share one warehouse, made from the settings among conv_kwargs and
+    handed to its inner blocks (a C3k2's C3k included); the inner blocks that C3k2 and C3k
+    build through their base and replace join none (every member of the warehouse is in the
+    block); another block has another. They train at batch 1 (attention_norm='layer')."""
+    torch.manual_seed(0)
+    block = yolo.C3k2_KWConv(16, 32, 2, True, conv_kwargs={"cell_num_ratio": 2})
+    layers = [m for m in block.modules() if isinstance(m, dynconv.KWConv2d)]
+    warehouse = layers[0].warehouse
+    assert len(layers) == 8 and all(layer.warehouse is warehouse for layer in layers)
+    assert set(warehouse.members) == set(layers)
+    assert warehouse.cell_num_ratio == 2 and layers[0].attention_norm == "layer"
+    assert yolo.C2f_KWConv(16, 16, 1).m[0].cv1.conv.warehouse is not warehouse
+    single = yolo.KWConv(16, 16, 3, conv_kwargs={"cell_num_ratio": 0.5})
+    assert single.conv.warehouse.members == (single.conv,)
+    assert single.conv.warehouse.cell_num_ratio == 0.5
+    block.train()
+    block(torch.randn(1, 16, 8, 8)).square().mean().backward()
+    assert warehouse.cells.grad is not None and warehouse.cells.grad.abs().sum() > 0

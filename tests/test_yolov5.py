@@ -22,6 +22,7 @@ from torch import nn
 
 pytest.importorskip("yolov5.models.yolo", exc_type=ImportError)
 
+import dynconv
 from dynconv.blocks import yolo as blocks
 from dynconv.integrations import yolov5 as dyn_yolov5
 from dynconv.integrations.shapes import write_shapes_dataset
@@ -356,3 +357,44 @@ def test_gflops_yolov5_prints_are_what_runs(yolo, quiet_info, name, tmp_path, mo
     assert summary_gflops(model, size) == pytest.approx(ours, abs=0.051)
     assert ours == pytest.approx(count_macs(yolo.Model(str(stock_yaml(yolo, "n"))), x) * 2 / 1e9,
                                  abs=0.005)  # the two attentions cost ~nothing
+
+
+def test_a_kw_yaml_trains_a_step_saves_reloads_and_fuses(yolo, quiet_info, tmp_path) -> None:
+    """'kw' is one more conv type: C3_KWConv in the neck, one warehouse per block, a training
+    step with YOLOv5's loss moves the shared cells, and the checkpoint train.py writes (the
+    pickled model in half precision) reloads elsewhere, warehouses still shared; fuse() folds
+    the static blocks and keeps KW's BatchNorm, outputs unchanged."""
+    from yolov5.utils.loss import ComputeLoss
+
+    text = load(dyn_yolov5.cfg_path("yolov5n-odconv.yaml", out_dir=tmp_path))
+    cfg = tmp_path / "yolov5n-kw.yaml"
+    cfg.write_text(yaml.safe_dump(text).replace("C3_ODConv", "C3_KWConv"))
+    torch.manual_seed(0)
+    model = yolo.Model(str(cfg), nc=2).train()
+    necks = [layer for layer in model.model if type(layer) is blocks.C3_KWConv]
+    assert len(necks) == 4
+    kw = [[m for m in block.modules() if isinstance(m, dynconv.KWConv2d)] for block in necks]
+    assert all(block[0].warehouse.members == tuple(block) for block in kw)
+    model.hyp = load(Path(sys.modules["yolov5"].__file__).parent / "data/hyps/hyp.scratch-low.yaml")
+    cells = kw[0][0].warehouse.cells
+    before = cells.detach().clone()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    targets = torch.tensor([[0, 0, 0.5, 0.5, 0.3, 0.3], [1, 1, 0.3, 0.6, 0.2, 0.25]])
+    loss, _ = ComputeLoss(model)(model(torch.rand(2, 3, 64, 64)), targets)
+    loss.backward()
+    optimizer.step()
+    assert not torch.equal(cells.detach(), before)
+    path = tmp_path / "last.pt"
+    torch.save({"epoch": 0, "model": copy.deepcopy(model).half()}, path)
+    reference = copy.deepcopy(model).half().float().eval()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = reference(x)[0]
+        loaded = torch.load(path, map_location="cpu", weights_only=False)["model"].float().eval()
+        layers = [m for m in loaded.model[13].modules() if isinstance(m, dynconv.KWConv2d)]
+        assert layers[0].warehouse.members == tuple(layers)
+        torch.testing.assert_close(loaded(x)[0], expected)
+        loaded.fuse()
+        assert isinstance(loaded.model[13].cv1.bn, nn.Identity)  # static: folded
+        assert isinstance(loaded.model[13].m[0].cv2.bn, nn.BatchNorm2d)  # KW: kept
+        torch.testing.assert_close(loaded(x)[0], expected, rtol=1e-4, atol=1e-4)

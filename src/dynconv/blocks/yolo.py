@@ -7,8 +7,12 @@ the same name (so the stock model's weights map onto them), and take a keyword-o
 attention uses ``attention_norm='layer'``, since detection trains at small and odd batch sizes)
 for their inner convolutions. Each has dynamic variants named
 after the type, ``C2f_ODConv``, ``C3k2_DynamicConv``, ``Bottleneck_CondConv``, ``DRConv`` (a
-``Conv`` with a DRConv inside), ...: in the CSP blocks the bottleneck convolutions become
-dynamic and the 1x1 convolutions around them stay static, as in the community's ``C2f_ODConv``.
+``Conv`` with a DRConv inside), ``C2f_KWConv``, ...: in the CSP blocks the bottleneck convolutions
+become dynamic and the 1x1 convolutions around them stay static, as in the community's
+``C2f_ODConv``. KernelWarehouse (``'kw'``) layers share one warehouse per block: the outermost
+block built with the type makes it (from the warehouse settings in ``conv_kwargs``,
+``cell_num_ratio``, ...) and hands it to its inner blocks, so a ``C2f_KWConv`` or ``C3k2_KWConv``
+row of a YAML is one warehouse, and a ``KWConv`` its own.
 
 Shapes: every block maps [N, c1, H, W] to [N, c2, H', W'] (H' = H / s for ``Conv``).
 """
@@ -21,7 +25,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..layers.factory import ANY_BATCH_DEFAULTS, create_conv2d
+from ..layers.factory import (
+    ANY_BATCH_DEFAULTS,
+    create_conv2d,
+    shares_warehouses,
+    split_warehouse_settings,
+)
 from ..layers.fuse import fold_batchnorm
 
 __all__ = ["C3", "Bottleneck", "C2f", "C3k", "C3k2", "Conv", "autopad", "fuse_blocks"]
@@ -36,14 +45,36 @@ def autopad(k: int | Sequence[int], p: int | Sequence[int] | None = None, d: int
     return p
 
 
+def _with_warehouse(conv_type: str, conv_kwargs: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``conv_kwargs`` with one new warehouse for every layer built with them, for a type whose
+    layers share one (``'kw'``) and keywords that give none (their warehouse settings go into
+    it); as they are otherwise."""
+    shop, kwargs = split_warehouse_settings(conv_type, conv_kwargs or {})
+    if shop is None:
+        return conv_kwargs
+    return {**kwargs, "warehouse": shop["block"]}
+
+
 class _ConvTyped(nn.Module):
     """Mixin state: the conv type of a block's dynamic convolutions (class default or keyword)."""
 
     conv_type = "static"
 
     def _conv_spec(self, conv_type: str | None, conv_kwargs: dict[str, Any] | None):
+        """The keywords of the block's inner blocks: its conv type and ``conv_kwargs``, with the
+        block's warehouse for a type that shares one."""
         self.conv_type = conv_type or type(self).conv_type
-        return {"conv_type": self.conv_type, "conv_kwargs": conv_kwargs}
+        return {"conv_type": self.conv_type,
+                "conv_kwargs": _with_warehouse(self.conv_type, conv_kwargs)}
+
+    def _placeholder(self, conv_type: str | None, conv_kwargs: dict[str, Any] | None
+                     ) -> dict[str, Any]:
+        """The keywords for the inner blocks that a subclass's ``__init__`` builds through its
+        base and then replaces (``C3k``, ``C3k2``): static for a type with warehouses, whose
+        warehouse those blocks would otherwise join for nothing."""
+        if shares_warehouses(conv_type or type(self).conv_type):
+            return {"conv_type": "static", "conv_kwargs": None}
+        return {"conv_type": conv_type, "conv_kwargs": conv_kwargs}
 
 
 class Conv(_ConvTyped):
@@ -65,7 +96,8 @@ class Conv(_ConvTyped):
         kernel = k if isinstance(k, int) else tuple(k)
         padding = autopad(k, p, d)
         padding = padding if isinstance(padding, int) else tuple(padding)
-        kwargs = {**ANY_BATCH_DEFAULTS.get(self.conv_type, {}), **(conv_kwargs or {})}
+        kwargs = {**ANY_BATCH_DEFAULTS.get(self.conv_type, {}),
+                  **(_with_warehouse(self.conv_type, conv_kwargs) or {})}
         self.conv = create_conv2d(self.conv_type, c1, c2, kernel, s, padding, d, g, bias=False,
                                   **kwargs)
         self.bn: nn.Module = nn.BatchNorm2d(c2)
@@ -134,8 +166,8 @@ class C3k(C3):
         self, c1: int, c2: int, n: int = 1, shortcut: bool = True, g: int = 1, e: float = 0.5,
         k: int = 3, *, conv_type: str | None = None, conv_kwargs: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__(c1, c2, n, shortcut, g, e, conv_type=conv_type, conv_kwargs=conv_kwargs)
-        spec = {"conv_type": self.conv_type, "conv_kwargs": conv_kwargs}
+        super().__init__(c1, c2, n, shortcut, g, e, **self._placeholder(conv_type, conv_kwargs))
+        spec = self._conv_spec(conv_type, conv_kwargs)
         c_ = int(c2 * e)
         self.m = nn.Sequential(
             *(Bottleneck(c_, c_, shortcut, g, k=(k, k), e=1.0, **spec) for _ in range(n))
@@ -183,8 +215,8 @@ class C3k2(C2f):
     ) -> None:
         if attn:
             raise ValueError("C3k2 with attn=True (PSA blocks) is not supported by dynconv")
-        super().__init__(c1, c2, n, shortcut, g, e, conv_type=conv_type, conv_kwargs=conv_kwargs)
-        spec = {"conv_type": self.conv_type, "conv_kwargs": conv_kwargs}
+        super().__init__(c1, c2, n, shortcut, g, e, **self._placeholder(conv_type, conv_kwargs))
+        spec = self._conv_spec(conv_type, conv_kwargs)
         self.m = nn.ModuleList(
             C3k(self.c, self.c, 2, shortcut, g, **spec) if c3k
             else Bottleneck(self.c, self.c, shortcut, g, **spec)
@@ -201,7 +233,7 @@ def fuse_blocks(model: nn.Module) -> int:
 # -- dynamic variants, one class per (block, type), importable by name (checkpoints pickle them)
 
 TYPE_SUFFIXES = {"dynamic": "DynamicConv", "condconv": "CondConv", "odconv": "ODConv",
-                 "drconv": "DRConv"}
+                 "drconv": "DRConv", "kw": "KWConv"}
 _BASES = (Conv, Bottleneck, C3, C3k, C2f, C3k2)
 VARIANTS: dict[str, type[nn.Module]] = {}
 

@@ -7,6 +7,7 @@ is one :func:`register_conv` call away from all of them.
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +19,7 @@ from .drconv import DRConv2d
 from .dynamic import DynamicConv2d
 from .kwconv import KWConv2d
 from .odconv import ODConv2d
+from .warehouse import WAREHOUSE_SETTINGS, Warehouses
 
 ConvBuilder = Callable[..., nn.Module]
 _REGISTRY: dict[str, ConvBuilder] = {}
@@ -91,6 +93,32 @@ def conv_builder(conv_type: str, **kwargs: Any) -> ConvBuilder:
     """A callable with ``nn.Conv2d``'s signature that builds ``conv_type`` with ``kwargs``."""
     check_conv_type(conv_type)
     return functools.partial(create_conv2d, conv_type, **kwargs)
+
+
+def shares_warehouses(conv_type: str) -> bool:
+    """Whether ``conv_type``'s builder takes a ``warehouse`` keyword (``'kw'``): its layers mix
+    the kernel cells of a :class:`~dynconv.layers.warehouse.Warehouse` that several layers
+    share, so a model decides which layers share one."""
+    builder = _REGISTRY[check_conv_type(conv_type)]
+    try:
+        return "warehouse" in inspect.signature(builder).parameters
+    except (TypeError, ValueError):  # a builder without a signature takes no warehouse
+        return False
+
+
+def split_warehouse_settings(conv_type: str, kwargs: dict[str, Any]
+                             ) -> tuple[Warehouses | None, dict[str, Any]]:
+    """For a type that :func:`shares_warehouses` and ``kwargs`` without a ``warehouse``: a
+    :class:`~dynconv.layers.warehouse.Warehouses` of the warehouse settings in ``kwargs``
+    (``cell_num_ratio``, ``cell_in_ratio``, ``cell_out_ratio``, ``spatial_partition``, and
+    ``device`` and ``dtype``), and the rest of ``kwargs`` for the layers. Otherwise ``(None,
+    kwargs)``: a setting then reaches the layer, whose type refuses it by name."""
+    if not shares_warehouses(conv_type) or "warehouse" in kwargs:
+        return None, dict(kwargs)
+    settings = {k: v for k, v in kwargs.items()
+                if k in WAREHOUSE_SETTINGS or k in ("device", "dtype")}
+    rest = {k: v for k, v in kwargs.items() if k not in WAREHOUSE_SETTINGS}
+    return Warehouses(**settings), rest
 
 
 def is_dynamic(module: nn.Module) -> bool:

@@ -243,6 +243,17 @@ class KWConv2d(DynamicConvBase):
         else:
             self.attention.set_assignment(layout, self.warehouse.cell_num_ratio)
 
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The official initialisation of what is the layer's own: its attention
+        (:meth:`KWAttention.reset_parameters`), the warehouse cells it brought
+        (:meth:`Warehouse.reset_cells`) and a zero bias; the other layers' cells are left as
+        they are. (The models' ``init_weights`` calls it after initialising the static layers.)"""
+        self.attention.reset_parameters()
+        self.warehouse.reset_cells(self)
+        if self.bias is not None:
+            self.bias.zero_()
+
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ) -> None:

@@ -71,6 +71,36 @@ def anneal_temperature(model: nn.Module, schedule: TemperatureSchedule, epoch: i
     return values[0] if values else None
 
 
+def temperature_at(model: nn.Module, schedule: TemperatureSchedule, epoch: int, iteration: int,
+                   iterations_per_epoch: int) -> float | None:
+    """The temperature that :func:`anneal_temperature` gives the first dynamic layer of
+    ``model`` at that iteration (what a log or a checkpoint shows), without setting it; None
+    without a dynamic layer."""
+    layer = next(iter(dynamic_layers(model).values()), None)
+    if layer is None:
+        return None
+    return layer.scheduled_temperature(schedule, epoch, iteration, iterations_per_epoch)
+
+
+def final_temperatures(model: nn.Module) -> dict[float, list[str]]:
+    """The temperatures ``model``'s dynamic layers end at and evaluate at (1, or 0 for
+    KernelWarehouse), each with the names of its layer types, highest first."""
+    found: dict[float, set[str]] = {}
+    for layer in dynamic_layers(model).values():
+        found.setdefault(float(layer.final_temperature), set()).add(type(layer).__name__)
+    return {final: sorted(found[final]) for final in sorted(found, reverse=True)}
+
+
+def describe_schedule(model: nn.Module, schedule: TemperatureSchedule) -> str:
+    """``schedule`` in words as ``model``'s dynamic layers follow it (:meth:`TemperatureSchedule.
+    describe`), each kind named by its layer types where the model holds both."""
+    finals = final_temperatures(model)
+    if len(finals) <= 1:
+        return schedule.describe(next(iter(finals), schedule.final))
+    return "; ".join(f"{', '.join(names)}: {schedule.describe(final)}"
+                     for final, names in finals.items())
+
+
 # -- annealing schedules ------------------------------------------------------------------------
 
 TEMPERATURE_SCHEDULES = ("linear", "step", "none")
@@ -146,6 +176,20 @@ class TemperatureSchedule:
         total = self.epochs * iterations_per_epoch
         done = epoch * iterations_per_epoch + iteration + 1
         return max(0.0, 1.0 - done / total)
+
+    def describe(self, final: float = EVAL_TEMPERATURE) -> str:
+        """In words, for layers that end at temperature ``final`` (their ``final_temperature``):
+        1, ``str(self)``; 0, KernelWarehouse's weight of the assigned cells, which follows
+        :meth:`remaining` from 1 to 0 and evaluates at 0."""
+        if final == self.final:
+            return str(self)
+        if self.name == "none":
+            return "none (0)"
+        if self.name == "step":
+            return (f"step (1 to 0 as {self.start:g}, -3 per epoch, goes to 1; evaluation at "
+                    "0)")
+        epochs = "1 epoch" if self.epochs == 1 else f"{self.epochs} epochs"
+        return f"linear (1 to 0 over {epochs}, per iteration; evaluation at 0)"
 
     def __str__(self) -> str:
         if self.name == "none":

@@ -25,6 +25,11 @@ from .._conv_args import Pair, check_bool
 KWConv2d = nn.Module
 
 
+#: The keywords of :class:`Warehouse` that :func:`dynconv.convert`, the models and the YOLO
+#: blocks take beside their layers' own (``device`` and ``dtype`` go to both).
+WAREHOUSE_SETTINGS = ("cell_num_ratio", "cell_in_ratio", "cell_out_ratio", "spatial_partition")
+
+
 def check_ratio(value: object, name: str) -> float:
     """A finite float > 0 (the cell ratios)."""
     if isinstance(value, bool) or not isinstance(value, (int, float, Fraction)):

@@ -18,7 +18,8 @@ def init_weights(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, 0, 0.01)
-            nn.init.zeros_(m.bias)
+            if m.bias is not None:  # KernelWarehouse's attention fc1 has none
+                nn.init.zeros_(m.bias)
     for m in model.modules():
         if isinstance(m, DynamicConvBase) and hasattr(m, "reset_parameters"):
             m.reset_parameters()

@@ -8,13 +8,19 @@ a static network lacks it, and a wide network saturates the digits whatever its 
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .._conv_args import check_keyword_spellings
-from ..layers.factory import ANY_BATCH_DEFAULTS, ConvBuilder, conv_builder
+from ..layers.factory import (
+    ANY_BATCH_DEFAULTS,
+    ConvBuilder,
+    conv_builder,
+    split_warehouse_settings,
+)
 from ._common import init_weights
 
 __all__ = ["SmallCNN", "small_cnn"]
@@ -46,7 +52,11 @@ class SmallCNN(nn.Module):
         in_channels: image channels (1 for grey images).
         width: channels of the first stage.
         conv_type, conv_kwargs: the convolution type and its keyword arguments (on top of
-            ``TYPE_DEFAULTS``: ODConv here uses ``attention_norm='layer'``).
+            ``TYPE_DEFAULTS``: ODConv and KernelWarehouse here use ``attention_norm='layer'``).
+            KernelWarehouse (``'kw'``) layers share one warehouse per input resolution, as
+            :func:`dynconv.convert`'s ``share='stage'`` and the official ResNets: the stride-2
+            convolution of stages 2 and 3 joins the warehouse of the stage before; the
+            warehouse settings (``cell_num_ratio``, ...) may be among ``conv_kwargs``.
         dropout: dropout before the classifier.
         stem_stride: stride of the static stem (2 halves the maps of every later layer: the
             network for 28x28 images, such as MNIST's).
@@ -71,14 +81,21 @@ class SmallCNN(nn.Module):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         conv_kwargs = {**TYPE_DEFAULTS.get(conv_type, {}), **(conv_kwargs or {})}
+        shop, conv_kwargs = split_warehouse_settings(conv_type, conv_kwargs)
         conv = conv_builder(conv_type, **conv_kwargs)
+
+        def at(stage: int) -> ConvBuilder:
+            """The builder of the convolutions whose input is at ``stage``'s resolution."""
+            return conv if shop is None else functools.partial(conv,
+                                                               warehouse=shop[f"stage{stage}"])
+
         w = width
         self.stem = _conv_bn_relu(conv_builder("static"), in_channels, w, stem_stride)
-        self.stage1 = nn.Sequential(_conv_bn_relu(conv, w, w), _conv_bn_relu(conv, w, w))
-        self.stage2 = nn.Sequential(_conv_bn_relu(conv, w, 2 * w, 2),
-                                    _conv_bn_relu(conv, 2 * w, 2 * w))
-        self.stage3 = nn.Sequential(_conv_bn_relu(conv, 2 * w, 4 * w, 2),
-                                    _conv_bn_relu(conv, 4 * w, 4 * w))
+        self.stage1 = nn.Sequential(_conv_bn_relu(at(1), w, w), _conv_bn_relu(at(1), w, w))
+        self.stage2 = nn.Sequential(_conv_bn_relu(at(1), w, 2 * w, 2),
+                                    _conv_bn_relu(at(2), 2 * w, 2 * w))
+        self.stage3 = nn.Sequential(_conv_bn_relu(at(2), 2 * w, 4 * w, 2),
+                                    _conv_bn_relu(at(3), 4 * w, 4 * w))
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(4 * w, num_classes)
         init_weights(self)

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from .._io import write_atomically
 from ..functional.tuning import autotune_summary
 from ..layers.factory import check_conv_type, conv_types
-from ..layers.temperature import dynamic_layers
+from ..layers.temperature import EVAL_TEMPERATURE, final_temperatures
 from ..tools.cost import count_macs, count_parameters, inference_latency_ms
 from .checkpoints import previous_checkpoint
 from .config import (
@@ -228,7 +228,8 @@ def _interval_method(seeds: int, images: int) -> str:
 
 
 def _settings(base: TrainConfig, rows: list[Row], seeds: list[int], skipped: list[str],
-              wide_note: str | None, dynamic: bool, dataset: Dataset, wall_s: float,
+              wide_note: str | None, ending: dict[float, list[str]], dataset: Dataset,
+              wall_s: float,
               device: torch.device) -> dict[str, Any]:
     settings: dict[str, Any] = {
         "data": dataset.describe(),
@@ -247,11 +248,8 @@ def _settings(base: TrainConfig, rows: list[Row], seeds: list[int], skipped: lis
         "recipe": (f"SGD lr {base.lr:g} ({base.lr_schedule}), momentum {base.momentum:g}, "
                    f"weight decay {base.weight_decay:g}, batch {base.batch_size}"),
     })
-    if dynamic:  # a comparison of static networks only has no temperature
-        epochs = f"{base.temperature_epochs} epoch" + ("s" if base.temperature_epochs != 1 else "")
-        settings["temperature"] = (f"{base.temperature}, from {base.temperature_initial:g} over "
-                                   f"{epochs}; evaluation at 1"
-                                   if base.temperature == "linear" else base.temperature)
+    if ending:  # a comparison of static networks only has no temperature
+        settings["temperature"] = _temperature_setting(base, ending)
     settings.update({
         "interval": _interval_method(len(seeds), len(dataset.test)),
         "machine": f"{_machine(device, base.threads)}, torch {torch.__version__}",
@@ -261,6 +259,20 @@ def _settings(base: TrainConfig, rows: list[Row], seeds: list[int], skipped: lis
         settings["autotune"] = (autotune_summary() or "no dynamic layer met").removeprefix(
             "autotune: ")
     return settings
+
+
+def _temperature_setting(base: TrainConfig, ending: dict[float, list[str]]) -> str:
+    """The temperature schedule in words: as the layers that end at 1 follow it, then the rows
+    whose layers end elsewhere (KernelWarehouse: from 1 to 0), named."""
+    epochs = f"{base.temperature_epochs} epoch" + ("s" if base.temperature_epochs != 1 else "")
+    parts = []
+    if EVAL_TEMPERATURE in ending:
+        parts.append(f"{base.temperature}, from {base.temperature_initial:g} over {epochs}; "
+                     "evaluation at 1" if base.temperature == "linear" else base.temperature)
+    schedule = base.temperature_schedule()
+    parts += [f"{', '.join(rows)}: {schedule.describe(final)}"
+              for final, rows in ending.items() if final != EVAL_TEMPERATURE]
+    return "; ".join(parts)
 
 
 def _markdown(result: CompareResult) -> str:
@@ -399,8 +411,10 @@ def compare(
     dataset = dataset_for(base)
     base = resolve_defaults(dataclasses.replace(base, conv_type="static"), dataset)
     rows, wide_note = _build_rows(names, base, dataset, explicit=bool(conv_types_))
-    dynamic = any(dynamic_layers(build_model(_run_config(base, row, seeds[0]), dataset))
-                  for row in rows)
+    ending: dict[float, list[str]] = {}  # each final temperature -> the rows that end there
+    for row in rows:
+        for final in final_temperatures(build_model(_run_config(base, row, seeds[0]), dataset)):
+            ending.setdefault(final, []).append(row.label)
     log(f"{dataset.describe()}; {base.model}, {base.epochs} epochs; rows: "
         f"{', '.join(row.label for row in rows)}; seeds: {', '.join(map(str, seeds))}"
         + (f"\n(not registered, skipped: {', '.join(skipped)})" if skipped else "")
@@ -450,7 +464,7 @@ def compare(
 
     device = (next(measured_model.parameters()).device if measured_model is not None
               else torch.device("cpu"))
-    settings = _settings(base, rows, seeds, skipped, wide_note, dynamic, dataset,
+    settings = _settings(base, rows, seeds, skipped, wide_note, ending, dataset,
                          time.perf_counter() - started, device)
     if interrupted:
         settings["interrupted"] = "yes: resume with --resume"

@@ -3,7 +3,8 @@
 The default recipe is seed 002's for CIFAR: SGD (lr 0.1, momentum 0.9, weight decay 5e-4), a
 cosine learning-rate schedule stepped per epoch, random crop with padding 4 and horizontal
 flip, batch 128, 200 epochs. The attention temperature of every dynamic layer follows a
-:class:`~dynconv.layers.temperature.TemperatureSchedule`; evaluation always runs at temperature 1.
+:class:`~dynconv.layers.temperature.TemperatureSchedule`; evaluation runs at the layers' final
+temperature (1; KernelWarehouse's, which anneals from 1 to 0, at 0).
 
 Nothing is lost: at the end of every epoch, and at the next batch boundary after Ctrl-C, the
 whole state is written atomically to ``<out>/checkpoint.pt``, with a checksum, read back and
@@ -38,8 +39,11 @@ from ..functional.tuning import autotune, autotune_summary
 from ..layers.temperature import (
     TemperatureSchedule,
     anneal_temperature,
+    describe_schedule,
     dynamic_layers,
+    final_temperatures,
     set_final_temperature,
+    temperature_at,
 )
 from ..models import create_model_for_data
 from ..tools.checkpoint import load_checkpoint, save_file
@@ -408,11 +412,13 @@ def _describe(run: _Run) -> None:
             f"{config.batch_size}; SGD lr {config.lr:g} ({config.lr_schedule}), momentum "
             f"{config.momentum:g}, weight decay {config.weight_decay:g}; augmentation: "
             f"{run.augmentation}"
-            + (f"; temperature: {run.schedule}" if run.has_temperature else "")
+            + (f"; temperature: {describe_schedule(run.core, run.schedule)}"
+               if run.has_temperature else "")
             + f"\n-> {run.out}")
     if (run.has_temperature and config.temperature == "linear"
             and config.temperature_epochs >= config.epochs):
-        run.log(f"note: the temperature reaches 1 only at the end of epoch "
+        finals = " or ".join(f"{final:g}" for final in final_temperatures(run.core))
+        run.log(f"note: the temperature reaches {finals} only at the end of epoch "
                 f"{config.temperature_epochs}, and the run has {config.epochs}")
 
 
@@ -427,13 +433,21 @@ def _save(run: _Run, position: dict[str, Any]) -> None:
             "optimizer": run.optimizer.state_dict(),
             "scheduler": run.scheduler.state_dict(),
             "scaler": run.scaler.state_dict(),
-            "temperature": run.schedule.at(position["epoch"], max(0, position["batch"] - 1),
-                                           run.batches_per_epoch),
+            "temperature": _last_temperature(run, position["epoch"], position["batch"]),
             "position": position,
             "rng": _rng_state(run.device),
             "metrics": run.metrics,
         })
     run.processes.barrier()
+
+
+def _last_temperature(run: _Run, epoch: int, batch: int) -> float | None:
+    """The model's temperature (its first dynamic layer's; None for a static model) at the
+    last batch trained before batch ``batch`` of epoch ``epoch`` (0-based): the value the
+    epoch's row and the checkpoint show."""
+    if batch == 0 and epoch > 0:
+        epoch, batch = epoch - 1, run.batches_per_epoch
+    return temperature_at(run.core, run.schedule, epoch, max(0, batch - 1), run.batches_per_epoch)
 
 
 def _train_step(run: _Run, index: Tensor, epoch: int, batch: int) -> tuple[float, int, int]:
@@ -553,7 +567,7 @@ def _run(config: TrainConfig, dataset: Dataset, processes: Processes,
             bar = tqdm(total=run.batches_per_epoch, initial=start_batch, unit="batch",
                        desc=f"epoch {epoch + 1}/{config.epochs}", leave=False, file=sys.stderr,
                        disable=not run.show or not sys.stderr.isatty(), dynamic_ncols=True)
-            temperature = run.schedule.at(epoch, max(0, start_batch - 1), run.batches_per_epoch)
+            temperature = _last_temperature(run, epoch, start_batch) or 0.0
             for batch in range(start_batch, run.batches_per_epoch):
                 if processes.any(stop.requested, run.device):
                     interrupted = True
