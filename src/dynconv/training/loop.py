@@ -576,7 +576,9 @@ def _run(config: TrainConfig, dataset: Dataset, processes: Processes,
                     break
                 started = time.perf_counter()
                 temperature = anneal_temperature(run.core, run.schedule, epoch, batch,
-                                                 run.batches_per_epoch) or 0.0
+                                                 run.batches_per_epoch)
+                if temperature is None:  # no dynamic layer: the schedule's value, as before
+                    temperature = run.schedule.at(epoch, batch, run.batches_per_epoch)
                 batch_loss, batch_correct, images = _train_step(run, indices[batch], epoch, batch)
                 _check_loss(batch_loss, epoch, batch, lr, temperature)
                 loss_sum += batch_loss * images
