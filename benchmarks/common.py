@@ -17,18 +17,25 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from dynconv import Warehouse
+from dynconv.tools.convert import convert
 from dynconv.tools.cost import peak_bytes_of
 
-# The seeds' formulations live with the tests (tests/seed_layouts.py); one copy is enough.
+# The seeds' formulations live with the tests (tests/seed_layouts.py, and the official
+# KernelWarehouse code's in tests/kw_reference.py); one copy is enough.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from kw_reference import RefManager
 
 from seed_layouts import OfficialODConv2d, SeedDRConv2d, SeedDynamicConv2d
 
 __all__ = [
+    "OfficialKWConv2d",
     "OfficialODConv2d",
     "SeedDRConv2d",
     "SeedDynamicConv2d",
     "Step",
+    "build_resnet",
     "markdown_table",
     "median_times",
     "peak_megabytes",
@@ -37,6 +44,38 @@ __all__ = [
 ]
 
 Step = Callable[[], None]
+
+
+class OfficialKWConv2d(nn.Module):
+    """The official KernelWarehouse formulation (tests/kw_reference.py: the kernels assembled by
+    one matrix product, one convolution with the batch folded into the groups) for one layer
+    with a warehouse of its own; its manager is a child, so that ``.to()`` moves the cells."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, padding: int = 0,
+                 groups: int = 1, cell_num_ratio: float = 1) -> None:
+        super().__init__()
+        self.manager = RefManager(cell_num_ratio=cell_num_ratio)
+        self.layer = self.manager.reserve("w", in_channels, out_channels, kernel_size,
+                                          padding=padding, groups=groups)
+        self.manager.store()
+        self.manager.allocate(nn.Sequential(self.layer))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layer(x)
+
+
+def build_resnet(resnet: Callable[..., nn.Module], conv_type: str, **kwargs: object
+                 ) -> nn.Module:
+    """``resnet(conv_type, **kwargs)`` (a ResNet of :mod:`dynconv.models`), seeded; ``'kw'``:
+    KernelWarehouse 1x in the block convolutions with one warehouse per stage (the official
+    sharing range), the stem and shortcuts static as for the other types."""
+    torch.manual_seed(0)
+    if conv_type != "kw":
+        return resnet(conv_type, **kwargs)
+    model = resnet("static", **kwargs)
+    for stage in ("layer1", "layer2", "layer3", "layer4"):
+        convert(model, "kw", include=f"{stage}.*.conv*", warehouse=Warehouse())
+    return model
 
 
 def sync(device: torch.device) -> None:

@@ -2,12 +2,12 @@
 dynamic layer type, in one markdown file (``make bench-gpu``; ``--device cpu --quick`` in
 under 3 minutes on 2 cores).
 
-* layers: DY-Conv, CondConv, ODConv and DRConv at the suite's shapes, batch 1, 32 and 128,
-  float32 and bfloat16 autocast: forward and forward+backward time over ``nn.Conv2d`` of the
-  same shape (the faster of its contiguous and channels_last runs: the floor) and over the
-  seeds' grouped formulation, with the dispatch rule's pick and :func:`dynconv.autotune`'s pick
-  side by side and the time of each, and the peak memory of forward+backward over
-  ``nn.Conv2d``'s;
+* layers: DY-Conv, CondConv, ODConv, DRConv and KernelWarehouse at the suite's shapes, batch
+  1, 32 and 128, float32 and bfloat16 autocast: forward and forward+backward time over
+  ``nn.Conv2d`` of the same shape (the faster of its contiguous and channels_last runs: the
+  floor) and over the seeds' grouped formulation, with the dispatch rule's pick and
+  :func:`dynconv.autotune`'s pick side by side and the time of each, and the peak memory of
+  forward+backward over ``nn.Conv2d``'s;
 * models: a ResNet-18 (CIFAR stem) training step at batch 64, a ResNet-50 (ImageNet stem, 224)
   training step and a YOLOv8n forward+backward (if Ultralytics is installed), each conv type
   against static, with the rule and autotuned, and peak memory; the memory targets of issue 18
@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from common import markdown_table, median_times, peak_megabytes, step
+from common import build_resnet, markdown_table, median_times, peak_megabytes, step
 from layers import SEED_OF, SHAPES, Shape, build
 from torch import nn
 
@@ -33,10 +33,10 @@ import dynconv
 from dynconv.functional import dispatch, tuning
 from dynconv.models import resnet18, resnet50
 
-LAYER_TYPES = ["DY-Conv", "CondConv", "ODConv", "DRConv"]
+LAYER_TYPES = ["DY-Conv", "CondConv", "ODConv", "DRConv", "KW"]
 # the report tunes every key it meets: no budget that would leave keys to the rule
 TUNE_BUDGET_S = 3600.0
-MODEL_TYPES = ["static", "dynamic", "condconv", "odconv", "drconv"]
+MODEL_TYPES = ["static", "dynamic", "condconv", "odconv", "kw", "drconv"]
 MEMORY_TARGETS = {"dynamic": 1.5, "odconv": 2.0}  # ResNet-18 training step, batch 64
 # DRConv's generated kernels (N x R x C_out x C_in x kH x kW) above this: not measured
 DRCONV_MAX_KERNEL_BYTES = 2**31
@@ -246,12 +246,10 @@ def models_table(device: torch.device, plan: Plan, budget: float, rounds) -> str
     r50 = f"ResNet-50 {size50}px train N={n50}"
     yolo = f"YOLOv8n {size_yolo}px f+b N={n_yolo}"
     for conv_type in plan.model_types:
-        torch.manual_seed(0)
-        model = resnet18(conv_type, num_classes=10, stem="cifar").to(device)
+        model = build_resnet(resnet18, conv_type, num_classes=10, stem="cifar").to(device)
         tasks.setdefault(r18, {})[conv_type] = _train_step(model, x18, lambda o: ce(o, labels))
         if conv_type != "drconv":  # DRConv's kernels at 224 px: tens of GB
-            torch.manual_seed(0)
-            model = resnet50(conv_type, num_classes=1000).to(device)
+            model = build_resnet(resnet50, conv_type, num_classes=1000).to(device)
             tasks.setdefault(r50, {})[conv_type] = _train_step(
                 model, x50, lambda o: ce(o, labels50))
         model = _yolo(conv_type, device)

@@ -4,6 +4,8 @@ to ``nn.Conv2d`` of the same shape, with the one ``'auto'`` picks marked.
 * DY-Conv (``mixture_conv2d`` without a spatial weight) and ODConv (with one): ``aggregate``
   (per-sample kernels, then ``per_sample_conv2d`` grouped or unfold) and ``mixout``.
 * DRConv (``region_conv2d``): ``dense`` and ``restricted`` at the small shapes behind its rule.
+* KernelWarehouse (1x, a warehouse of its own): its kernels are always assembled, then
+  ``per_sample_conv2d`` ``grouped`` or ``unfold`` (the layer's ``method``).
 """
 
 from __future__ import annotations
@@ -13,13 +15,14 @@ from common import markdown_table, median_times, step
 from layers import SHAPES, Shape, path
 from torch import nn
 
-from dynconv import DRConv2d, DynamicConv2d, ODConv2d
+from dynconv import DRConv2d, DynamicConv2d, KWConv2d, ODConv2d
 
 MIXTURE_VARIANTS = {  # name: (mixture method, per-sample method)
     "grouped": ("aggregate", "grouped"),
     "unfold": ("aggregate", "unfold"),
     "mixout": ("mixout", "auto"),
 }
+PER_SAMPLE_VARIANTS = ("grouped", "unfold")  # KernelWarehouse, by the layer's ``method``
 BATCHES = [8, 32, 64]
 QUICK_BATCHES = [32]
 REGION_SHAPES = [  # shape, batch, regions
@@ -79,6 +82,40 @@ def mixture_rows(kind: str, shapes, batches, device, budget, rounds) -> list[lis
     return rows
 
 
+def kw_rows(shapes, batches, device, budget, rounds) -> list[list]:
+    rows = []
+    for shape in shapes:
+        torch.manual_seed(0)
+        kw = {"padding": shape.kernel // 2, "groups": shape.groups, "bias": False,
+              "device": device}
+        conv = nn.Conv2d(shape.c_in, shape.c_out, shape.kernel, **kw).eval()
+        layer = KWConv2d(shape.c_in, shape.c_out, shape.kernel, **kw).eval()
+
+        def forced(method: str, layer: KWConv2d = layer):
+            def run(inputs):
+                layer.method = method
+                try:
+                    return layer(inputs)
+                finally:
+                    layer.method = "auto"
+            return run
+
+        for batch in batches:
+            for backward in (False, True):
+                x = torch.randn(batch, shape.c_in, shape.size, shape.size, device=device)
+                x.requires_grad_(backward)
+                steps = {"conv": step(conv, x, backward)}
+                steps.update({v: step(forced(v), x, backward) for v in PER_SAMPLE_VARIANTS})
+                t = median_times(steps, device, budget, rounds)
+                auto = path("KW", layer, x, backward)
+                rows.append([shape.name, batch, "f+b" if backward else "fwd",
+                             f"{t['conv'] * 1e3:.2f}"]
+                            + [f"{t[v] / t['conv']:.2f}" + (" *" if v == auto else "")
+                               for v in PER_SAMPLE_VARIANTS])
+        print(f"  KW {shape.name} done", flush=True)
+    return rows
+
+
 def region_rows(device, budget, rounds) -> list[list]:
     rows = []
     for shape, batch, regions in REGION_SHAPES:
@@ -123,6 +160,9 @@ def run(device: torch.device, quick: bool, budget: float, rounds) -> str:
         rows = mixture_rows(kind, shapes, batches, device, budget, rounds)
         out.append(f"### {kind}: x conv per formulation (* = auto)\n\n"
                    + markdown_table(header, rows))
+    header = ["shape", "N", "pass", "conv ms", *PER_SAMPLE_VARIANTS]
+    out.append("### KW: x conv per formulation (* = auto)\n\n"
+               + markdown_table(header, kw_rows(shapes, batches, device, budget, rounds)))
     if not quick:
         header = ["shape", "N", "R", "pass", "conv ms", "dense", "restricted"]
         out.append("### DRConv: x conv per formulation (* = auto)\n\n"

@@ -5,7 +5,9 @@ The seeds' formulation is the layer of tests/seed_layouts.py: for DY-Conv and Co
 kernel aggregated by ``torch.mm(attention, weight)`` and one convolution with the batch folded
 into the groups (CondConv's sigmoid routing costs the same as the softmax there); for ODConv the
 official layout multiplying all four attentions into the [N, K, C_out, C_in/g, k, k] kernels;
-for DRConv seed 003's grouped convolution of every region and its masked sum.
+for DRConv seed 003's grouped convolution of every region and its masked sum; for
+KernelWarehouse (one layer with a warehouse of its own, cell_num_ratio 1: m = n kernel-position
+cells) the official code's one matrix product and grouped convolution (tests/kw_reference.py).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 from common import (
+    OfficialKWConv2d,
     OfficialODConv2d,
     SeedDRConv2d,
     SeedDynamicConv2d,
@@ -24,7 +27,7 @@ from common import (
 )
 from torch import Tensor, nn
 
-from dynconv import DRConv2d, DynamicConv2d, ODConv2d
+from dynconv import DRConv2d, DynamicConv2d, KWConv2d, ODConv2d
 from dynconv.functional import mixout_through_im2col
 from dynconv.functional.dispatch import rule_for
 from dynconv.functional.mixture import _choose_mixture_method
@@ -54,8 +57,9 @@ SHAPES = [
 QUICK_SHAPES = [SHAPES[0], SHAPES[2], SHAPES[3], SHAPES[5]]
 BATCHES = [1, 8, 32, 64]
 QUICK_BATCHES = [1, 32]
-TYPES = ["DY-Conv", "CondConv", "ODConv", "DRConv"]
-SEED_OF = {"DY-Conv": "seed DY", "CondConv": "seed DY", "ODConv": "seed OD", "DRConv": "seed DR"}
+TYPES = ["DY-Conv", "CondConv", "ODConv", "DRConv", "KW"]
+SEED_OF = {"DY-Conv": "seed DY", "CondConv": "seed DY", "ODConv": "seed OD", "DRConv": "seed DR",
+           "KW": "official KW"}
 
 # Issue 10's targets, forward+backward time over nn.Conv2d, by feature-map side (K = 4).
 TARGETS = {"DY-Conv": (1.3, 2.0, 3.5), "CondConv": (1.3, 2.0, 3.5), "ODConv": (1.5, 2.5, 4.5)}
@@ -76,7 +80,8 @@ def target(kind: str, size: int) -> float | None:
 
 
 def build(shape: Shape, device: torch.device) -> dict[str, nn.Module]:
-    """nn.Conv2d, the four layer types (K = 4, R = 8) and the seeds, all without a bias."""
+    """nn.Conv2d, the five layer types (K = 4, R = 8, KernelWarehouse 1x with a warehouse of
+    its own) and the seeds, all without a bias."""
     torch.manual_seed(0)
     c_in, c_out, k, g = shape.c_in, shape.c_out, shape.kernel, shape.groups
     common = {"padding": k // 2, "groups": g, "bias": False, "device": device}
@@ -86,6 +91,8 @@ def build(shape: Shape, device: torch.device) -> dict[str, nn.Module]:
         "CondConv": DynamicConv2d(c_in, c_out, k, **common, num_kernels=4, routing="sigmoid"),
         "ODConv": ODConv2d(c_in, c_out, k, **common, num_kernels=4),
         "DRConv": DRConv2d(c_in, c_out, k, **common, num_regions=8),
+        "KW": KWConv2d(c_in, c_out, k, **common),
+        "official KW": OfficialKWConv2d(c_in, c_out, k, padding=k // 2, groups=g),
         "seed DY": SeedDynamicConv2d(c_in, c_out, k, padding=k // 2, groups=g, bias=False, K=4),
         "seed OD": OfficialODConv2d(c_in, c_out, k, padding=k // 2, groups=g, kernel_num=4),
     }
@@ -100,6 +107,8 @@ def attention(kind: str, layer: nn.Module):
         return layer.attentions
     if kind == "DRConv":
         return lambda x: (layer.region_kernels(x), layer.conv_guide(x))
+    if kind == "KW":
+        return layer.cell_attention
     return layer.kernel_attention
 
 
@@ -109,6 +118,8 @@ def path(kind: str, layer: nn.Module, x: Tensor, backward: bool) -> str:
     (``direct``, ``grouped``, ``unfold``)."""
     geometry = layer._geometry
     h, w = geometry.output_size(*x.shape[-2:])
+    if kind == "KW":  # the kernels are always assembled, then convolved per sample
+        return _choose_per_sample_method(x.shape[0], h * w, backward, geometry, x.device)
     with torch.set_grad_enabled(backward):
         if kind == "DRConv":
             return _choose_region_method(layer.region_kernels(x), geometry, h * w)

@@ -2,26 +2,26 @@
 against the static one: a training step (forward, cross-entropy, backward, SGD step) at batch
 64, and inference at batch 1 and 64; and inference at batch 64 compiled with ``torch.compile``
 (compiling a training step takes many minutes on 2 cores). DRConv only at batch 1: a training
-step at batch 16 measured 174x static and 7 GB, which would dominate the suite's time."""
+step at batch 16 measured 174x static and 7 GB, which would dominate the suite's time.
+KernelWarehouse (``kw``): 1x, one warehouse per stage (:func:`common.build_resnet`)."""
 
 from __future__ import annotations
 
 import time
 
 import torch
-from common import markdown_table, median_times, peak_megabytes
+from common import build_resnet, markdown_table, median_times, peak_megabytes
 from torch import nn
 
 from dynconv.models import resnet18
 
-TYPES = ["static", "dynamic", "condconv", "odconv", "drconv"]
+TYPES = ["static", "dynamic", "condconv", "odconv", "kw", "drconv"]
 COMPILED_TYPES = ["static", "dynamic", "odconv"]
 TRAIN_TARGETS = {"dynamic": 2.5, "odconv": 3.0}  # issue 10: training step over static
 
 
 def build_model(conv_type: str, device: torch.device) -> nn.Module:
-    torch.manual_seed(0)
-    return resnet18(conv_type, num_classes=10, stem="cifar").to(device)
+    return build_resnet(resnet18, conv_type, num_classes=10, stem="cifar").to(device)
 
 
 def train_step(model: nn.Module, x, y):

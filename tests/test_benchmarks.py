@@ -16,15 +16,21 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import device as device_report  # noqa: E402
+import dispatch  # noqa: E402
+import layers  # noqa: E402
+import models  # noqa: E402
 from layers import Shape  # noqa: E402
 
+from dynconv import KWConv2d, Warehouse  # noqa: E402
 from dynconv.functional import tuning  # noqa: E402
+
+TINY = Shape("tiny 8x8", 8, 8, 3, 8)
 
 pytest.importorskip("ultralytics")
 
 
 def test_the_device_report_runs_on_the_cpu(monkeypatch) -> None:
-    tiny = device_report.Plan(shapes=[Shape("tiny 8x8", 8, 8, 3, 8)], batches=[1, 4],
+    tiny = device_report.Plan(shapes=[TINY], batches=[1, 4],
                               dtypes=["float32", "bfloat16"], resnet18_batch=4,
                               resnet50=(2, 32), yolo=(1, 64),
                               model_types=["static", "dynamic", "odconv"])
@@ -42,6 +48,9 @@ def test_the_device_report_runs_on_the_cpu(monkeypatch) -> None:
         for t in device_report.LAYER_TYPES)
     picks = {r[3]: (r[11], r[12]) for r in rows if r[1] == "4" and r[2] == "float32"}
     assert picks["DY-Conv"][0].startswith("aggregate/")  # the rule assembles the kernels
+    assert "KW" in device_report.LAYER_TYPES
+    # KW always assembles its kernels: a per-sample method (forward / forward+backward)
+    assert set(picks["KW"][0].split(" / ")) <= {"grouped", "unfold"}
     assert all(re.fullmatch(r"[a-z/, ]+", pick) for pair in picks.values() for pick in pair)
     assert "(unmeasured" not in layers and "Dispatch table for cpu: measured" in text
     for task in ("ResNet-18 CIFAR train N=4", "ResNet-50 32px train N=2",
@@ -60,3 +69,30 @@ def test_make_bench_gpu_runs_the_device_report() -> None:
                            "nothing"], capture_output=True, text=True, cwd=ROOT,
                           env={"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"})
     assert done.returncode == 2 and "'device'" in done.stderr
+
+
+def test_the_layer_and_dispatch_tables_have_kw_rows(monkeypatch) -> None:
+    """KernelWarehouse against nn.Conv2d and the official formulation, and its per-sample
+    formulations forced in turn, on a tiny shape."""
+    monkeypatch.setattr(layers, "QUICK_SHAPES", [TINY])
+    monkeypatch.setattr(layers, "QUICK_BATCHES", [1, 4])
+    text = layers.run(torch.device("cpu"), True, 0.001, (1, 1), memory=False)
+    kw = text.split("### KW")[1]
+    rows = [line.split(" | ") for line in kw.splitlines() if line.startswith("| tiny")]
+    assert [r[1] for r in rows] == ["1", "4"]
+    assert all(re.fullmatch(r"[\d.]+", r[8]) for r in rows)  # f+b x the official code
+    monkeypatch.setattr(dispatch, "SHAPES", [TINY] * 4)
+    text = dispatch.run(torch.device("cpu"), True, 0.001, (1, 1))
+    kw = text.split("### KW: x conv per formulation (* = auto)")[1]
+    rows = [line for line in kw.splitlines() if line.startswith("| tiny")]
+    assert len(rows) == 3 * 2 and all(row.count("*") == 1 for row in rows)
+
+
+def test_the_kw_resnets_share_one_warehouse_per_stage() -> None:
+    model = models.build_model("kw", torch.device("cpu"))
+    warehouses = {id(m): m for m in model.modules() if isinstance(m, Warehouse)}
+    assert len(warehouses) == 4 and all(len(w.members) == 4 for w in warehouses.values())
+    assert sum(isinstance(m, KWConv2d) for m in model.modules()) == 16
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    assert "kw" in models.TYPES
+    assert "kw" in device_report.plan_for(torch.device("cpu"), False).model_types

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from dynconv import DRConv2d, DynamicConv2d, ODConv2d
+from dynconv import DRConv2d, DynamicConv2d, KWConv2d, ODConv2d, Warehouse
 from dynconv._conv_args import parse_geometry
 from dynconv.cli import main
 from dynconv.functional import is_exporting
@@ -39,6 +39,7 @@ LAYERS = {
     "odconv-groups-reflect": lambda: ODConv2d(4, 8, 3, padding=1, groups=2,
                                               padding_mode="reflect", num_kernels=2, **OD),
     "drconv": lambda: DRConv2d(4, 8, 3, padding=1, num_regions=4, bias=True),
+    "kw": lambda: KWConv2d(4, 8, 3, stride=2, padding=1),
 }
 
 
@@ -73,7 +74,8 @@ def test_each_layer_exports_with_a_dynamic_batch(name, tmp_path):
     # the attention really differs between samples: the file is not a static convolution
     x = torch.randn(3, 4, 9, 9, generator=torch.Generator().manual_seed(1))
     record = layer.attention_record(x)
-    attention = record.get("kernel", record.get("channel", record.get("region_map")))
+    attention = next(record[k] for k in ("kernel", "channel", "region_map", "cells")
+                     if k in record)
     assert not torch.equal(attention[0], attention[1])
 
 
@@ -98,6 +100,25 @@ def test_converted_torchvision_resnet18(tmp_path):
             if isinstance(m, (nn.Conv2d, DynamicConv2d, ODConv2d, nn.Linear)):
                 m.weight.mul_(0.2)
     _export_and_check(model, (3, 32, 32), tmp_path)
+
+
+def test_kw_layers_sharing_a_warehouse(tmp_path):
+    """Three KernelWarehouse layers (one with the non-local basis) mixing one warehouse's cells:
+    a dynamic batch, onnxruntime equal to PyTorch, and the cells stored once in the file."""
+    onnx = pytest.importorskip("onnx")
+    warehouse = Warehouse(0.5)
+    model = _randomise(nn.Sequential(
+        KWConv2d(4, 8, 3, padding=1, warehouse=warehouse), nn.ReLU(),
+        KWConv2d(8, 8, 3, stride=2, padding=1, warehouse=warehouse, nonlocal_basis_ratio=0.5),
+        KWConv2d(8, 4, 1, bias=False, warehouse=warehouse)))
+    with torch.no_grad():
+        warehouse.cells.mul_(0.3)
+    _export_and_check(model, (4, 9, 9), tmp_path)
+    cells = warehouse.cells.detach().flatten()
+    stored = [t for t in onnx.load(str(tmp_path / "model.onnx")).graph.initializer
+              if torch.equal(torch.from_numpy(onnx.numpy_helper.to_array(t).copy()).flatten(),
+                             cells)]
+    assert len(stored) == 1
 
 
 def test_dispatch_is_batch_agnostic_only_while_exporting():

@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from dynconv import DRConv2d, DynamicConv2d, ODConv2d, fold
+from dynconv import DRConv2d, DynamicConv2d, KWConv2d, ODConv2d, Warehouse, fold
 from dynconv.cli import main
+from dynconv.layers.fuse import fold_batchnorm
 from dynconv.tools.convert import static_twin
 from dynconv.training import TrainConfig, load_dataset, train
 
@@ -73,6 +74,79 @@ def test_region_aware_layers_stay_dynamic_and_are_reported():
     assert isinstance(report.model[0], DRConv2d) and isinstance(report.model[1], nn.Conv2d)
     torch.testing.assert_close(report.model[0](x), model[0](x))
     assert "no fold rule" in str(report)
+
+
+def _kw_model(temperature: float) -> nn.Sequential:
+    """Three KernelWarehouse layers sharing a warehouse at cell_num_ratio 1/2, one with the
+    non-local basis, float64, eval mode."""
+    torch.manual_seed(0)
+    warehouse = Warehouse(0.5, dtype=torch.float64)
+    kw = {"warehouse": warehouse, "temperature": temperature, "dtype": torch.float64}
+    return nn.Sequential(KWConv2d(6, 8, 3, padding=1, **kw), nn.ReLU(),
+                         KWConv2d(8, 8, 3, stride=2, padding=1, nonlocal_basis_ratio=0.5, **kw),
+                         KWConv2d(8, 4, 1, bias=False, **kw)).eval()
+
+
+def test_kw_layers_fold_from_their_effective_kernels():
+    """One sample: the folded model is that sample's; temperature 1: every kernel cell is its
+    assigned warehouse cell whatever the input, and the fold is exact for any input."""
+    model = _kw_model(0.0)
+    x = torch.randn(1, 6, 7, 7, dtype=torch.float64)
+    report = fold(model, x, measure_speed=False)
+    assert [type(m) for m in report.model] == [nn.Conv2d, nn.ReLU, nn.Conv2d, nn.Conv2d]
+    torch.testing.assert_close(report.model(x), model(x), rtol=1e-12, atol=1e-12)
+    assert not any(isinstance(m, Warehouse) for m in report.model.modules())
+    assert isinstance(model[0], KWConv2d)  # the model itself is left as it was
+
+    model = _kw_model(1.0)
+    report = fold(model, [torch.randn(4, 6, 7, 7, dtype=torch.float64) for _ in range(2)],
+                  measure_speed=False)
+    x = torch.randn(5, 6, 7, 7, dtype=torch.float64)
+    torch.testing.assert_close(report.model(x), model(x), rtol=1e-12, atol=1e-12)
+    assert all(r.spread < 1e-6 and not r.flagged for r in report.layers)
+
+
+class _LastUnused(nn.Module):
+    """Runs all its layers but the last."""
+
+    def __init__(self, layers: nn.Sequential) -> None:
+        super().__init__()
+        self.layers = layers
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers[:-1](x)
+
+
+def test_a_kw_layer_left_dynamic_keeps_the_shared_cells():
+    """A layer that did not run is left dynamic; the folded copy still mixes the same cells."""
+    model = _kw_model(0.0)
+    report = fold(_LastUnused(model).eval(), torch.randn(3, 6, 7, 7, dtype=torch.float64),
+                  measure_speed=False)
+    folded = report.model.layers
+    assert isinstance(folded[0], nn.Conv2d) and isinstance(folded[3], KWConv2d)
+    assert "did not run on the calibration data" in str(report)
+    h = torch.randn(2, 8, 4, 4, dtype=torch.float64)
+    torch.testing.assert_close(folded[3](h), model[3](h), rtol=0, atol=0)
+
+
+def test_a_kw_layer_keeps_the_batchnorm_that_follows_it():
+    """A BatchNorm's per-channel scale cannot go into cells that other channels and layers mix:
+    fold_batchnorm changes nothing and says so; fold() gives a conv that takes it exactly."""
+    model = _kw_model(0.0)
+    layer = model[2]
+    bn = nn.BatchNorm2d(8).double().eval()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 2)
+        bn.running_mean.normal_()
+    cells, bias = layer.warehouse.cells.clone(), layer.bias.clone()
+    assert not fold_batchnorm(layer, bn)
+    assert torch.equal(layer.warehouse.cells, cells) and torch.equal(layer.bias, bias)
+    with pytest.raises(NotImplementedError, match="warehouse cells that its other output"):
+        layer.fold_output_affine(torch.ones(8), torch.zeros(8))
+    x = torch.randn(1, 8, 5, 5, dtype=torch.float64)
+    conv = fold(nn.Sequential(layer).eval(), x, measure_speed=False).model[0]
+    assert fold_batchnorm(conv, bn)
+    torch.testing.assert_close(conv(x), bn(layer(x)), rtol=1e-12, atol=1e-12)
 
 
 def test_fold_rejects_bad_data():

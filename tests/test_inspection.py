@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -13,13 +14,14 @@ from PIL import Image
 from torch import Tensor, nn
 
 import dynconv.tools.inspection as inspection
-from dynconv import DRConv2d, DynamicConv2d, DynamicConvBase, ODConv2d
+from dynconv import DRConv2d, DynamicConv2d, DynamicConvBase, KWConv2d, ODConv2d, Warehouses
 from dynconv.cli import main
 from dynconv.tools.convert import convert
 from dynconv.tools.inspection import (
     AttentionCapture,
     attention_entropy,
     inspect_attention,
+    plot_cell_attention,
     plot_kernel_attention,
     plot_region_maps,
     plot_spatial_attention,
@@ -237,3 +239,91 @@ def test_region_maps_have_a_colour_bar_of_every_region(tmp_path, monkeypatch):
     (solids,) = [c for c in bar.collections if isinstance(c, QuadMesh)]  # the bar's colours
     assert drawn.cmap(drawn.norm(region)) == solids.cmap(solids.norm(region))
     assert len({drawn.cmap(drawn.norm(r)) for r in range(6)}) == 6
+
+
+# -- KernelWarehouse ---------------------------------------------------------------------------
+
+
+def _kw_model() -> nn.Sequential:
+    """Two layers sharing warehouse 'a' (one with the non-local basis), one with 'b' of its own;
+    random attentions, so that the samples differ."""
+    torch.manual_seed(0)
+    shop = Warehouses(0.5)
+    model = nn.Sequential(KWConv2d(4, 8, 3, padding=1, warehouse=shop["a"]), nn.ReLU(),
+                          KWConv2d(8, 8, 3, padding=1, warehouse=shop["a"],
+                                   nonlocal_basis_ratio=0.5),
+                          KWConv2d(8, 4, 1, warehouse=shop["b"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "attention" in name:
+                p.normal_(0, 0.5)
+    return model.eval()
+
+
+def test_kw_cell_weights_are_summarised_by_warehouse_cell_and_owner(tmp_path):
+    model = _kw_model()
+    batches = [torch.randn(n, 4, 6, 6, generator=torch.Generator().manual_seed(n))
+               for n in (3, 2)]
+    with torch.no_grad():
+        plain = [model(x) for x in batches]
+        with AttentionCapture(model) as capture:
+            assert all(torch.equal(model(x), y) for x, y in zip(batches, plain))
+        records = [model[2].attention_record(model[1](model[0](x)))["cells"] for x in batches]
+    assert capture.last["2"]["cells"].shape == (2, 18, 14)  # [N, m, n]
+    layers = inspect_attention(model, batches)
+    second = layers["2"]
+    first_cells, second_cells = model[0].layout.own_cells, model[2].layout.own_cells
+    assert second.cell_owners == [("0", 0, first_cells), ("2", first_cells, second_cells)]
+    assert layers["3"].cell_owners == [("3", 0, 1)]
+    assert second.samples == 5 and second.kernel is None and "cells" not in second.means
+    # by hand: each warehouse cell's share of the absolute weights over samples and kernel cells
+    size = torch.cat(records).double().abs()
+    usage = size.sum((0, 1)) / size.sum()
+    torch.testing.assert_close(second.cell_usage, usage.float())
+    torch.testing.assert_close(second.cell_share, (size.sum(0) / size.sum((0, 2))[:, None])
+                               .float())
+    entropy = attention_entropy(size.reshape(-1, 14)).reshape(5, 18).mean(1)
+    torch.testing.assert_close(second.cell_entropy, entropy.float())
+    own = usage[first_cells:].sum().item()
+    assert second.cell_share_by_layer() == pytest.approx({"0": 1 - own, "2": own})
+    order = usage.argsort(descending=True)[:5].tolist()
+    assert [i for i, _, _ in second.top_cells()] == order
+    assert [o for _, o, _ in second.top_cells()] == ["0" if i < first_cells else "2"
+                                                     for i in order]
+
+    json_path, csv_path = write_summary(layers, tmp_path)
+    rows = {r["layer"]: r for r in json.loads(json_path.read_text())}
+    row = rows["2"]
+    assert (row["mixtures"], row["num_cells"]) == (18, 14)
+    assert row["own_cell_share"] == pytest.approx(own, abs=1e-6)
+    assert row["cell_entropy_mean"] == pytest.approx(entropy.mean().item(), abs=1e-6)
+    assert row["cell_entropy_max"] == pytest.approx(math.log(14))
+    assert row["top_cells"] == order and len(row["cell_usage"]) == 14
+    assert "cells_mean" not in row  # not m x n numbers without their meaning
+    header, *lines = csv_path.read_text().splitlines()
+    assert "own_cell_share" in header.split(",") and len(lines) == 3
+
+
+def test_kw_cell_attention_plot(tmp_path):
+    model = _kw_model()
+    layers = inspect_attention(model, [torch.randn(4, 4, 6, 6)])
+    assert plot_cell_attention(layers, tmp_path / "c.png")  # three KW layers, one row
+    assert _png_size(tmp_path / "c.png") == _figure_pixels(4.2 * 3, 2.6)
+    others = inspect_attention(nn.Sequential(DynamicConv2d(4, 4, 3)).eval(),
+                               [torch.randn(2, 4, 6, 6)])
+    assert not plot_cell_attention(others, tmp_path / "none.png")
+    assert not (tmp_path / "none.png").exists()
+
+
+def test_cli_inspects_kw_layers(tmp_path, capsys):
+    out = tmp_path / "inspect"
+    assert main(["inspect", "--model", "small_cnn", "--conv-type", "kw", "--model-arg",
+                 "width=4", "--limit", "20", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    lines = [line for line in text.splitlines() if "KWConv2d" in line]
+    assert len(lines) == 6
+    assert all(re.search(r"m=\d+ n=\d+  entropy [\d.]+ / [\d.]+ nats, own cells \d+%, "
+                         r"most used \d+ \(\d+%\)", line) for line in lines)
+    width, height = _png_size(out / "cell_attention.png")
+    assert width > 200 and height > 200
+    assert "cell_attention.png" in text

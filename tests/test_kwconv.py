@@ -61,7 +61,9 @@ def build_pair(config):
     manager.store()
     try:
         manager.allocate(ref)
-    except AssertionError:  # the official code refuses this combination: nothing to compare
+    # the official code refuses this combination (an assertion), or fails on it (an IndexError:
+    # at a ratio 1/k, layers whose own cells outnumber int(ratio * mixtures)): nothing to compare
+    except (AssertionError, IndexError):
         assume(False)
     ref.manager = manager
     shop = Warehouses(config["ratio"], cell_in_ratio=config["cell_ratio"],

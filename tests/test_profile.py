@@ -7,22 +7,47 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from dynconv import DRConv2d, DynamicConv2d, ODConv2d
+from dynconv import DRConv2d, DynamicConv2d, KWConv2d, ODConv2d, Warehouse
 from dynconv.cli import main
 from dynconv.functional import mixture
 from dynconv.models import create_model
 from dynconv.tools.convert import static_twin
-from dynconv.tools.cost import LayerMacs, count_macs, layer_macs, peak_memory_bytes
+from dynconv.tools.cost import (
+    LayerMacs,
+    count_macs,
+    count_parameters,
+    layer_macs,
+    peak_memory_bytes,
+)
 from dynconv.tools.counters import register_thop, thop_ops
 from dynconv.tools.profile import build_model, profile_model
 
 torch.set_num_threads(1)
 
 
+def _kw_in_a_shared_warehouse() -> KWConv2d:
+    """The second layer of a warehouse at cell_num_ratio 1/2 with the non-local basis."""
+    warehouse = Warehouse(0.5)
+    KWConv2d(8, 8, 1, warehouse=warehouse)
+    return KWConv2d(8, 12, 3, stride=2, padding=1, bias=False, warehouse=warehouse,
+                    nonlocal_basis_ratio=0.5)
+
+
 def _layers() -> dict[str, tuple[nn.Module, LayerMacs]]:
     """Each layer type on a 10x10 input, with its MACs per image worked out by hand."""
     hw = 10 * 10
     return {
+        # KernelWarehouse alone: cells 12 x 8 x 1 x 1 (the layer's widths), m = n = 9 (one own
+        # cell per kernel position); attention fc1 C_in->16, fc2 16->(n + 1)*m; assembly m*n
+        # cells of 96 weights
+        "kw": (KWConv2d(8, 12, 3, padding=1),
+               LayerMacs(12 * 8 * 9 * hw, 8 * 16 + 16 * 10 * 9, 9 * 9 * 96)),
+        # shared with an 8->8 1x1 layer: cells 4 x 8 x 1 x 1 (the gcds), m = 9 * 3; at ratio 1/2
+        # the 1x1 layer owns 1 cell, this one 13 (the official i % 2 == (i // 2) % 2): n = 14;
+        # the basis: fc2 16->(13 own + 16 basis + 1 zero)*m, fc3 16->1 other cell per mixture
+        "kw shared, basis": (_kw_in_a_shared_warehouse(),
+                             LayerMacs(12 * 8 * 9 * 25, 8 * 16 + 16 * 30 * 27 + 27 * 16 * 1,
+                                       27 * 14 * 32)),
         # conv: C_out * C_in/g * k*k * H_out*W_out; attention fc1 C_in->hidden, fc2 hidden->K;
         # aggregation K * (kernel elements + C_out for the bias bank)
         "dynamic softmax": (DynamicConv2d(8, 12, 3, padding=1, num_kernels=4),
@@ -97,7 +122,10 @@ def test_mixout_runs_more_than_the_layer_costs_but_count_macs_does_not_change(mo
 
 def _mixed_model() -> nn.Sequential:
     """Every layer type in one model (no normalisation and a max-pool: thop counts norms and
-    average pools, the analytic rule and FlopCounterMode do not)."""
+    average pools, the analytic rule and FlopCounterMode do not); three KernelWarehouse layers
+    share a warehouse, one of them with the non-local basis."""
+    warehouse = Warehouse(0.5)
+    kw = {"warehouse": warehouse, "attention_norm": "none"}
     return nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1),
         DynamicConv2d(8, 12, 3, padding=1),
@@ -106,6 +134,9 @@ def _mixed_model() -> nn.Sequential:
         ODConv2d(12, 16, 3, padding=1, attention_norm="none"),
         ODConv2d(16, 16, 3, padding=1, groups=16, attention_norm="none"),
         ODConv2d(16, 8, 1, num_kernels=1, attention_norm="none"),
+        KWConv2d(8, 8, 3, padding=1, **kw),
+        KWConv2d(8, 16, 3, stride=2, padding=1, bias=False, nonlocal_basis_ratio=0.5, **kw),
+        KWConv2d(16, 8, 1, **kw),
         nn.AdaptiveMaxPool2d(1),
         nn.Flatten(),
         nn.Linear(8, 5),
@@ -115,7 +146,7 @@ def _mixed_model() -> nn.Sequential:
 def _analytic_total(model: nn.Module, hw: int) -> int:
     total, size = 0, (hw, hw)
     for m in model:
-        if isinstance(m, nn.Conv2d | DynamicConv2d | ODConv2d):
+        if isinstance(m, nn.Conv2d | DynamicConv2d | ODConv2d | KWConv2d):
             total += layer_macs(m, size).total
             size = (size[0] + 2 * m.padding[0] - m.kernel_size[0]) // m.stride[0] + 1, \
                    (size[1] + 2 * m.padding[1] - m.kernel_size[1]) // m.stride[1] + 1
@@ -156,7 +187,11 @@ def test_thop_counts_the_dynamic_layers_after_registration():
     expected = 2 * _analytic_total(model, 12) + _thop_pooling_ops(model, x)
     assert thop.profile(model, inputs=(x,), custom_ops=thop_ops(), verbose=False)[0] == expected
     assert register_thop() and register_thop()  # idempotent
-    assert thop.profile(model, inputs=(x,), verbose=False)[0] == expected
+    ops, params = thop.profile(model, inputs=(x,), verbose=False)
+    assert ops == expected
+    # the warehouse three layers hold is one tensor, counted once
+    assert params == count_parameters(model) < sum(
+        p.numel() for _, p in model.named_parameters(remove_duplicate=False))
 
 
 def test_static_twin_has_static_convs_of_the_same_geometry():
@@ -224,6 +259,28 @@ def test_profile_model_reports_both_models():
     assert all(v > 0 for pair in report.peak_memory.values() for v in pair)
     text = str(report)
     assert "total" in text and "DynamicConv2d" in text
+
+
+def test_profile_counts_a_shared_warehouse_once():
+    """The cells that three KernelWarehouse layers hold are one row of their own: no layer's row
+    counts them, and the rows add up to the model's parameters."""
+    model = _mixed_model()
+    cells = model[7].warehouse.cells.numel()
+    report = profile_model(model, (3, 12, 12), timing=False)
+    (shared,) = report.shared
+    assert (shared.name, shared.type, shared.layers, shared.params) == (
+        "7.warehouse", "Warehouse", ["7", "8", "9"], cells)
+    rows = {r.name: r for r in report.layers}
+    assert rows["7"].params == count_parameters(model[7]) - cells
+    assert rows["7"].static_params == 8 * 8 * 9 + 8
+    classifier = 8 * 5 + 5
+    assert sum(r.params for r in report.layers) + cells + classifier == report.params
+    assert report.params == count_parameters(model)
+    lines = str(report).splitlines()
+    assert any(line.split()[:4] == ["7.warehouse", "Warehouse", "shared", "by"]
+               and f"{cells:,}" in line for line in lines)
+    (other,) = [line for line in lines if line.startswith("other")]
+    assert other.split()[3] == f"{classifier:,}"  # "other (linear, ...)" is three words
 
 
 def test_profile_rejects_bad_sizes():

@@ -160,6 +160,7 @@ def _run_inspect(args: argparse.Namespace) -> int:
 
     from ..tools.inspection import (
         inspect_attention,
+        plot_cell_attention,
         plot_kernel_attention,
         plot_region_maps,
         plot_spatial_attention,
@@ -180,6 +181,7 @@ def _run_inspect(args: argparse.Namespace) -> int:
         "kernel_attention.png": lambda p: plot_kernel_attention(layers, p),
         "spatial_attention.png": lambda p: plot_spatial_attention(layers, p),
         "region_maps.png": lambda p: plot_region_maps(layers, test.images, p),
+        "cell_attention.png": lambda p: plot_cell_attention(layers, p),
     }
     files += [out / name for name, plot in plots.items() if plot(out / name)]
     for layer in layers.values():
@@ -187,6 +189,13 @@ def _run_inspect(args: argparse.Namespace) -> int:
             k = layer.kernel.shape[1]
             print(f"  {layer.name:<32} {layer.layer_type:<14} K={k}  entropy "
                   f"{layer.entropy.mean().item():.3f} / {math.log(k):.3f} nats")
+        elif layer.cell_usage is not None:
+            m, n = layer.cell_share.shape
+            own = layer.cell_share_by_layer().get(layer.name, float("nan"))
+            top = ", ".join(f"{i} ({share:.0%})" for i, _, share in layer.top_cells(3))
+            print(f"  {layer.name:<32} {layer.layer_type:<14} m={m} n={n}  entropy "
+                  f"{layer.cell_entropy.mean().item():.3f} / {math.log(n):.3f} nats, own cells "
+                  f"{own:.0%}, most used {top}")
     print(f"{len(layers)} dynamic layers over {len(test)} test images; wrote "
           f"{', '.join(f.name for f in files)} to {out}/")
     return 0
@@ -196,7 +205,8 @@ INSPECT = Command(
     "inspect", "plot the attentions of a model's dynamic layers over a dataset",
     "Run a model over the test images and record what each dynamic layer decides: kernel "
     "attention per sample and its entropy, ODConv's channel, filter and spatial attentions, "
-    "region maps. Writes PNG plots and attention_summary.csv/.json to --out.",
+    "region maps, KernelWarehouse's weights over its warehouse's cells. Writes PNG plots and "
+    "attention_summary.csv/.json to --out.",
     _inspect_arguments, _run_inspect,
 )
 

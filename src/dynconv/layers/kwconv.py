@@ -394,6 +394,18 @@ class KWConv2d(DynamicConvBase):
         if self.bias is not None:
             self.bias.copy_(conv.bias if conv.bias is not None else torch.zeros_like(self.bias))
 
+    def fold_output_affine(self, scale: Tensor, shift: Tensor) -> None:
+        """Refused (``NotImplementedError``), as it cannot be exact: ``scale`` [C_out] would have
+        to go into the warehouse cells, which the layer's other output channels and kernel
+        positions mix too (and the warehouse's other layers), so a following BatchNorm stays;
+        :func:`dynconv.fold` gives a static convolution that takes it exactly."""
+        raise NotImplementedError(
+            "a KWConv2d cannot absorb a per-channel scale exactly: its kernel is mixed from "
+            "warehouse cells that its other output channels and kernel positions (and the "
+            "warehouse's other layers) share; keep the BatchNorm, or fold the layer into a "
+            "static convolution first (dynconv.fold)"
+        )
+
     def macs(self, input_size: tuple[int, int]) -> LayerMacs:
         """The convolution, the attention's Linear layers and the assembly: m * n * cell size
         multiply-accumulates (one matrix product of the weights with the cells)."""

@@ -4,8 +4,10 @@ accumulate them over a dataset, summarise, plot.
 Every dynconv layer contributes its own record through
 :meth:`~dynconv.DynamicConvBase.attention_record` (``'kernel'`` [N, K] for DY-Conv/CondConv;
 ``'channel'``, ``'filter'``, ``'spatial'``, ``'kernel'`` for ODConv; ``'region_map'``
-[N, H_out, W_out] for a region-aware layer). :class:`AttentionCapture` calls it from a forward
-hook on the layer's input, under ``torch.no_grad()``; the model's outputs are untouched.
+[N, H_out, W_out] for a region-aware layer; ``'cells'`` [N, m, n] for KernelWarehouse: each of
+the layer's m kernel cells' weights over the n cells of its warehouse).
+:class:`AttentionCapture` calls it from a forward hook on the layer's input, under
+``torch.no_grad()``; the model's outputs are untouched.
 """
 
 from __future__ import annotations
@@ -23,12 +25,14 @@ from torch import Tensor, nn
 
 from .._io import save_png, write_atomically
 from ..layers.base import DynamicConvBase
+from ..layers.warehouse import Warehouse
 
 __all__ = [
     "AttentionCapture",
     "LayerAttention",
     "attention_entropy",
     "inspect_attention",
+    "plot_cell_attention",
     "plot_kernel_attention",
     "plot_region_maps",
     "plot_spatial_attention",
@@ -36,9 +40,13 @@ __all__ = [
 ]
 
 # Records kept per sample (small: [N, K]); the region map is kept for the first samples only and
-# as a count per region; every other record is averaged over the samples.
+# as a count per region; KernelWarehouse's cell weights as absolute sums and entropies; every
+# other record is averaged over the samples.
 _PER_SAMPLE = ("kernel",)
 _REGION = "region_map"
+_CELLS = "cells"
+#: Warehouse cells listed by :meth:`LayerAttention.summary` and ``dynconv inspect``.
+TOP_CELLS = 5
 
 
 def attention_entropy(weights: Tensor) -> Tensor:
@@ -62,18 +70,31 @@ class LayerAttention:
     ``region_maps``: the region maps of the first samples [M, H_out, W_out] and
     ``region_counts`` the number of output pixels given to each region over all samples [R];
     ``num_regions`` the layer's number of regions, where it says (``num_regions``), else None.
+
+    KernelWarehouse (record ``'cells'`` [N, m, n]): ``cell_owners`` lists, for the layer's
+    warehouse, (layer name, first cell, number of cells) of each layer that brought cells, in
+    cell order; ``cell_share`` [m, n] is, per kernel cell, the share of its absolute weight that
+    went to each warehouse cell over the samples, ``cell_usage`` [n] the same for the layer's
+    whole kernel, ``cell_entropy`` [S] each sample's entropy of those weights (nats, mean over
+    the kernel cells; at most ``log n``).
     """
 
     name: str
     layer_type: str
     num_regions: int | None = None
+    cell_owners: list[tuple[str, int, int]] | None = None
     samples: int = 0
     kernel: Tensor | None = None
     means: dict[str, Tensor] = field(default_factory=dict)
     region_maps: Tensor | None = None
     region_counts: Tensor | None = None
+    cell_share: Tensor | None = None
+    cell_usage: Tensor | None = None
+    cell_entropy: Tensor | None = None
     _kernel_parts: list[Tensor] = field(default_factory=list, repr=False)
     _sums: dict[str, Tensor] = field(default_factory=dict, repr=False)
+    _cell_abs: Tensor | None = field(default=None, repr=False)
+    _cell_entropy_parts: list[Tensor] = field(default_factory=list, repr=False)
 
     def add(self, record: dict[str, Tensor], keep_maps: int) -> None:
         """Accumulate one batch's record (tensors with a leading batch dimension)."""
@@ -84,6 +105,8 @@ class LayerAttention:
                 self._kernel_parts.append(value.float())
             elif key == _REGION:
                 self._add_regions(value.long(), keep_maps)
+            elif key == _CELLS:
+                self._add_cells(value)
             else:
                 total = value.double().sum(dim=0)
                 self._sums[key] = self._sums[key] + total if key in self._sums else total
@@ -102,11 +125,47 @@ class LayerAttention:
             counts = _pad_to(counts, size) + _pad_to(self.region_counts, size)
         self.region_counts = counts
 
+    def _add_cells(self, weights: Tensor) -> None:
+        """Accumulate KernelWarehouse cell weights [N, m, n] (signed: the attention divides by
+        the sum of absolute values, so their sizes are what a cell contributes)."""
+        size = weights.double().abs()
+        total = size.sum(dim=0)
+        self._cell_abs = total if self._cell_abs is None else self._cell_abs + total
+        n, m, cells = size.shape
+        entropy = attention_entropy(size.reshape(n * m, cells)).reshape(n, m).mean(dim=1)
+        self._cell_entropy_parts.append(entropy.float())
+
     def _refresh(self) -> None:
         if self._kernel_parts:
             self.kernel = torch.cat(self._kernel_parts)
             self._kernel_parts = [self.kernel]
+        if self._cell_entropy_parts:
+            self.cell_entropy = torch.cat(self._cell_entropy_parts)
+            self._cell_entropy_parts = [self.cell_entropy]
+            per_cell = self._cell_abs.sum(dim=1, keepdim=True)
+            self.cell_share = (self._cell_abs / per_cell.clamp_min(1e-300)).float()
+            self.cell_usage = (self._cell_abs.sum(dim=0) / per_cell.sum().clamp_min(1e-300)
+                               ).float()
         self.means = {k: (v / self.samples).float() for k, v in self._sums.items()}
+
+    def cell_share_by_layer(self) -> dict[str, float]:
+        """KernelWarehouse: the share of the layer's absolute cell weight that went to the cells
+        each layer of its warehouse brought (its own name among them); {} for other layers."""
+        if self.cell_usage is None or not self.cell_owners:
+            return {}
+        return {owner: self.cell_usage[start:start + count].sum().item()
+                for owner, start, count in self.cell_owners}
+
+    def top_cells(self, count: int = TOP_CELLS) -> list[tuple[int, str, float]]:
+        """KernelWarehouse: the ``count`` most used warehouse cells as (index, the layer that
+        brought it, share of the layer's absolute cell weight), most used first."""
+        if self.cell_usage is None:
+            return []
+        owners = {i: owner for owner, start, n in self.cell_owners or [] for i in
+                  range(start, start + n)}
+        shares, order = self.cell_usage.sort(descending=True, stable=True)
+        return [(int(i), owners.get(int(i), "?"), float(v))
+                for i, v in zip(order[:count], shares[:count])]
 
     @property
     def entropy(self) -> Tensor | None:
@@ -116,7 +175,8 @@ class LayerAttention:
     def summary(self) -> dict[str, Any]:
         """Plain numbers for CSV/JSON: sample count, kernel-attention mean per kernel and its
         entropy (mean, and the maximum ``log K``), the means of the other records, region
-        shares."""
+        shares; for KernelWarehouse the cell entropy (mean, maximum ``log n``), the share of the
+        layer's own cells and of each layer's, the most used cells and every cell's share."""
         row: dict[str, Any] = {"layer": self.name, "type": self.layer_type,
                                "samples": self.samples}
         if self.kernel is not None:
@@ -130,6 +190,20 @@ class LayerAttention:
                 (torch.bincount(self.kernel.argmax(1), minlength=k).double() / len(self.kernel))
                 .tolist()
             ]
+        if self.cell_usage is not None:
+            m, n = self.cell_share.shape
+            row["mixtures"], row["num_cells"] = m, n
+            row["cell_entropy_mean"] = round(self.cell_entropy.mean().item(), 6)
+            row["cell_entropy_max"] = round(math.log(n), 6)
+            by_layer = self.cell_share_by_layer()
+            if self.name in by_layer:
+                row["own_cell_share"] = round(by_layer[self.name], 6)
+            row["cell_share_by_layer"] = {k: round(v, 6) for k, v in by_layer.items()}
+            top = self.top_cells()
+            row["top_cells"] = [i for i, _, _ in top]
+            row["top_cell_layer"] = [owner for _, owner, _ in top]
+            row["top_cell_share"] = [round(v, 6) for _, _, v in top]
+            row["cell_usage"] = [round(v, 6) for v in self.cell_usage.tolist()]
         for key, mean in self.means.items():
             row[f"{key}_mean"] = [round(v, 6) for v in mean.flatten().tolist()]
         if self.region_counts is not None:
@@ -170,8 +244,10 @@ class AttentionCapture:
                 f"{type(model).__name__} holds no dynconv layer (DynamicConvBase) to inspect"
             )
         self.last: dict[str, dict[str, Tensor]] = {}
+        names = {id(m): name for name, m in model.named_modules()}
         self.layers: dict[str, LayerAttention] = {
-            name: LayerAttention(name, type(m).__name__, getattr(m, "num_regions", None))
+            name: LayerAttention(name, type(m).__name__, getattr(m, "num_regions", None),
+                                 _cell_owners(m, names))
             for name, m in self.dynamic.items()
         }
         self._handles: list[Any] = []
@@ -203,6 +279,18 @@ class AttentionCapture:
         return hook
 
 
+def _cell_owners(layer: nn.Module, names: dict[int, str]) -> list[tuple[str, int, int]] | None:
+    """(name, first cell, cells) of each layer that brought cells to ``layer``'s KernelWarehouse
+    warehouse, in cell order (``'(not in the model)'`` for a layer the model does not hold);
+    None for a layer without a warehouse."""
+    warehouse = getattr(layer, "warehouse", None)
+    if not isinstance(warehouse, Warehouse):
+        return None
+    owners = [(names.get(id(m), "(not in the model)"), m.layout.offset, m.layout.own_cells)
+              for m in warehouse.members]
+    return sorted(owners, key=lambda owner: owner[1])
+
+
 def inspect_attention(
     model: nn.Module, batches: Iterable[Tensor], keep_maps: int = 8
 ) -> dict[str, LayerAttention]:
@@ -225,15 +313,18 @@ def inspect_attention(
 
 def write_summary(layers: dict[str, LayerAttention], out: str | Path) -> list[Path]:
     """Write ``attention_summary.json`` (every number of :meth:`LayerAttention.summary`) and
-    ``attention_summary.csv`` (one row per layer: kernel-attention entropy and mean per kernel)
-    to the folder ``out``; return their paths."""
+    ``attention_summary.csv`` (one row per layer: kernel-attention entropy and mean per kernel;
+    KernelWarehouse: cell entropy, own-cell share, the most used cells) to the folder ``out``;
+    return their paths."""
     out = Path(out)
     rows = [layer.summary() for layer in layers.values()]
     json_path, csv_path = out / "attention_summary.json", out / "attention_summary.csv"
     text = json.dumps(rows, indent=1)
     write_atomically(json_path, lambda f: f.write(text.encode()))
     fields = ["layer", "type", "samples", "num_kernels", "kernel_entropy_mean",
-              "kernel_entropy_max", "kernel_mean", "top_kernel_share"]
+              "kernel_entropy_max", "kernel_mean", "top_kernel_share", "mixtures", "num_cells",
+              "cell_entropy_mean", "cell_entropy_max", "own_cell_share", "top_cells",
+              "top_cell_layer", "top_cell_share"]
 
     def write_csv(f: Any) -> None:
         import io
@@ -284,6 +375,45 @@ def plot_kernel_attention(layers: dict[str, LayerAttention], path: str | Path) -
     for ax in list(figure.axes)[len(chosen):]:
         ax.set_visible(False)
     figure.suptitle(f"kernel attention over {chosen[0].samples} samples", fontsize=10)
+    save_png(figure, path)
+    return True
+
+
+def plot_cell_attention(layers: dict[str, LayerAttention], path: str | Path) -> bool:
+    """Per KernelWarehouse layer, the share of its absolute cell weight that each warehouse cell
+    took over the samples (bars; the layer's own cells in colour, the other layers' in grey,
+    dotted lines between the layers' blocks), with the share of its own cells and the mean
+    entropy against its maximum ``log n``; one panel per layer. Returns False (and writes
+    nothing) if no layer has cell weights."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    chosen = [lay for lay in layers.values() if lay.cell_usage is not None]
+    if not chosen:
+        return False
+    rows, columns = _grid(len(chosen), 3)
+    figure = Figure(figsize=(4.2 * columns, 2.6 * rows))
+    for ax, layer in zip(_axes(figure, rows, columns), chosen):
+        n = len(layer.cell_usage)
+        colors = ["0.6"] * n
+        for owner, start, count in layer.cell_owners or []:
+            if owner == layer.name:
+                colors[start:start + count] = ["tab:blue"] * count
+            if start:
+                ax.axvline(start - 0.5, color="0.3", linestyle=":", linewidth=0.8)
+        ax.bar(range(n), layer.cell_usage.numpy(), width=1.0, color=colors)
+        ax.set_xlim(-0.5, n - 0.5)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        own = layer.cell_share_by_layer().get(layer.name, float("nan"))
+        entropy = layer.cell_entropy.mean().item()
+        ax.set_title(f"{layer.name}\nown cells {own:.0%}, H = {entropy:.2f} / {math.log(n):.2f} "
+                     "nats", fontsize=8)
+        ax.set_xlabel("warehouse cell", fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in list(figure.axes)[len(chosen):]:
+        ax.set_visible(False)
+    figure.suptitle(f"share of each warehouse cell over {chosen[0].samples} samples (blue: the "
+                    "layer's own cells)", fontsize=10)
     save_png(figure, path)
     return True
 

@@ -5,7 +5,8 @@ attention branch and the kernel aggregation, :func:`dynconv.tools.cost.layer_mac
 the same
 layer as an ``nn.Conv2d`` of the same geometry; for the whole model: parameters, MACs, the median
 inference latency and the peak memory of one forward pass at each batch size, against the
-static twin (:func:`dynconv.tools.convert.static_twin`).
+static twin (:func:`dynconv.tools.convert.static_twin`). A module whose parameters several
+layers hold (a KernelWarehouse ``Warehouse``) is one row of its own, counted once.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from .cost import (
     peak_memory_bytes,
 )
 
-__all__ = ["LayerProfile", "ProfileReport", "build_model", "profile_model"]
+__all__ = ["LayerProfile", "ProfileReport", "SharedProfile", "build_model", "profile_model"]
 
 
 @dataclass
@@ -46,11 +47,23 @@ class LayerProfile:
 
 
 @dataclass
+class SharedProfile:
+    """A module whose parameters several convolution layers hold (a KernelWarehouse
+    ``Warehouse``): counted here once, and in none of its layers' rows."""
+
+    name: str
+    type: str
+    layers: list[str]
+    params: int
+
+
+@dataclass
 class ProfileReport:
     """What :func:`profile_model` measured; ``str(report)`` is the table.
 
     ``latency_ms`` and ``peak_memory`` map a batch size to (model, static twin); MACs are per
     image; peak memory is in bytes (activations and temporaries of one forward pass).
+    ``shared``: the modules several layers hold; each layer's ``params`` leaves them out.
     """
 
     input_size: tuple[int, int, int]
@@ -62,6 +75,7 @@ class ProfileReport:
     static_macs: float
     latency_ms: dict[int, tuple[float, float]] = field(default_factory=dict)
     peak_memory: dict[int, tuple[int, int]] = field(default_factory=dict)
+    shared: list[SharedProfile] = field(default_factory=list)
 
     def __str__(self) -> str:
         header = ("layer", "type", "shape", "params", "static", "MACs", "attn+aggr", "static MACs")
@@ -70,10 +84,13 @@ class ProfileReport:
             rows.append((r.name, r.type, r.shape, f"{r.params:,}", f"{r.static_params:,}",
                          f"{r.macs.total:,}", f"{r.macs.attention + r.macs.aggregation:,}",
                          f"{r.static_macs:,}"))
+        for r in self.shared:
+            rows.append((r.name, r.type, f"shared by {len(r.layers)}", f"{r.params:,}", "", "",
+                         "", ""))
         layer_macs = sum(r.macs.total for r in self.layers)
         static_layer_macs = sum(r.static_macs for r in self.layers)
-        rows.append(("other (linear, ...)", "", "",
-                     f"{self.params - sum(r.params for r in self.layers):,}",
+        counted = sum(r.params for r in self.layers) + sum(r.params for r in self.shared)
+        rows.append(("other (linear, ...)", "", "", f"{self.params - counted:,}",
                      f"{self.static_params - sum(r.static_params for r in self.layers):,}",
                      f"{round(self.macs - layer_macs):,}", "",
                      f"{round(self.static_macs - static_layer_macs):,}"))
@@ -159,16 +176,18 @@ def profile_model(
     one = torch.randn(1, *input_size, device=device)
     layers = conv_layer_macs(model, one)
     static_layers = conv_layer_macs(twin, one)
+    shared = _shared_parameters(model, {name: layer for name, (layer, _) in layers.items()})
     rows = []
     for name, (layer, macs) in layers.items():
         static_layer, static_macs = static_layers[name]
         rows.append(LayerProfile(
             name, type(layer).__name__ + (f"({layer.routing})" if hasattr(layer, "routing")
                                           and is_dynamic(layer) else ""),
-            _shape(layer), count_parameters(layer), macs,
+            _shape(layer), _count_unshared(layer, shared), macs,
             count_parameters(static_layer), static_macs.total))
     report = ProfileReport(input_size, str(device), rows, count_parameters(model),
-                           count_parameters(twin), count_macs(model, one), count_macs(twin, one))
+                           count_parameters(twin), count_macs(model, one), count_macs(twin, one),
+                           shared=list({id(s): s for s in shared.values()}.values()))
     if timing:
         for b in batch_sizes:
             x = torch.randn(b, *input_size, device=device)
@@ -176,6 +195,29 @@ def profile_model(
                                     inference_latency_ms(twin, x, min_run_time))
             report.peak_memory[b] = (peak_memory_bytes(model, x), peak_memory_bytes(twin, x))
     return report
+
+
+def _shared_parameters(model: nn.Module, layers: dict[str, nn.Module]
+                       ) -> dict[int, SharedProfile]:
+    """The modules of ``model`` whose own parameters more than one of ``layers`` holds, by the
+    ``id`` of each such parameter (a module under its first name, as ``named_modules`` gives)."""
+    holders: dict[int, list[str]] = {}
+    for name, layer in layers.items():
+        for p in layer.parameters():
+            holders.setdefault(id(p), []).append(name)
+    found: dict[int, SharedProfile] = {}
+    for name, module in model.named_modules():
+        own = [p for p in module.parameters(recurse=False) if len(holders.get(id(p), ())) > 1]
+        if own:
+            profile = SharedProfile(name, type(module).__name__, holders[id(own[0])],
+                                    sum(p.numel() for p in own))
+            found.update(dict.fromkeys((id(p) for p in own), profile))
+    return found
+
+
+def _count_unshared(layer: nn.Module, shared: dict[int, SharedProfile]) -> int:
+    """``layer``'s parameters, those of the shared modules left out."""
+    return sum(p.numel() for p in layer.parameters() if id(p) not in shared)
 
 
 def build_model(name: str, conv_type: str | None = None, model_args: dict[str, Any] | None = None,
