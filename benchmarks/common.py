@@ -17,8 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from dynconv import Warehouse
-from dynconv.tools.convert import convert
+from dynconv.models import create_model
 from dynconv.tools.cost import peak_bytes_of
 
 # The seeds' formulations live with the tests (tests/seed_layouts.py, and the official
@@ -67,15 +66,12 @@ class OfficialKWConv2d(nn.Module):
 def build_resnet(resnet: Callable[..., nn.Module], conv_type: str, **kwargs: object
                  ) -> nn.Module:
     """``resnet(conv_type, **kwargs)`` (a ResNet of :mod:`dynconv.models`), seeded; ``'kw'``:
-    KernelWarehouse 1x in the block convolutions with one warehouse per stage (the official
-    sharing range), the stem and shortcuts static as for the other types."""
+    the official KernelWarehouse model of that depth at 1x (``kw_resnet18``, ``kw_resnet50``:
+    one warehouse per stage, the official layers static)."""
     torch.manual_seed(0)
     if conv_type != "kw":
         return resnet(conv_type, **kwargs)
-    model = resnet("static", **kwargs)
-    for stage in ("layer1", "layer2", "layer3", "layer4"):
-        convert(model, "kw", include=f"{stage}.*.conv*", warehouse=Warehouse())
-    return model
+    return create_model(f"kw_{resnet.__name__}", width="1x", **kwargs)
 
 
 def sync(device: torch.device) -> None:

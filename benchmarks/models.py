@@ -3,7 +3,7 @@ against the static one: a training step (forward, cross-entropy, backward, SGD s
 64, and inference at batch 1 and 64; and inference at batch 64 compiled with ``torch.compile``
 (compiling a training step takes many minutes on 2 cores). DRConv only at batch 1: a training
 step at batch 16 measured 174x static and 7 GB, which would dominate the suite's time.
-KernelWarehouse (``kw``): 1x, one warehouse per stage (:func:`common.build_resnet`)."""
+KernelWarehouse (``kw``): the official ``kw_resnet18`` at 1x (:func:`common.build_resnet`)."""
 
 from __future__ import annotations
 

@@ -91,8 +91,11 @@ def test_the_layer_and_dispatch_tables_have_kw_rows(monkeypatch) -> None:
 def test_the_kw_resnets_share_one_warehouse_per_stage() -> None:
     model = models.build_model("kw", torch.device("cpu"))
     warehouses = {id(m): m for m in model.modules() if isinstance(m, Warehouse)}
-    assert len(warehouses) == 4 and all(len(w.members) == 4 for w in warehouses.values())
-    assert sum(isinstance(m, KWConv2d) for m in model.modules()) == 16
+    # the official kw_resnet18: block convolutions and strided shortcuts, a stage's first
+    # convolution and shortcut in the previous stage's warehouse
+    assert len(warehouses) == 4
+    assert [len(w.members) for w in warehouses.values()] == [6, 5, 5, 3]
+    assert sum(isinstance(m, KWConv2d) for m in model.modules()) == 19
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
     assert "kw" in models.TYPES
     assert "kw" in device_report.plan_for(torch.device("cpu"), False).model_types
