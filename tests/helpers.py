@@ -46,6 +46,29 @@ def assert_same_outputs_and_grads(
         torch.testing.assert_close(g, rg, **tol, msg=lambda m, i=i: f"input {i}: {m}")
 
 
+def second_derivatives(fn: Callable[[], Tensor], inputs: Sequence[Tensor], seed: int = 0
+                       ) -> tuple[Tensor, ...]:
+    """The gradient of ``sum_i <grad_i, v_i>`` for the first gradients ``grad_i`` of
+    ``<fn(), u>`` with respect to ``inputs``: fixed random ``u`` and ``v_i`` (``seed``), one
+    double backward through ``fn``."""
+    gen = torch.Generator().manual_seed(seed)
+    out = fn()
+    upstream = torch.randn(out.shape, dtype=out.dtype, generator=gen)
+    firsts = torch.autograd.grad((out * upstream).sum(), inputs, create_graph=True)
+    total = sum((g * torch.randn(g.shape, dtype=g.dtype, generator=gen)).sum() for g in firsts)
+    return torch.autograd.grad(total, inputs)
+
+
+def assert_same_second_derivatives(fn: Callable[[], Tensor], reference: Callable[[], Tensor],
+                                   inputs: Sequence[Tensor], **tol) -> None:
+    """Double backward through ``fn`` equals double backward through ``reference`` (float64:
+    exact to rounding), for every input."""
+    tol = {**TOL, **tol}
+    got, want = second_derivatives(fn, inputs), second_derivatives(reference, inputs)
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        torch.testing.assert_close(g, w, **tol, msg=lambda m, i=i: f"input {i}: {m}")
+
+
 @contextlib.contextmanager
 def recomputing(chunk_bytes: int = 1) -> Iterator[None]:
     """Per-sample kernels (the aggregate method) and im2col buffers (the unfold method)

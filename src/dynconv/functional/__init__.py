@@ -14,8 +14,12 @@ Every layer of dynconv ends in one of these calls:
   gather, or each pixel with its own region's kernel only (gathered receptive fields and one
   matrix product per region).
 
-:func:`mix_kernels` is the mixing itself (per-sample kernels or biases from a bank), for the
-tools that need the kernels a layer convolved with.
+* :func:`warehouse_conv2d` (KernelWarehouse) convolves each sample with a kernel cut into cells,
+  each a per-sample mixture of a warehouse's shared cells (:func:`mix_cells`); with gradients,
+  the kernels are assembled a chunk of samples at a time, as :func:`mixture_conv2d`'s are.
+
+:func:`mix_kernels` and :func:`mix_cells` are the mixing itself (per-sample kernels or biases
+from a bank, kernels from cells), for the tools that need the kernels a layer convolved with.
 
 ``'auto'`` picks a formulation by a rule whose thresholds depend on the device type
 (:mod:`dynconv.functional.dispatch`), or, under :class:`autotune`, by timing every formulation
@@ -34,10 +38,13 @@ batched matrix product). The grouped formulation folds the batch into the convol
 from ._common import is_exporting
 from .mixture import (
     MIXTURE_METHODS,
+    CellGrid,
     MixtureMethod,
+    mix_cells,
     mix_kernels,
     mixout_through_im2col,
     mixture_conv2d,
+    warehouse_conv2d,
 )
 from .per_sample import PER_SAMPLE_METHODS, PerSampleMethod, per_sample_conv2d
 from .region import (
@@ -54,6 +61,7 @@ __all__ = [
     "PER_SAMPLE_METHODS",
     "REGION_METHODS",
     "AutotuneError",
+    "CellGrid",
     "MixtureMethod",
     "PerSampleMethod",
     "RegionMethod",
@@ -63,10 +71,12 @@ __all__ = [
     "autotune_enabled",
     "autotune_summary",
     "is_exporting",
+    "mix_cells",
     "mix_kernels",
     "mixout_through_im2col",
     "mixture_conv2d",
     "per_sample_conv2d",
     "region_conv2d",
     "reset_autotune",
+    "warehouse_conv2d",
 ]

@@ -4,13 +4,15 @@ all K kernels."""
 
 from __future__ import annotations
 
-from typing import Literal
+import math
+from collections.abc import Sequence
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._conv_args import ConvGeometry, PaddingArg, Pair
+from .._conv_args import ConvGeometry, PaddingArg, Pair, parse_geometry
 from . import tuning
 from ._common import (
     autocast_dtype,
@@ -180,15 +182,8 @@ def _mixture(x: Tensor, coefficients: Tensor, bank: Tensor, bias: Tensor | None,
     n = x.shape[0]
     pixels = output_size[0] * output_size[1]
     if method == "aggregate":
-        weights = _MixedKernels(coefficients, bank, spatial)
-        if not weights.recompute_in_backward():
-            return per_sample_conv2d_unchecked(x, weights.kernels(), bias, geometry, output_size,
-                                               method=per_sample_method)
-        with torch.autograd.graph.saved_tensors_hooks(weights.pack, weights.unpack):
-            out = per_sample_conv2d_unchecked(x, weights.kernels(track=True), bias, geometry,
-                                              output_size, method=per_sample_method)
-        weights.forget()
-        return out
+        return _aggregate(x, _MixedKernels(coefficients, bank, spatial), bias, geometry,
+                          output_size, per_sample_method)
     if spatial is not None and spatial.shape[-2:].numel() == 1:  # 1x1 kernel: one weight a sample
         coefficients = coefficients * spatial.reshape(n, 1).to(coefficients.dtype)
         spatial = None
@@ -226,6 +221,145 @@ def mix_kernels(coefficients: Tensor, bank: Tensor) -> Tensor:
     return (coefficients @ bank.reshape(num_kernels, -1)).reshape(coefficients.shape[0], *shape)
 
 
+def _aggregate(x: Tensor, weights: _MixedKernels, bias: Tensor | None, geometry: ConvGeometry,
+               output_size: Pair, per_sample_method: str) -> Tensor:
+    """The per-sample kernels ``weights`` makes, then :func:`per_sample_conv2d`; with gradients
+    and kernels of ``is_recomputed``'s size, kept out of memory until backward."""
+    if not weights.recompute_in_backward():
+        return per_sample_conv2d_unchecked(x, weights.kernels(), bias, geometry, output_size,
+                                           method=per_sample_method)
+    with torch.autograd.graph.saved_tensors_hooks(weights.pack, weights.unpack):
+        out = per_sample_conv2d_unchecked(x, weights.kernels(track=True), bias, geometry,
+                                          output_size, method=per_sample_method)
+    weights.forget()
+    return out
+
+
+def cell_grid(kernel_shape: Sequence[int], cell_shape: Sequence[int]) -> CellGrid:
+    """The grid that cuts a kernel [C_out, C_in/groups, kH, kW] into cells [c_out, c_in, ckH,
+    ckW] (each dimension a multiple of the cell's; the cells either the kernel's size or 1x1)."""
+    c_out, c_in_g, kh, kw = (int(v) for v in kernel_shape)
+    cell_out, cell_in, ckh, ckw = (int(v) for v in cell_shape)
+    if (ckh, ckw) not in ((kh, kw), (1, 1)) or c_out % cell_out or c_in_g % cell_in:
+        raise ValueError(
+            f"cells of shape {[cell_out, cell_in, ckh, ckw]} cannot partition a kernel "
+            f"[C_out, C_in/groups, kH, kW] = {[c_out, c_in_g, kh, kw]}: their channels must "
+            "divide the kernel's and their size be the kernel's or 1x1")
+    return CellGrid(kh * kw // (ckh * ckw), c_out // cell_out, c_in_g // cell_in)
+
+
+def mix_cells(attention: Tensor, cells: Tensor, kernel_shape: Sequence[int]) -> Tensor:
+    """Per-sample kernels from mixed cells (KernelWarehouse): cell j of sample n's kernel is
+    ``sum_i attention[n, j, i] * cells[i]``, put in place along the kernel positions, the
+    output and the input channels (:class:`CellGrid`, the official order).
+
+    Args:
+        attention: [N, m, K], m the kernel's cells (the grid's product).
+        cells: [K, c_out, c_in, ckH, ckW].
+        kernel_shape: [C_out, C_in/groups, kH, kW].
+
+    Returns:
+        [N, C_out, C_in/groups, kH, kW].
+    """
+    grid = cell_grid(kernel_shape, cells.shape[1:])
+    mixed = attention @ cells.reshape(cells.shape[0], -1)
+    return _put_in_place(mixed, grid, cells.shape[1:], kernel_shape)
+
+
+def warehouse_conv2d(
+    x: Tensor,
+    attention: Tensor,
+    cells: Tensor,
+    kernel_size: int | Pair,
+    bias: Tensor | None = None,
+    stride: int | Pair = 1,
+    padding: PaddingArg = 0,
+    dilation: int | Pair = 1,
+    groups: int = 1,
+    *,
+    method: PerSampleMethod = "auto",
+) -> Tensor:
+    """Convolve sample n with the kernel that :func:`mix_cells` makes from its ``attention[n]``
+    (KernelWarehouse): the kernel's m cells, each a mixture of the K ``cells``.
+
+    With gradients and large kernels (those :func:`per_sample_conv2d` would keep), the kernels
+    are assembled, used and differentiated a chunk of samples at a time, as
+    :func:`mixture_conv2d`'s aggregate does, and none is kept between forward and backward.
+
+    Args:
+        x: input [N, C_in, H, W].
+        attention: mixing weights [N, m, K].
+        cells: [K, c_out, c_in, ckH, ckW]; ckH x ckW is ``kernel_size`` or 1 x 1 (spatial
+            partition), c_in divides C_in/groups, and C_out = c_out x m / (the cells along the
+            positions and input channels).
+        kernel_size: the kernel's (kH, kW).
+        bias: [C_out] or ``None``.
+        stride, padding, dilation, groups: as in ``F.conv2d``.
+        method: the per-sample method (:func:`per_sample_conv2d`).
+
+    Returns:
+        [N, C_out, H_out, W_out].
+    """
+    check_input(x)
+    if not isinstance(cells, Tensor) or cells.dim() != 5:
+        got = shape_list(cells) if isinstance(cells, Tensor) else type(cells).__name__
+        raise ValueError(f"cells must have shape [K, c_out, c_in, ckH, ckW], got {got}")
+    check_input_dtype(x, cells.dtype, "warehouse_conv2d", "the cells")
+    if not isinstance(attention, Tensor) or attention.dim() != 3 or shape_list(attention)[::2] \
+            != [x.shape[0], cells.shape[0]]:
+        got = shape_list(attention) if isinstance(attention, Tensor) else attention
+        raise ValueError(f"attention must have shape [N, m, K] with N = {x.shape[0]} and K = "
+                         f"{cells.shape[0]}, got {got}")
+    geometry = parse_geometry(kernel_size, stride, padding, dilation, groups)
+    kh, kw = geometry.kernel_size
+    if x.shape[1] % geometry.groups:
+        raise ValueError(f"input has {x.shape[1]} channels, not a multiple of groups "
+                         f"({geometry.groups})")
+    c_in_g, m = x.shape[1] // geometry.groups, attention.shape[1]
+    cell_out, cell_in, ckh, ckw = cells.shape[1:]
+    per_out = (kh * kw // (ckh * ckw)) * (c_in_g // cell_in) if c_in_g % cell_in == 0 else 0
+    if per_out == 0 or m % per_out:
+        raise ValueError(
+            f"attention's {m} cells a kernel do not fill kernels of C_in/groups = {c_in_g} and "
+            f"size {[kh, kw]} with cells of shape {shape_list(cells)[1:]}: expected a "
+            f"multiple of {per_out or 'a count that C_in/groups and the kernel size allow'}")
+    c_out = m // per_out * cell_out
+    cell_grid((c_out, c_in_g, kh, kw), cells.shape[1:])  # raises if the cells cannot partition
+    check_shape(bias, "bias", "[C_out]", [c_out], optional=True)
+    _, output_size = check_conv(x, c_out, c_in_g, (kh, kw), stride, padding, dilation, groups)
+    check_per_sample_method(method, x.shape[0])
+    return warehouse_conv2d_unchecked(x, attention, cells, bias, geometry, output_size,
+                                      method=method)
+
+
+def warehouse_conv2d_unchecked(
+    x: Tensor, attention: Tensor, cells: Tensor, bias: Tensor | None, geometry: ConvGeometry,
+    output_size: Pair, *, method: str = "auto",
+) -> Tensor:
+    """:func:`warehouse_conv2d` without its checks, for callers that made them (KWConv2d)."""
+    n = x.shape[0]
+    c_in_g = x.shape[1] // geometry.groups
+    kh, kw = geometry.kernel_size
+    cell_out, cell_in, ckh, ckw = cells.shape[1:]
+    grid_out = attention.shape[1] // ((kh * kw // (ckh * ckw)) * (c_in_g // cell_in))
+    kernel_shape = (grid_out * cell_out, c_in_g, kh, kw)
+    grid = cell_grid(kernel_shape, cells.shape[1:])
+    if method == "auto":
+        method = tuning.choose(
+            "warehouse_conv2d", (x, attention, cells, bias), geometry,
+            lambda: per_sample_candidates(x, kernel_shape[0], geometry, output_size),
+            lambda m, t: warehouse_conv2d_unchecked(*t, geometry, output_size, method=m),
+            lambda: resolve_per_sample_method("auto", x, attention.requires_grad or
+                                              cells.requires_grad, geometry, output_size))
+    biases = None if bias is None else bias.expand(n, -1)
+    out = _aggregate_in_chunks(x, attention, cells, biases, geometry, output_size, None, None,
+                               None, method, grid)
+    if out is not None:
+        return out
+    return _aggregate(x, _MixedKernels(attention, cells, None, (grid, kernel_shape)), biases,
+                      geometry, output_size, method)
+
+
 class _MixedKernels:
     """The per-sample kernels of a mixture, ``spatial[n] * sum_k coefficients[n, k] * bank[k]``
     [N, C_out, C_in/g, kH, kW], and the saved-tensor hooks that keep them out of memory until
@@ -238,8 +372,10 @@ class _MixedKernels:
 
     MIX, WEIGHT = 0, 1  # what a recipe stands for: the unweighted mix, or the kernels
 
-    def __init__(self, coefficients: Tensor, bank: Tensor, spatial: Tensor | None) -> None:
+    def __init__(self, coefficients: Tensor, bank: Tensor, spatial: Tensor | None,
+                 cells: tuple[CellGrid, Sequence[int]] | None = None) -> None:
         self.coefficients, self.bank, self.spatial = coefficients, bank, spatial
+        self.cells = cells  # a bank of cells: (their grid, the kernel [C_out, C_in/g, kH, kW])
         self._tracked: dict[int, int] = {}  # storage address -> MIX or WEIGHT, during forward
         self._alive: list[Tensor] = []  # the tracked tensors, alive until forward ends: a freed
         # storage could be reused by another tensor that autograd saves
@@ -252,7 +388,11 @@ class _MixedKernels:
         # under autocast: backward runs without it, and recomputes under the same
 
     def _mix(self) -> Tensor:
-        return mix_kernels(self.coefficients, self.bank)
+        if self.cells is None:
+            return mix_kernels(self.coefficients, self.bank)
+        grid, kernel_shape = self.cells
+        mixed = self.coefficients @ self.bank.reshape(self.bank.shape[0], -1)
+        return _put_in_place(mixed, grid, self.bank.shape[1:], kernel_shape)
 
     def _recompute_mix(self) -> Tensor:
         """:meth:`_mix` again in backward, under the forward's autocast state: the same values
@@ -291,7 +431,8 @@ class _MixedKernels:
     def recompute_in_backward(self) -> bool:
         needs_grad = self.coefficients.requires_grad or self.bank.requires_grad or (
             self.spatial is not None and self.spatial.requires_grad)
-        kernel_bytes = self.coefficients.shape[0] * self.bank[0].numel() * self.bank.element_size()
+        kernel_numel = self.bank[0].numel() if self.cells is None else math.prod(self.cells[1])
+        kernel_bytes = self.coefficients.shape[0] * kernel_numel * self.bank.element_size()
         # not inside the caller's own hooks (save_on_cpu, checkpoint): they keep every tensor
         return is_recomputed(needs_grad, kernel_bytes) and not saved_tensor_hooks_active()
 
@@ -325,18 +466,49 @@ class _MixedKernels:
 _CHUNK_KERNEL_BYTES = 16 * 2**20
 
 
+class CellGrid(NamedTuple):
+    """How a kernel [C_out, C_in/groups, kH, kW] is cut into ``spatial * out * in_`` cells of
+    shape [c_out, c_in, ckH, ckW] (KernelWarehouse): along the kernel positions (``spatial``,
+    where the cells are 1x1; else 1), the output channels and the input channels, in this order
+    (the official code's)."""
+
+    spatial: int
+    out: int
+    in_: int
+
+
+class _ChunkPlan(NamedTuple):
+    """What :class:`_ChunkedAggregate` needs besides its tensors."""
+
+    method: str  # the per-sample method: 'grouped' or 'unfold'
+    kernel_size: Pair
+    stride: Pair
+    padding: Pair
+    dilation: Pair
+    groups: int
+    output_size: Pair
+    channel_on_input: bool  # the channel attention weights the input, not the kernels
+    chunk: int  # samples a chunk
+    shape: tuple[int, int, int, int]  # a sample's kernels: [groups, C_out/g, C_in/g, kH * kW]
+    grid: CellGrid | None  # the bank holds cells (KernelWarehouse), else whole kernels
+
+
 def _aggregate_in_chunks(
     x: Tensor, coefficients: Tensor, bank: Tensor, bias: Tensor | None, geometry: ConvGeometry,
     output_size: Pair, spatial: Tensor | None, channel: Tensor | None, filter: Tensor | None,
-    per_sample_method: str,
+    per_sample_method: str, grid: CellGrid | None = None,
 ) -> Tensor | None:
     """The aggregate by :class:`_ChunkedAggregate` where it runs: with gradients, kernels of at
     least ``is_recomputed``'s size, and the per-sample method ``'grouped'`` or ``'unfold'``;
-    else ``None``. ``bias`` [N, C_out] is added after the filter attention."""
-    n, c_out = x.shape[0], bank.shape[1]
+    else ``None``. ``bias`` [N, C_out] is added after the filter attention. With ``grid``, the
+    bank holds cells and ``coefficients`` [N, m, K] mix each of a kernel's m cells."""
+    n = x.shape[0]
+    shape = _kernel_shape(x, bank, geometry, grid)
+    c_out = shape[0] * shape[1]
     tensors = (x, coefficients, bank, spatial, channel, filter)
     needs_grad = any(t is not None and t.requires_grad for t in tensors)
-    kernel_bytes = n * bank[0].numel() * bank.element_size()
+    kernel_numel = math.prod(shape)
+    kernel_bytes = n * kernel_numel * bank.element_size()
     if n == 0 or not is_recomputed(needs_grad, kernel_bytes):
         return None
     kernels_need_grad = any(t is not None and t.requires_grad for t in tensors[1:])
@@ -350,15 +522,14 @@ def _aggregate_in_chunks(
     # larger than its input (output): no activation-sized product of them is kept for backward;
     # elsewhere (small maps) they weight the activations, which costs less than a pass over the
     # kernels (C=256 8x8, N=64: 0.45 s against 0.30 s for forward+backward).
-    kernel_numel = bank[0].numel()
     channel_on_input = channel is not None and kernel_numel > x[0].numel()
     filter_after = filter is not None and kernel_numel > c_out * output_size[0] * output_size[1]
     xp, pad = pad_for_conv(x, geometry)
     chunk = max(1, _CHUNK_KERNEL_BYTES * n // kernel_bytes)
-    conv = (method, geometry.kernel_size, geometry.stride, pad, geometry.dilation,
-            geometry.groups, output_size, channel_on_input, chunk)
+    plan = _ChunkPlan(method, geometry.kernel_size, geometry.stride, pad, geometry.dilation,
+                      geometry.groups, output_size, channel_on_input, chunk, shape, grid)
     out = _ChunkedAggregate.apply(xp, coefficients, bank, spatial, channel,
-                                  None if filter_after else filter, conv)
+                                  None if filter_after else filter, plan)
     if filter_after:
         out = out * filter.to(out.dtype).reshape(n, c_out, 1, 1)
     if bias is not None:  # in the product's dtype (autocast's), as F.conv2d adds its bias
@@ -367,7 +538,7 @@ def _aggregate_in_chunks(
 
 
 def _kernel_scales(spatial: Tensor | None, channel: Tensor | None, filter: Tensor | None,
-                   shape: tuple[int, ...], conv: tuple) -> list[tuple[int, Tensor]]:
+                   shape: tuple[int, ...], plan: _ChunkPlan) -> list[tuple[int, Tensor]]:
     """The attentions that weight the per-sample kernels, viewed to broadcast over them as
     [N, groups, C_out/g, C_in/g, kH * kW] (``shape`` without N), each with its input index in
     :class:`_ChunkedAggregate` (the channel attention unless it weights the input)."""
@@ -375,7 +546,7 @@ def _kernel_scales(spatial: Tensor | None, channel: Tensor | None, filter: Tenso
     scales = []
     if spatial is not None:
         scales.append((3, spatial.reshape(-1, 1, 1, 1, taps)))
-    if channel is not None and not conv[-2]:
+    if channel is not None and not plan.channel_on_input:
         scales.append((4, channel.reshape(-1, groups, 1, c_in_g, 1)))
     if filter is not None:
         scales.append((5, filter.reshape(-1, groups, c_out_g, 1, 1)))
@@ -383,11 +554,12 @@ def _kernel_scales(spatial: Tensor | None, channel: Tensor | None, filter: Tenso
 
 
 def _assemble(coefficients: Tensor, bank: Tensor, scales: list[tuple[int, Tensor]],
-              shape: tuple[int, ...], partial: bool = False) -> list[Tensor]:
+              plan: _ChunkPlan, partial: bool = False) -> list[Tensor]:
     """The kernels of a chunk of samples [n, groups, C_out/g, C_in/g, kH * kW]: the mix of the
-    bank, weighted by each scale in turn; with ``partial``, every product on the way (the
-    kernels last), else the kernels alone."""
-    w = (coefficients @ bank.reshape(bank.shape[0], -1)).reshape(-1, *shape)
+    bank (cells put in place where the bank holds cells), weighted by each scale in turn; with
+    ``partial``, every product on the way (the kernels last), else the kernels alone."""
+    w = coefficients @ bank.reshape(bank.shape[0], -1)
+    w = _put_in_place(w, plan.grid, bank.shape[1:], plan.shape)
     parts = [w]
     for _, s in scales:
         w = w * s.to(w.dtype)
@@ -395,12 +567,13 @@ def _assemble(coefficients: Tensor, bank: Tensor, scales: list[tuple[int, Tensor
     return parts
 
 
-def _chunk_conv(method: str, x: Tensor, w: Tensor, conv: tuple) -> Tensor:
+def _chunk_conv(x: Tensor, w: Tensor, plan: _ChunkPlan) -> Tensor:
     """Convolve a chunk of samples ``x`` [n, C_in, H, W] (padded) with their kernels ``w``
     [n, groups, C_out/g, C_in/g, kH * kW] -> [n, C_out, H_out, W_out]."""
-    _, kernel_size, stride, padding, dilation, groups, (h_out, w_out), _, _ = conv
+    kernel_size, stride, padding, dilation, groups = plan[1:6]
+    h_out, w_out = plan.output_size
     n, _, c_out_g, c_in_g, taps = w.shape
-    if method == "unfold":
+    if plan.method == "unfold":
         cols = im2col(x, groups, kernel_size, dilation, padding, stride)
         out = torch.matmul(w.reshape(n, groups, c_out_g, c_in_g * taps), cols)
     else:
@@ -426,20 +599,18 @@ class _ChunkedAggregate(torch.autograd.Function):
     Backward is made of differentiable operations, so double backward holds."""
 
     @staticmethod
-    def forward(x, coefficients, bank, spatial, channel, filter, conv):
-        method, chunk = conv[0], conv[-1]
-        shape = _kernel_shape(x, bank, conv)
-        scales = _kernel_scales(spatial, channel, filter, shape, conv)
+    def forward(x, coefficients, bank, spatial, channel, filter, plan):
+        scales = _kernel_scales(spatial, channel, filter, plan.shape, plan)
         outs = []
-        for start in range(0, x.shape[0], chunk):
-            rows = slice(start, start + chunk)
-            w = _assemble(coefficients[rows], bank, [(i, s[rows]) for i, s in scales], shape)[-1]
-            outs.append(_chunk_conv(method, _chunk_input(x, channel, rows, conv), w, conv))
+        for start in range(0, x.shape[0], plan.chunk):
+            rows = slice(start, start + plan.chunk)
+            w = _assemble(coefficients[rows], bank, [(i, s[rows]) for i, s in scales], plan)[-1]
+            outs.append(_chunk_conv(_chunk_input(x, channel, rows, plan), w, plan))
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        x, coefficients, bank, spatial, channel, filter, ctx.conv = inputs
+        x, coefficients, bank, spatial, channel, filter, ctx.plan = inputs
         ctx.autocast = autocast_dtype(x.device.type)
         ctx.save_for_backward(x, coefficients, bank, spatial, channel, filter)
 
@@ -449,18 +620,18 @@ class _ChunkedAggregate(torch.autograd.Function):
         x = inputs[0]
         needs = ctx.needs_input_grad
         if ctx.autocast is None:
-            return _ChunkedAggregate._backward(inputs, needs, ctx.conv, grad)
+            return _ChunkedAggregate._backward(inputs, needs, ctx.plan, grad)
         # The forward ran under autocast and backward runs without it: recompute the kernels
         # and run the products as the forward did (in grad's dtype)
         with torch.autocast(x.device.type, dtype=ctx.autocast):
-            return _ChunkedAggregate._backward(inputs, needs, ctx.conv, grad)
+            return _ChunkedAggregate._backward(inputs, needs, ctx.plan, grad)
 
     @staticmethod
-    def _backward(inputs, needs, conv, grad):
+    def _backward(inputs, needs, plan, grad):
         x, coefficients, bank, *_ = inputs
-        method, kernel_size, stride, padding, dilation, groups, _, channel_on_input, chunk = conv
-        shape = _kernel_shape(x, bank, conv)
-        scales = _kernel_scales(*inputs[3:], shape, conv)
+        method, kernel_size, stride, padding, dilation, groups = plan[:6]
+        channel_on_input, chunk, shape = plan.channel_on_input, plan.chunk, plan.shape
+        scales = _kernel_scales(*inputs[3:], shape, plan)
         channel = inputs[4]
         # the kernels' gradient: for the coefficients, the bank, the attentions; the (scaled)
         # input's: for the input, or the channel attention where it weights the input
@@ -476,11 +647,11 @@ class _ChunkedAggregate(torch.autograd.Function):
         grad_bank = None
         for start in range(0, x.shape[0], chunk):
             rows = slice(start, start + chunk)
-            x_c, g_c = _chunk_input(x, channel, rows, conv), grad[rows]
+            x_c, g_c = _chunk_input(x, channel, rows, plan), grad[rows]
             n = x_c.shape[0]
             chunk_scales = [(i, s[rows]) for i, s in scales]
             scales_need_grad = any(needs[i] for i, _ in scales)
-            parts = _assemble(coefficients[rows], bank, chunk_scales, shape,
+            parts = _assemble(coefficients[rows], bank, chunk_scales, plan,
                               partial=scales_need_grad)
             w = parts[-1].to(grad.dtype)
             if not scales_need_grad:
@@ -527,11 +698,14 @@ class _ChunkedAggregate(torch.autograd.Function):
                 if needs[i]:  # then parts holds every product on the way
                     grads[i].append((grad_w * parts[j]).sum_to_size(s.shape))
                 grad_w = grad_w * s.to(grad_w.dtype)
-            grad_mix = grad_w.reshape(n, -1)
+            # [n, D], or with cells [n, m, D]: the gradient of what the coefficients mix
+            grad_mix = _take_from_place(grad_w, plan.grid, bank.shape[1:])
             if needs[1]:
                 grads[1].append(grad_mix @ bank.reshape(bank.shape[0], -1).to(grad_mix.dtype).T)
             if needs[2]:
-                coefficients_t = coefficients[rows].to(grad_mix.dtype).T
+                grad_mix = grad_mix.reshape(-1, grad_mix.shape[-1])
+                coefficients_t = coefficients[rows].reshape(-1, bank.shape[0])
+                coefficients_t = coefficients_t.to(grad_mix.dtype).T
                 if in_place and grad_bank is not None and grad_bank.dtype == grad_mix.dtype:
                     grad_bank.addmm_(coefficients_t, grad_mix)  # no product to add
                     continue
@@ -552,19 +726,47 @@ class _ChunkedAggregate(torch.autograd.Function):
         return (*result, None)
 
 
-def _chunk_input(x: Tensor, channel: Tensor | None, rows: slice, conv: tuple) -> Tensor:
+def _chunk_input(x: Tensor, channel: Tensor | None, rows: slice, plan: _ChunkPlan) -> Tensor:
     """The input of a chunk of samples, weighted by the channel attention if it weights the
     input (recomputed in backward, not kept)."""
-    if not conv[-2]:
+    if not plan.channel_on_input:
         return x[rows]
     return x[rows] * channel[rows].to(x.dtype).reshape(-1, x.shape[1], 1, 1)
 
 
-def _kernel_shape(x: Tensor, bank: Tensor, conv: tuple) -> tuple[int, ...]:
-    """[groups, C_out/g, C_in/g, kH * kW]: a sample's kernels as :func:`_assemble` makes them."""
-    groups = conv[5]
-    _, c_out, c_in_g, kh, kw = bank.shape
-    return groups, c_out // groups, c_in_g, kh * kw
+def _kernel_shape(x: Tensor, bank: Tensor, geometry: ConvGeometry, grid: CellGrid | None
+                  ) -> tuple[int, int, int, int]:
+    """[groups, C_out/g, C_in/g, kH * kW]: a sample's kernels as :func:`_assemble` makes them
+    from ``bank`` (kernels [K, C_out, C_in/g, kH, kW], or with ``grid`` cells)."""
+    groups = geometry.groups
+    kh, kw = geometry.kernel_size
+    c_out = bank.shape[1] if grid is None else grid.out * bank.shape[1]
+    return groups, c_out // groups, x.shape[1] // groups, kh * kw
+
+
+def _put_in_place(mixed: Tensor, grid: CellGrid | None, cell_shape: Sequence[int],
+                  shape: Sequence[int]) -> Tensor:
+    """Mixed kernels [n, D] (``grid`` None), or mixed cells [n, m, D] of ``cell_shape``
+    [c_out, c_in, ckH, ckW] put in place: the kernels [n, *shape] (any shape of C_out x C_in/g x
+    kH x kW elements). A cell's place: its (spatial, out, in) index in the grid."""
+    n = mixed.shape[0]
+    if grid is not None:
+        c_out, c_in, ckh, ckw = cell_shape
+        mixed = mixed.reshape(n, grid.spatial, grid.out, grid.in_, c_out, c_in, ckh * ckw)
+        mixed = mixed.permute(0, 2, 4, 3, 5, 1, 6)  # [n, out, c_out, in, c_in, spatial, ckH*ckW]
+    return mixed.reshape(n, *shape)
+
+
+def _take_from_place(kernels: Tensor, grid: CellGrid | None, cell_shape: Sequence[int]
+                     ) -> Tensor:
+    """The adjoint of :func:`_put_in_place`: kernels (or their gradient) [n, ...] -> [n, D],
+    or with ``grid`` each cell's [n, m, D]."""
+    n = kernels.shape[0]
+    if grid is None:
+        return kernels.reshape(n, -1)
+    c_out, c_in, ckh, ckw = cell_shape
+    cells = kernels.reshape(n, grid.out, c_out, grid.in_, c_in, grid.spatial, ckh * ckw)
+    return cells.permute(0, 5, 1, 3, 2, 4, 6).reshape(n, grid.spatial * grid.out * grid.in_, -1)
 
 
 def mixout_through_im2col(spatial: bool, pixels: int, rule: DispatchRule | None = None) -> bool:

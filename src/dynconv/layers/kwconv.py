@@ -10,7 +10,8 @@ import torch
 from torch import Tensor, nn
 
 from .._conv_args import PaddingArg, check_bool, check_int, check_positive_float
-from ..functional.per_sample import check_per_sample_method, per_sample_conv2d_unchecked
+from ..functional.mixture import mix_cells, warehouse_conv2d_unchecked
+from ..functional.per_sample import check_per_sample_method
 from .attention import ATTENTION_NORMS, AttentionNorm
 from .base import DynamicConvBase, LayerMacs, shared_notes
 from .warehouse import CellLayout, Warehouse, assigned_cells, check_ratio
@@ -308,16 +309,11 @@ class KWConv2d(DynamicConvBase):
     def assemble(self, attention: Tensor) -> Tensor:
         """The per-sample kernels [N, C_out, C_in/groups, kH, kW] for mixing weights
         ``attention`` [N, m, n]: one matrix product with the cells, then the cells put in
-        place (kernel positions, output channels, input channels, as the official code)."""
+        place (kernel positions, output channels, input channels, as the official code;
+        :func:`~dynconv.functional.mix_cells`)."""
         cells = self.warehouse.cells
-        n, layout = attention.shape[0], self.layout
-        c_out, c_in, ckh, ckw = cells.shape[1:]
-        mixed = attention.to(cells.dtype) @ cells.reshape(cells.shape[0], -1)
-        mixed = mixed.reshape(n, layout.groups_spatial, layout.groups_out, layout.groups_in,
-                              c_out, c_in, ckh, ckw)
-        mixed = mixed.permute(0, 2, 4, 3, 5, 1, 6, 7)
-        return mixed.reshape(n, self.out_channels, self.in_channels // self.groups,
-                             *self.kernel_size)
+        return mix_cells(attention.to(cells.dtype), cells,
+                         (self.out_channels, self.in_channels // self.groups, *self.kernel_size))
 
     def effective_kernels(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         """Per sample the assembled kernel [N, C_out, C_in/groups, kH, kW] and the bias
@@ -329,11 +325,12 @@ class KWConv2d(DynamicConvBase):
     def forward(self, x: Tensor) -> Tensor:
         x, unbatched, output_size = self._check_input_size(x)
         self.warehouse.check_input(x, type(self).__name__)
-        kernels, bias = self.effective_kernels(x)
+        cells = self.warehouse.cells
+        attention = self.cell_attention(x).to(cells.dtype)
         xp, geometry = self._pad(x)
         check_per_sample_method(self.method, x.shape[0])
-        out = per_sample_conv2d_unchecked(xp, kernels, bias, geometry, output_size,
-                                          method=self.method)
+        out = warehouse_conv2d_unchecked(xp, attention, cells, self.bias, geometry, output_size,
+                                         method=self.method)
         return out.squeeze(0) if unbatched else out
 
     def attention_record(self, x: Tensor) -> dict[str, Tensor]:
