@@ -17,7 +17,12 @@ settings.register_profile(
     derandomize=os.environ.get("CI") == "true",
 )
 settings.load_profile("default")
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+# at most two torch threads; one in each process where pytest-xdist runs the suite in several
+# (make test: two processes on two cores, not four threads fighting for them)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
 
 
