@@ -17,7 +17,9 @@ import dynconv.models
 from dynconv import (
     DRConv2d,
     DynamicConv2d,
+    KWConv2d,
     ODConv2d,
+    Warehouse,
     create_conv2d,
     mixture_conv2d,
     per_sample_conv2d,
@@ -45,10 +47,16 @@ LAYERS = {
     "odconv-1x1-K1": lambda **kw: ODConv2d(4, 6, 1, stride=2, groups=2, num_kernels=1, **OD,
                                            **kw),
     "drconv": lambda **kw: DRConv2d(4, 6, 3, **GEOMETRY, num_regions=4, **kw),
+    "kw": lambda **kw: KWConv2d(4, 6, 3, **GEOMETRY, **kw),
+    "kw-halves-layer": lambda **kw: KWConv2d(  # a warehouse of its own, on the layer's device
+        4, 6, 3, **GEOMETRY, attention_norm="layer",
+        warehouse=Warehouse(0.5, device=kw.get("device")), **kw),
 }
 
 
 def _methods(layer: nn.Module) -> tuple[str, ...]:
+    if isinstance(layer, KWConv2d):  # its kernels are always assembled: the per-sample methods
+        return tuple(m for m in PER_SAMPLE_METHODS if m != "direct")
     return REGION_METHODS if isinstance(layer, DRConv2d) else MIXTURE_METHODS
 
 
@@ -147,7 +155,7 @@ def test_meta_device_gives_nn_conv2d_shapes(build, method, how) -> None:
     forward and backward, in training and evaluation, for a layer moved to or built on meta."""
     layer = _on_meta(build, how)
     layer.method = method
-    assert layer.weight.is_meta if hasattr(layer, "weight") else layer.conv_guide.weight.is_meta
+    assert all(p.is_meta for p in layer.parameters())
     repr(layer)  # no value is read
     twin = _static_twin(layer, device="meta")
     for train in (True, False):

@@ -641,9 +641,10 @@ class _ChunkedAggregate(torch.autograd.Function):
         # Without double backward, each chunk's input gradient goes straight into the batch's
         # and the bank's gradient is summed in place, in the bank's dtype (a sum of bfloat16
         # products under autocast).
+        # (One chunk: its gradients are the batch's, with no copy.)
         in_place = not torch.is_grad_enabled()
         grad_x = torch.empty_like(x, memory_format=torch.contiguous_format) if (
-            in_place and needs[0]) else None
+            in_place and needs[0] and x.shape[0] > chunk) else None
         grad_bank = None
         for start in range(0, x.shape[0], chunk):
             rows = slice(start, start + chunk)
@@ -717,8 +718,8 @@ class _ChunkedAggregate(torch.autograd.Function):
                 else:
                     grad_bank = grad_bank + chunk_grad
                 del chunk_grad
-        result = [torch.cat(g).reshape(t.shape).to(t.dtype) if g else None
-                  for g, t in zip(grads, inputs, strict=True)]
+        result = [(g[0] if len(g) == 1 else torch.cat(g)).reshape(t.shape).to(t.dtype)
+                  if g else None for g, t in zip(grads, inputs, strict=True)]
         if grad_x is not None:
             result[0] = grad_x
         if grad_bank is not None:
