@@ -9,6 +9,7 @@ from .functional import (
     mixture_conv2d,
     per_sample_conv2d,
     region_conv2d,
+    warehouse_conv2d,
 )
 from .integrations.safe_load import allow_weights_only_load, safe_load_globals
 from .layers import (
@@ -68,4 +69,5 @@ __all__ = [
     "safe_load_globals",
     "set_temperature",
     "temperatures",
+    "warehouse_conv2d",
 ]
