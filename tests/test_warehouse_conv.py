@@ -164,3 +164,29 @@ def test_warehouse_conv2d_errors():
         warehouse_conv2d(x, attention, cells, 3, method="bogus")
     with pytest.raises(TypeError, match="warehouse_conv2d"):
         warehouse_conv2d(x.float(), attention, cells, 3)
+
+
+@pytest.mark.parametrize("method", ["grouped", "unfold", "loop"])
+def test_recomputed_cells_under_autocast(method):
+    """Under autocast the cells are mixed in bfloat16; backward, which runs without autocast,
+    recomputes the kernels the same way: with the whole batch a chunk (or a recipe, 'loop'),
+    the kept kernels' outputs and gradients bit for bit; a sample a chunk, to bfloat16's
+    rounding (the cells' gradient is then a float32 sum of per-chunk products)."""
+    x, attention, cells = _layer_tensors(4, torch.float32)
+    inputs = (x, attention, cells)
+
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = warehouse_conv2d(x, attention, cells, 3, padding=1, method=method)
+        return [out, *torch.autograd.grad(out.float().square().sum(), inputs)]
+
+    kept = run()
+    with recomputing(chunk_bytes=2**30):
+        recomputed = run()
+    for got, expected in zip(recomputed, kept, strict=True):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    with recomputing():
+        chunked = run()
+    for got, expected in zip(chunked, kept, strict=True):
+        assert got.dtype == expected.dtype
+        assert (got.float() - expected.float()).norm() <= 1e-2 * expected.float().norm()

@@ -420,7 +420,9 @@ class KWConv2d(DynamicConvBase):
         s = super().extra_repr()
         if self.bias is None:
             s += ", bias=False"
-        s += f", cells={self.layout.mixtures}/{self.warehouse.num_cells}"
+        layout = self.__dict__.get("layout")  # none while a layer has not joined its warehouse
+        if layout is not None:
+            s += f", cells={layout.mixtures}/{self.warehouse.num_cells}"
         return s
 
 
