@@ -36,7 +36,8 @@ REGION_SHAPES = [  # shape, batch, regions
 
 
 class _Forced(nn.Module):
-    """A kernel-bank layer with its formulation forced."""
+    """A layer with its formulation forced (``method``; for a mixture's aggregate, also the
+    per-sample method, ``per_sample``), put back to ``'auto'`` after each call."""
 
     def __init__(self, layer: nn.Module, method: str, per_sample: str) -> None:
         super().__init__()
@@ -56,13 +57,17 @@ class _Forced(nn.Module):
             self.layer.method = "auto"
 
 
+def _conv(shape, device) -> tuple[nn.Conv2d, dict]:
+    """``nn.Conv2d`` of ``shape`` (seeded) and the keywords that give a layer its geometry."""
+    torch.manual_seed(0)
+    kw = {"padding": shape.kernel // 2, "groups": shape.groups, "bias": False, "device": device}
+    return nn.Conv2d(shape.c_in, shape.c_out, shape.kernel, **kw).eval(), kw
+
+
 def mixture_rows(kind: str, shapes, batches, device, budget, rounds) -> list[list]:
     rows = []
     for shape in shapes:
-        torch.manual_seed(0)
-        kw = {"padding": shape.kernel // 2, "groups": shape.groups, "bias": False,
-              "device": device}
-        conv = nn.Conv2d(shape.c_in, shape.c_out, shape.kernel, **kw).eval()
+        conv, kw = _conv(shape, device)
         layer_type = ODConv2d if kind == "ODConv" else DynamicConv2d
         layer = layer_type(shape.c_in, shape.c_out, shape.kernel, **kw, num_kernels=4).eval()
         variants = {"conv": conv}
@@ -85,27 +90,15 @@ def mixture_rows(kind: str, shapes, batches, device, budget, rounds) -> list[lis
 def kw_rows(shapes, batches, device, budget, rounds) -> list[list]:
     rows = []
     for shape in shapes:
-        torch.manual_seed(0)
-        kw = {"padding": shape.kernel // 2, "groups": shape.groups, "bias": False,
-              "device": device}
-        conv = nn.Conv2d(shape.c_in, shape.c_out, shape.kernel, **kw).eval()
+        conv, kw = _conv(shape, device)
         layer = KWConv2d(shape.c_in, shape.c_out, shape.kernel, **kw).eval()
-
-        def forced(method: str, layer: KWConv2d = layer):
-            def run(inputs):
-                layer.method = method
-                try:
-                    return layer(inputs)
-                finally:
-                    layer.method = "auto"
-            return run
-
         for batch in batches:
             for backward in (False, True):
                 x = torch.randn(batch, shape.c_in, shape.size, shape.size, device=device)
                 x.requires_grad_(backward)
                 steps = {"conv": step(conv, x, backward)}
-                steps.update({v: step(forced(v), x, backward) for v in PER_SAMPLE_VARIANTS})
+                steps.update({v: step(_Forced(layer, v, "auto"), x, backward)
+                              for v in PER_SAMPLE_VARIANTS})
                 t = median_times(steps, device, budget, rounds)
                 auto = path("KW", layer, x, backward)
                 rows.append([shape.name, batch, "f+b" if backward else "fwd",
@@ -124,22 +117,12 @@ def region_rows(device, budget, rounds) -> list[list]:
                          num_regions=regions, device=device).eval()
         conv = nn.Conv2d(shape.c_in, shape.c_out, 3, padding=1, groups=shape.groups,
                          bias=False, device=device).eval()
-
-        def forced(method: str, layer: DRConv2d = layer):
-            def run(inputs):
-                layer.method = method
-                try:
-                    return layer(inputs)
-                finally:
-                    layer.method = "auto"
-            return run
-
         for backward in (False, True):
             x = torch.randn(batch, shape.c_in, shape.size, shape.size, device=device)
             x.requires_grad_(backward)
             steps = {"conv": step(conv, x, backward),
-                     "dense": step(forced("dense"), x, backward),
-                     "restricted": step(forced("restricted"), x, backward)}
+                     "dense": step(_Forced(layer, "dense", "auto"), x, backward),
+                     "restricted": step(_Forced(layer, "restricted", "auto"), x, backward)}
             t = median_times(steps, device, budget, rounds)
             auto = path("DRConv", layer, x, backward)
             rows.append([shape.name, batch, regions, "f+b" if backward else "fwd",

@@ -90,6 +90,15 @@ def check_shape(t: object, name: str, layout: str, expected: list[int], optional
     raise ValueError(f"{name} must have shape {layout} = {expected}{alternative}, got {got}")
 
 
+def check_kernels(t: object, name: str, layout: str, x: Tensor, caller: str) -> None:
+    """Raise unless ``t`` is a 5-D tensor (``layout`` names its dimensions, e.g. ``'[K, C_out,
+    C_in/groups, kH, kW]'``) whose dtype ``x`` can meet (:func:`check_input_dtype`)."""
+    if not isinstance(t, Tensor) or t.dim() != 5:
+        got = shape_list(t) if isinstance(t, Tensor) else type(t).__name__
+        raise ValueError(f"{name} must have shape {layout}, got {got}")
+    check_input_dtype(x, t.dtype, caller, f"the {name}")
+
+
 def check_input(x: Tensor) -> None:
     """Raise unless ``x`` is a 4-D tensor [N, C_in, H, W]."""
     if not isinstance(x, Tensor):

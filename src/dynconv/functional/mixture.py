@@ -18,7 +18,7 @@ from ._common import (
     autocast_dtype,
     check_conv,
     check_input,
-    check_input_dtype,
+    check_kernels,
     check_shape,
     is_exporting,
     match_memory_format,
@@ -86,10 +86,7 @@ def mixture_conv2d(
         [N, C_out, H_out, W_out].
     """
     check_input(x)
-    if not isinstance(bank, Tensor) or bank.dim() != 5:
-        got = shape_list(bank) if isinstance(bank, Tensor) else type(bank).__name__
-        raise ValueError(f"bank must have shape [K, C_out, C_in/groups, kH, kW], got {got}")
-    check_input_dtype(x, bank.dtype, "mixture_conv2d", "the bank")
+    check_kernels(bank, "bank", "[K, C_out, C_in/groups, kH, kW]", x, "mixture_conv2d")
     num_kernels, c_out = bank.shape[:2]
     n = x.shape[0]
     if not isinstance(coefficients, Tensor) or shape_list(coefficients) != [n, num_kernels]:
@@ -235,17 +232,26 @@ def _aggregate(x: Tensor, weights: _MixedKernels, bias: Tensor | None, geometry:
     return out
 
 
-def cell_grid(kernel_shape: Sequence[int], cell_shape: Sequence[int]) -> CellGrid:
-    """The grid that cuts a kernel [C_out, C_in/groups, kH, kW] into cells [c_out, c_in, ckH,
-    ckW] (each dimension a multiple of the cell's; the cells either the kernel's size or 1x1)."""
-    c_out, c_in_g, kh, kw = (int(v) for v in kernel_shape)
+def _cells_kernel(c_in_g: int, kernel_size: Sequence[int], cells_per_kernel: int,
+                  cell_shape: Sequence[int]) -> tuple[tuple[int, int, int, int], CellGrid]:
+    """The kernel [C_out, C_in/groups, kH, kW] that ``cells_per_kernel`` cells of ``cell_shape``
+    [c_out, c_in, ckH, ckW] fill, and its grid; a ``ValueError`` where they cannot (the cells'
+    size is the kernel's or 1x1, their input channels divide C_in/groups)."""
+    kh, kw = (int(v) for v in kernel_size)
     cell_out, cell_in, ckh, ckw = (int(v) for v in cell_shape)
-    if (ckh, ckw) not in ((kh, kw), (1, 1)) or c_out % cell_out or c_in_g % cell_in:
+    if (ckh, ckw) not in ((kh, kw), (1, 1)) or c_in_g % cell_in:
         raise ValueError(
-            f"cells of shape {[cell_out, cell_in, ckh, ckw]} cannot partition a kernel "
-            f"[C_out, C_in/groups, kH, kW] = {[c_out, c_in_g, kh, kw]}: their channels must "
-            "divide the kernel's and their size be the kernel's or 1x1")
-    return CellGrid(kh * kw // (ckh * ckw), c_out // cell_out, c_in_g // cell_in)
+            f"cells of shape {[cell_out, cell_in, ckh, ckw]} cannot partition a kernel of "
+            f"C_in/groups = {c_in_g} and size {[kh, kw]}: their input channels must divide "
+            "C_in/groups and their size be the kernel's or 1x1")
+    spatial, ins = kh * kw // (ckh * ckw), c_in_g // cell_in
+    if cells_per_kernel % (spatial * ins):
+        raise ValueError(
+            f"attention's {cells_per_kernel} cells a kernel do not fill kernels of C_in/groups "
+            f"= {c_in_g} and size {[kh, kw]} with cells of shape {[cell_out, cell_in, ckh, ckw]}"
+            f": expected a multiple of {spatial * ins}")
+    grid = CellGrid(spatial, cells_per_kernel // (spatial * ins), ins)
+    return (grid.out * cell_out, c_in_g, kh, kw), grid
 
 
 def mix_cells(attention: Tensor, cells: Tensor, kernel_shape: Sequence[int]) -> Tensor:
@@ -261,7 +267,11 @@ def mix_cells(attention: Tensor, cells: Tensor, kernel_shape: Sequence[int]) -> 
     Returns:
         [N, C_out, C_in/groups, kH, kW].
     """
-    grid = cell_grid(kernel_shape, cells.shape[1:])
+    shape, grid = _cells_kernel(kernel_shape[1], kernel_shape[2:], attention.shape[1],
+                                cells.shape[1:])
+    if shape != tuple(kernel_shape):
+        raise ValueError(f"{attention.shape[1]} cells of shape {shape_list(cells)[1:]} make a "
+                         f"kernel {list(shape)}, not {list(kernel_shape)}")
     mixed = attention @ cells.reshape(cells.shape[0], -1)
     return _put_in_place(mixed, grid, cells.shape[1:], kernel_shape)
 
@@ -301,32 +311,19 @@ def warehouse_conv2d(
         [N, C_out, H_out, W_out].
     """
     check_input(x)
-    if not isinstance(cells, Tensor) or cells.dim() != 5:
-        got = shape_list(cells) if isinstance(cells, Tensor) else type(cells).__name__
-        raise ValueError(f"cells must have shape [K, c_out, c_in, ckH, ckW], got {got}")
-    check_input_dtype(x, cells.dtype, "warehouse_conv2d", "the cells")
+    check_kernels(cells, "cells", "[K, c_out, c_in, ckH, ckW]", x, "warehouse_conv2d")
     if not isinstance(attention, Tensor) or attention.dim() != 3 or shape_list(attention)[::2] \
             != [x.shape[0], cells.shape[0]]:
         got = shape_list(attention) if isinstance(attention, Tensor) else attention
         raise ValueError(f"attention must have shape [N, m, K] with N = {x.shape[0]} and K = "
                          f"{cells.shape[0]}, got {got}")
     geometry = parse_geometry(kernel_size, stride, padding, dilation, groups)
-    kh, kw = geometry.kernel_size
-    if x.shape[1] % geometry.groups:
-        raise ValueError(f"input has {x.shape[1]} channels, not a multiple of groups "
-                         f"({geometry.groups})")
-    c_in_g, m = x.shape[1] // geometry.groups, attention.shape[1]
-    cell_out, cell_in, ckh, ckw = cells.shape[1:]
-    per_out = (kh * kw // (ckh * ckw)) * (c_in_g // cell_in) if c_in_g % cell_in == 0 else 0
-    if per_out == 0 or m % per_out:
-        raise ValueError(
-            f"attention's {m} cells a kernel do not fill kernels of C_in/groups = {c_in_g} and "
-            f"size {[kh, kw]} with cells of shape {shape_list(cells)[1:]}: expected a "
-            f"multiple of {per_out or 'a count that C_in/groups and the kernel size allow'}")
-    c_out = m // per_out * cell_out
-    cell_grid((c_out, c_in_g, kh, kw), cells.shape[1:])  # raises if the cells cannot partition
+    c_in_g = x.shape[1] // geometry.groups
+    (c_out, *_), _ = _cells_kernel(c_in_g, geometry.kernel_size, attention.shape[1],
+                                   cells.shape[1:])
     check_shape(bias, "bias", "[C_out]", [c_out], optional=True)
-    _, output_size = check_conv(x, c_out, c_in_g, (kh, kw), stride, padding, dilation, groups)
+    _, output_size = check_conv(x, c_out, c_in_g, geometry.kernel_size, stride, padding,
+                                dilation, groups)
     check_per_sample_method(method, x.shape[0])
     return warehouse_conv2d_unchecked(x, attention, cells, bias, geometry, output_size,
                                       method=method)
@@ -338,12 +335,8 @@ def warehouse_conv2d_unchecked(
 ) -> Tensor:
     """:func:`warehouse_conv2d` without its checks, for callers that made them (KWConv2d)."""
     n = x.shape[0]
-    c_in_g = x.shape[1] // geometry.groups
-    kh, kw = geometry.kernel_size
-    cell_out, cell_in, ckh, ckw = cells.shape[1:]
-    grid_out = attention.shape[1] // ((kh * kw // (ckh * ckw)) * (c_in_g // cell_in))
-    kernel_shape = (grid_out * cell_out, c_in_g, kh, kw)
-    grid = cell_grid(kernel_shape, cells.shape[1:])
+    kernel_shape, grid = _cells_kernel(x.shape[1] // geometry.groups, geometry.kernel_size,
+                                       attention.shape[1], cells.shape[1:])
     if method == "auto":
         method = tuning.choose(
             "warehouse_conv2d", (x, attention, cells, bias), geometry,
@@ -356,8 +349,8 @@ def warehouse_conv2d_unchecked(
                                None, method, grid)
     if out is not None:
         return out
-    return _aggregate(x, _MixedKernels(attention, cells, None, (grid, kernel_shape)), biases,
-                      geometry, output_size, method)
+    return _aggregate(x, _MixedKernels(attention, cells, None, kernel_shape), biases, geometry,
+                      output_size, method)
 
 
 class _MixedKernels:
@@ -373,9 +366,10 @@ class _MixedKernels:
     MIX, WEIGHT = 0, 1  # what a recipe stands for: the unweighted mix, or the kernels
 
     def __init__(self, coefficients: Tensor, bank: Tensor, spatial: Tensor | None,
-                 cells: tuple[CellGrid, Sequence[int]] | None = None) -> None:
+                 kernel_shape: Sequence[int] | None = None) -> None:
         self.coefficients, self.bank, self.spatial = coefficients, bank, spatial
-        self.cells = cells  # a bank of cells: (their grid, the kernel [C_out, C_in/g, kH, kW])
+        # a bank of cells (KernelWarehouse) for kernels [C_out, C_in/g, kH, kW]: mix_cells
+        self.kernel_shape = kernel_shape
         self._tracked: dict[int, int] = {}  # storage address -> MIX or WEIGHT, during forward
         self._alive: list[Tensor] = []  # the tracked tensors, alive until forward ends: a freed
         # storage could be reused by another tensor that autograd saves
@@ -388,11 +382,9 @@ class _MixedKernels:
         # under autocast: backward runs without it, and recomputes under the same
 
     def _mix(self) -> Tensor:
-        if self.cells is None:
+        if self.kernel_shape is None:
             return mix_kernels(self.coefficients, self.bank)
-        grid, kernel_shape = self.cells
-        mixed = self.coefficients @ self.bank.reshape(self.bank.shape[0], -1)
-        return _put_in_place(mixed, grid, self.bank.shape[1:], kernel_shape)
+        return mix_cells(self.coefficients, self.bank, self.kernel_shape)
 
     def _recompute_mix(self) -> Tensor:
         """:meth:`_mix` again in backward, under the forward's autocast state: the same values
@@ -431,7 +423,7 @@ class _MixedKernels:
     def recompute_in_backward(self) -> bool:
         needs_grad = self.coefficients.requires_grad or self.bank.requires_grad or (
             self.spatial is not None and self.spatial.requires_grad)
-        kernel_numel = self.bank[0].numel() if self.cells is None else math.prod(self.cells[1])
+        kernel_numel = math.prod(self.kernel_shape or self.bank.shape[1:])
         kernel_bytes = self.coefficients.shape[0] * kernel_numel * self.bank.element_size()
         # not inside the caller's own hooks (save_on_cpu, checkpoint): they keep every tensor
         return is_recomputed(needs_grad, kernel_bytes) and not saved_tensor_hooks_active()
